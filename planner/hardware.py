@@ -1,0 +1,165 @@
+"""Hardware: the GPU catalog (one JSON file per GPU, sources inside), the host side, and the links between tiers.
+
+This is the one place that knows bandwidths. Everything that asks "how long does moving N bytes take" asks a
+`Link`; everything that asks "how long does this compute take" asks `Hardware.compute_seconds`. The ILP, the
+schedule's costs and the simulator all read these, so their numbers can be compared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from planner.errors import UserError, check_positive, closest
+
+GPU_DIR = os.path.join(os.path.dirname(__file__), "catalog", "gpus")
+GIB = 1 << 30
+GB = 10**9
+
+
+def gpu_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(GPU_DIR) if f.endswith(".json"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPU:
+    id: str
+    name: str
+    vram_gib: float
+    memory_gbps: float          # device memory bandwidth
+    bf16_tflops: float          # dense, FP32 accumulate
+    h2d_gbps: float             # typical achieved pinned host-to-device
+    d2h_gbps: float             # typical achieved pinned device-to-host
+    pcie: str = ""
+    nvlink_gbps: float = 0.0
+    price_per_hour: float | None = None
+    spot_price_per_hour: float | None = None
+    sources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Host:
+    ram_gib: float = 64.0                 # host RAM usable for pinned tiers
+    nvme_gib: float = 0.0                 # NVMe capacity for the plan; 0 means no NVMe tier
+    nvme_read_gbps: float = 3.7           # async I/O on one Gen4 drive (hardware.md)
+    nvme_write_gbps: float = 3.2
+    cpu_adam_params_per_s: float = 0.2e9  # torch's CPU AdamW (hardware.md); calibrate measures ours
+    pageable_factor: float = 0.5          # pageable copies run at this fraction of pinned (unverified)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Efficiency:
+    """Achieved fraction of peak. Defaults are conservative guesses; `blockfit calibrate` measures them."""
+    matmul_max: float = 0.70             # large bf16 GEMMs reach ~70% of dense peak
+    matmul_half_tokens: float = 512.0    # at this many tokens per GEMM, efficiency is half of matmul_max
+    memory: float = 0.80                 # of memory_gbps for elementwise and norm kernels
+    link: float = 1.0                    # multiplier on the catalog's achieved link figures
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """A one-directional path between two tiers: io_seconds(n) = latency + n / bandwidth."""
+    name: str
+    gbps: float
+    latency_s: float = 10e-6
+
+    def io_seconds(self, nbytes: float) -> float:
+        return 0.0 if nbytes <= 0 else self.latency_s + nbytes / (self.gbps * GB)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    gpu: GPU
+    host: Host = Host()
+    eff: Efficiency = Efficiency()
+    calibrated: bool = False
+
+    @property
+    def vram_bytes(self) -> int:
+        return int(self.gpu.vram_gib * GIB)
+
+    def link(self, stream: str) -> Link:
+        """The link behind a schedule stream: h2d, d2h, nvme_read, nvme_write."""
+        g, h = self.gpu, self.host
+        gbps = {"h2d": g.h2d_gbps * self.eff.link, "d2h": g.d2h_gbps * self.eff.link,
+                "nvme_read": h.nvme_read_gbps, "nvme_write": h.nvme_write_gbps}[stream]
+        return Link(name=stream, gbps=gbps)
+
+    def matmul_seconds(self, flops: float, tokens: float) -> float:
+        """GEMM time: peak x an efficiency that grows with the tokens per GEMM (small GEMMs underuse the GPU)."""
+        if flops <= 0:
+            return 0.0
+        e = self.eff.matmul_max * tokens / (tokens + self.eff.matmul_half_tokens)
+        return flops / (self.gpu.bf16_tflops * 1e12 * max(e, 1e-3))
+
+    def memory_seconds(self, nbytes: float) -> float:
+        return 0.0 if nbytes <= 0 else nbytes / (self.gpu.memory_gbps * GB * self.eff.memory)
+
+    def adam_seconds(self, params: float, tier: str) -> float:
+        """One AdamW step over `params`: on the GPU memory-bound (~16 B read + 14 B written), on CPU params/s."""
+        if tier == "gpu":
+            return self.memory_seconds(params * 30)
+        return params / self.host.cpu_adam_params_per_s
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        return cls(gpu=GPU(**d["gpu"]), host=Host(**d.get("host", {})), eff=Efficiency(**d.get("eff", {})),
+                   calibrated=bool(d.get("calibrated", False)))
+
+
+def load_gpu(name: str) -> GPU:
+    path = os.path.join(GPU_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"unknown GPU '{name}'. Known GPUs: {', '.join(gpu_names())}{closest(name, gpu_names())}.")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    sources = {k: raw.pop(k) for k in list(raw) if k.endswith("_source")}
+    known = {f.name for f in dataclasses.fields(GPU)}
+    return GPU(sources=sources, **{k: v for k, v in raw.items() if k in known})
+
+
+def load_hardware_file(path: str) -> Hardware:
+    """A hardware profile written by `blockfit calibrate` (or by hand)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        return Hardware.from_dict(raw)
+    except FileNotFoundError:
+        raise UserError(f"hardware profile '{path}' does not exist; write one with `blockfit calibrate --out {path}`.") \
+            from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"hardware profile '{path}' is not a valid hardware profile ({type(e).__name__}: {e}).") \
+            from None
+
+
+def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, vram_gib: float | None = None,
+                  host_ram_gib: float | None = None, nvme_gib: float | None = None,
+                  pcie_gbps: float | None = None, nvme_read_gbps: float | None = None,
+                  nvme_write_gbps: float | None = None, cpu_adam_params_per_s: float | None = None) -> Hardware:
+    """Catalog GPU or a calibrated profile, with the command line's overrides applied (validated here)."""
+    check_positive("--vram", vram_gib, upper=4096)
+    check_positive("--host-ram", host_ram_gib, upper=65536)
+    if nvme_gib is not None and (not isinstance(nvme_gib, (int, float)) or nvme_gib < 0 or nvme_gib > 10**6):
+        raise UserError(f"--nvme must be a capacity in GB between 0 and 1000000, got {nvme_gib!r}.")
+    check_positive("--pcie-gbps", pcie_gbps, upper=1000)
+    check_positive("--nvme-read-gbps", nvme_read_gbps, upper=1000)
+    check_positive("--nvme-write-gbps", nvme_write_gbps, upper=1000)
+    check_positive("--cpu-adam", cpu_adam_params_per_s, upper=1e12)
+    if hardware_file:
+        hw = load_hardware_file(hardware_file)
+    else:
+        hw = Hardware(gpu=load_gpu(gpu or "rtx4090"))
+    g, h = hw.gpu, hw.host
+    if vram_gib is not None:
+        g = dataclasses.replace(g, vram_gib=vram_gib)
+    if pcie_gbps is not None:
+        g = dataclasses.replace(g, h2d_gbps=pcie_gbps, d2h_gbps=pcie_gbps)
+    h = dataclasses.replace(
+        h, **{k: v for k, v in dict(ram_gib=host_ram_gib, nvme_gib=nvme_gib, nvme_read_gbps=nvme_read_gbps,
+                                    nvme_write_gbps=nvme_write_gbps,
+                                    cpu_adam_params_per_s=cpu_adam_params_per_s).items() if v is not None})
+    return dataclasses.replace(hw, gpu=g, host=h)

@@ -1,0 +1,244 @@
+"""The plan: what the ILP decided, as a versioned, frozen, JSON-serialisable contract.
+
+A plan names the model (with a fingerprint of its shape), the hardware, the VRAM budget, the training shape,
+the method (bcd or full), the blocks and their order, and for every layer where each tensor class lives:
+bf16 weights, fp32 master weights, AdamW moments, gradients, saved activations. It carries the planner's
+predictions and the solver's report. `load_plan` validates a file at the edge with clear errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+
+from planner.errors import UserError
+from planner.hardware import Hardware
+from planner.models import ModelConfig
+
+SCHEMA_VERSION = 1
+WEIGHT_TIERS = ("gpu", "cpu", "nvme")
+STATE_TIERS = ("gpu", "cpu", "nvme")
+GRAD_TIERS = ("gpu", "cpu")
+ACT_TIERS = ("gpu", "cpu", "recompute")
+ORDERS = ("ascending", "descending", "random")
+SWITCH_POLICIES = ("reset", "keep_cpu", "keep_nvme")
+METHODS = ("bcd", "full")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where one layer's tensors live. master/moments/grads matter only while the layer is trained."""
+    layer: int
+    weights: str = "gpu"       # bf16 weights: gpu | cpu (pinned) | nvme
+    master: str = "gpu"        # fp32 master copy: gpu | cpu | nvme
+    moments: str = "gpu"       # AdamW m and v (fp32): gpu | cpu | nvme
+    grads: str = "gpu"         # bf16 gradients: gpu | cpu (streamed off as backward makes them)
+    activations: str = "gpu"   # saved for backward: gpu | cpu (offloaded) | recompute
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    micro_batch: int
+    seq_len: int
+    grad_accum: int = 1
+    gpus: int = 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.seq_len * self.grad_accum * self.gpus
+
+
+@dataclass(frozen=True, kw_only=True)
+class Block:
+    first: int   # layer indices, inclusive (0 = embedding, n + 1 = head)
+    last: int
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhasePrediction:
+    block: int
+    peak_vram_bytes: int
+    breakdown: dict = field(default_factory=dict)   # bytes by class: weights, prefetch, master, moments, ...
+    step_seconds: float = 0.0
+    switch_seconds: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    phases: tuple[PhasePrediction, ...]
+    host_ram_bytes: int
+    nvme_bytes: int
+    cycle_seconds: float          # every block trained steps_per_block steps, switches included
+    tokens_per_s: float           # tokens processed per second, averaged over a cycle
+
+    @property
+    def peak_vram_bytes(self) -> int:
+        return max(p.peak_vram_bytes for p in self.phases)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverReport:
+    status: str                   # OPTIMAL | FEASIBLE | ...
+    objective: float              # seconds per cycle per token of a step
+    bound: float
+    gap: float                    # (objective - bound) / objective
+    solve_seconds: float
+    time_limit_s: float
+    candidates: int = 1           # micro-batch sizes solved
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    schema: int
+    model: ModelConfig
+    fingerprint: str
+    hardware: Hardware
+    budget_bytes: int             # the VRAM budget the user gave
+    reserve_bytes: int            # kept free for CUDA context and allocator slack
+    shape: Shape
+    method: str                   # bcd | full
+    blocks: tuple[Block, ...]
+    order: str                    # ascending | descending | random
+    seed: int
+    steps_per_block: int
+    switch_state: str             # reset | keep_cpu | keep_nvme
+    placements: tuple[Placement, ...]
+    prefetch_window_bytes: int
+    predicted: Prediction
+    solver: SolverReport
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.layers + 2
+
+    def placement(self, layer: int) -> Placement:
+        return self.placements[layer]
+
+    def block_order(self, cycle: int) -> list[int]:
+        """Indices of the blocks in the order cycle number `cycle` trains them."""
+        idx = list(range(len(self.blocks)))
+        if self.order == "descending":
+            return idx[::-1]
+        if self.order == "random":
+            random.Random(self.seed * 1_000_003 + cycle).shuffle(idx)
+        return idx
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        pred = d["predicted"]
+        return cls(
+            schema=d["schema"], model=ModelConfig.from_dict(d["model"]), fingerprint=d["fingerprint"],
+            hardware=Hardware.from_dict(d["hardware"]), budget_bytes=d["budget_bytes"],
+            reserve_bytes=d["reserve_bytes"], shape=Shape(**d["shape"]), method=d["method"],
+            blocks=tuple(Block(**b) for b in d["blocks"]), order=d["order"], seed=d["seed"],
+            steps_per_block=d["steps_per_block"], switch_state=d["switch_state"],
+            placements=tuple(Placement(**p) for p in d["placements"]),
+            prefetch_window_bytes=d["prefetch_window_bytes"],
+            predicted=Prediction(phases=tuple(PhasePrediction(**p) for p in pred["phases"]),
+                                 **{k: v for k, v in pred.items() if k != "phases"}),
+            solver=SolverReport(**d["solver"]))
+
+
+def validate(plan: Plan) -> None:
+    """Ranges and consistency; raises UserError naming the first field that is wrong."""
+    def bad(what: str):
+        raise UserError(f"invalid plan: {what}.")
+    n = plan.n_layers
+    if plan.method not in METHODS:
+        bad(f"method '{plan.method}' is not one of {', '.join(METHODS)}")
+    if plan.order not in ORDERS:
+        bad(f"block order '{plan.order}' is not one of {', '.join(ORDERS)}")
+    if plan.switch_state not in SWITCH_POLICIES:
+        bad(f"switch_state '{plan.switch_state}' is not one of {', '.join(SWITCH_POLICIES)}")
+    s = plan.shape
+    for name in ("micro_batch", "seq_len", "grad_accum", "gpus"):
+        if not isinstance(getattr(s, name), int) or getattr(s, name) <= 0:
+            bad(f"shape.{name} must be a positive integer")
+    if plan.steps_per_block <= 0:
+        bad("steps_per_block must be positive")
+    if plan.budget_bytes <= 0 or not 0 <= plan.reserve_bytes < plan.budget_bytes:
+        bad("budget_bytes must be positive and reserve_bytes below it")
+    if len(plan.placements) != n or [p.layer for p in plan.placements] != list(range(n)):
+        bad(f"placements must list layers 0..{n - 1} in order")
+    for p in plan.placements:
+        for cls_, tiers in (("weights", WEIGHT_TIERS), ("master", STATE_TIERS), ("moments", STATE_TIERS),
+                            ("grads", GRAD_TIERS), ("activations", ACT_TIERS)):
+            if getattr(p, cls_) not in tiers:
+                bad(f"layer {p.layer} {cls_} tier '{getattr(p, cls_)}' is not one of {', '.join(tiers)}")
+    if not plan.blocks:
+        bad("no blocks")
+    prev = None
+    for b in plan.blocks:
+        if not 0 <= b.first <= b.last < n or (prev is not None and b.first != prev + 1):
+            bad("blocks must be contiguous, ordered, non-overlapping layer ranges")
+        prev = b.last
+    if plan.prefetch_window_bytes < 0:
+        bad("prefetch_window_bytes must be >= 0")
+    if len(plan.predicted.phases) != len(plan.blocks):
+        bad("one predicted phase per block is required")
+
+
+def check_fingerprint(plan: Plan, cfg: ModelConfig) -> None:
+    if plan.fingerprint != cfg.fingerprint():
+        raise UserError(f"the plan was made for another model (fingerprint {plan.fingerprint}, this model's is "
+                        f"{cfg.fingerprint()}); make a new plan with `plan --model ... --out plan.json`.")
+
+
+def load_plan(path: str) -> Plan:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"plan file '{path}' does not exist; write one with `plan ... --out {path}`.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"plan file '{path}' is not readable JSON ({e}).") from None
+    if not isinstance(raw, dict) or "schema" not in raw:
+        raise UserError(f"plan file '{path}' is not a Blockfit plan (no 'schema' field).")
+    if raw["schema"] != SCHEMA_VERSION:
+        raise UserError(f"plan file '{path}' has schema version {raw['schema']}; this Blockfit reads version "
+                        f"{SCHEMA_VERSION}. Make the plan again with this version.")
+    try:
+        plan = Plan.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"plan file '{path}' is damaged or incomplete ({type(e).__name__}: {e}).") from None
+    try:
+        validate(plan)
+    except UserError as e:
+        raise UserError(f"plan file '{path}': {e}") from None
+    if plan.fingerprint != plan.model.fingerprint():
+        raise UserError(f"plan file '{path}': its fingerprint does not match its own model config; "
+                        "the file was edited or damaged.")
+    return plan
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary file beside `path`, fsync, rename: never a half-written file."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UserError(f"cannot write '{path}': directory '{d}' does not exist.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        raise UserError(f"cannot write '{path}': {e.strerror}.") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise UserError(f"cannot write '{path}': {e.strerror}.") from None

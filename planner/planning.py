@@ -1,0 +1,221 @@
+"""From a model and hardware to a Plan: profile, solve the ILP for each micro-batch size, check, predict."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from planner import ilp
+from planner.costs import STATE_BYTES, layer_sizes
+from planner.errors import UserError
+from planner.hardware import GIB, Hardware
+from planner.models import ModelConfig
+from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Plan, Prediction, Shape, SolverReport
+from planner.profile import ModelProfile, profile_model
+from planner.schedule import build_schedule, memory_timeline, role
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    method: str = "bcd"
+    vram_gib: float | None = None        # budget; default the GPU's VRAM
+    reserve_gib: float = 1.5             # CUDA context + allocator slack, kept out of the budget
+    seq_len: int = 2048
+    batch: int = 8                       # sequences per optimizer step
+    micro_batch: int | None = None       # fixed, or chosen by the planner among the divisors of batch
+    steps_per_block: int = 50
+    order: str = "ascending"
+    seed: int = 0
+    switch_state: str = "reset"
+    time_limit_s: float = 10.0
+    max_blocks: int | None = None
+
+
+def candidates(req: Request) -> list[int]:
+    if req.micro_batch:
+        return [req.micro_batch]
+    return [m for m in (1, 2, 4, 8, 16, 32) if req.batch % m == 0 and m <= req.batch]
+
+
+def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfile | None = None) -> Plan:
+    prof = profile or profile_model(cfg)
+    if req.seq_len > cfg.max_seq:
+        raise UserError(f"--seq {req.seq_len} is longer than the model allows ({cfg.max_seq}).")
+    if req.micro_batch and req.batch % req.micro_batch:
+        raise UserError(f"--micro-batch {req.micro_batch} does not divide --batch {req.batch}.")
+    budget = int((req.vram_gib if req.vram_gib is not None else hw.gpu.vram_gib) * GIB)
+    reserve = int(req.reserve_gib * GIB)
+    if reserve >= budget:
+        raise UserError(f"--reserve ({req.reserve_gib} GiB) must be smaller than the VRAM budget "
+                        f"({budget / GIB:g} GiB).")
+    cap = budget - reserve
+    for _attempt in range(4):
+        found = search(prof, hw, req, cap)
+        if found is None:
+            raise _infeasible(prof, hw, req, budget, reserve)
+        plan = _assemble(prof, hw, req, budget, reserve, found)
+        over = max(p.peak_vram_bytes for p in plan.predicted.phases) - cap
+        if over <= 0:
+            return plan
+        cap -= over + (1 << 20)  # the schedule's replay found more than the ILP counted: tighten, solve again
+    raise UserError("the planner could not make the schedule's memory fit the budget; raise --reserve or "
+                    "the budget.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Search:
+    micro_batch: int
+    solution: ilp.Solution
+    bound_s: float        # global lower bound on the best cycle cost (per optimizer step's micro-batches)
+    solve_seconds: float
+    solved: int           # subproblems solved
+    candidates: int
+
+
+def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search | None:
+    """Every micro-batch candidate x every block count, cheapest first, pruned by a lower bound: the best
+    solution and a bound that is valid for everything not solved to optimality."""
+    nvme = hw.host.nvme_gib > 0
+    n = prof.n_decoder
+    best = None            # (cost, mb, solution)
+    open_bounds = []       # bounds of subproblems not closed
+    took, solved = 0.0, 0
+    started = time.perf_counter()
+    counts = [1] if req.method == "full" else list(range(1, min(n, req.max_blocks or n) + 1))
+    for mb in candidates(req):
+        pb = _problem(prof, hw, req, mb, cap)
+        g = req.batch // mb
+        for u in counts:
+            lb = ilp.lower_bound(pb, u, nvme) * g
+            if best is not None and lb >= best[0]:
+                break  # the bound grows with the block count: nothing further can win
+            left = req.time_limit_s - (time.perf_counter() - started)
+            if left <= 0:
+                open_bounds.append(lb)
+                break
+            sol = ilp.solve(pb, u, time_limit_s=min(left, max(0.5, req.time_limit_s / 4)))
+            solved += 1
+            if sol is None:
+                continue
+            took += sol.solve_seconds
+            cost = sol.objective_s * g
+            if sol.status != "OPTIMAL":
+                open_bounds.append(sol.bound_s * g)
+            if best is None or cost < best[0]:
+                best = (cost, mb, sol)
+    if best is None:
+        return None
+    bound = min([best[0]] + open_bounds)
+    return Search(micro_batch=best[1], solution=best[2], bound_s=bound, solve_seconds=took, solved=solved,
+                  candidates=len(candidates(req)))
+
+
+def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) -> ilp.Problem:
+    sizes = tuple(layer_sizes(lp, mb, req.seq_len) for lp in prof.layers)
+    return ilp.Problem(sizes=sizes, hw=hw, method=req.method, micro_batch=mb, grad_accum=req.batch // mb,
+                       cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
+                       max_blocks=req.max_blocks)
+
+
+def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
+    mb, sol = found.micro_batch, found.solution
+    n = prof.n_decoder
+    if req.method == "full":
+        blocks = (Block(first=0, last=n + 1),)
+    else:
+        starts = list(sol.starts) + [n + 1]
+        blocks = tuple(Block(first=a, last=b - 1) for a, b in zip(starts, starts[1:]))
+    g = req.batch // mb
+    shape = Shape(micro_batch=mb, seq_len=req.seq_len, grad_accum=g)
+    best = sol.objective_s * g
+    gap = max(0.0, (best - found.bound_s) / best) if best > 0 else 0.0
+    status = "OPTIMAL" if gap < 1e-9 else "FEASIBLE"
+    # objective and bound: seconds of one cycle through the blocks per token of an optimizer step
+    solver = SolverReport(status=status, objective=best * req.steps_per_block / shape.tokens_per_step,
+                          bound=found.bound_s * req.steps_per_block / shape.tokens_per_step, gap=gap,
+                          solve_seconds=found.solve_seconds, time_limit_s=req.time_limit_s,
+                          candidates=found.solved)
+    draft = Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,
+                 budget_bytes=budget, reserve_bytes=reserve, shape=shape, method=req.method, blocks=blocks,
+                 order=req.order, seed=req.seed, steps_per_block=req.steps_per_block,
+                 switch_state=req.switch_state, placements=sol.placements, prefetch_window_bytes=sol.window_bytes,
+                 predicted=Prediction(phases=tuple(PhasePrediction(block=k, peak_vram_bytes=0)
+                                                   for k in range(len(blocks))),
+                                      host_ram_bytes=0, nvme_bytes=0, cycle_seconds=0.0, tokens_per_s=0.0),
+                 solver=solver)
+    return dataclasses.replace(draft, predicted=predict(draft, prof))
+
+
+def predict(plan: Plan, prof: ModelProfile) -> Prediction:
+    """The planner's predictions for a plan: memory from the schedule's replay, time from the ILP's costs."""
+    hw = plan.hardware
+    sched = build_schedule(plan, prof)
+    sizes = sched.sizes
+    g = plan.shape.grad_accum
+    phases = []
+    for ph in sched.phases:
+        peak, breakdown, _ = memory_timeline(ph)
+        k = ph.block
+        bl = plan.blocks[k]
+        per_mb = sum(ilp.layer_cost(sizes[i], plan.placement(i), role(plan, k, i), hw, lowest=(i == bl.first))
+                     for i in range(plan.n_layers))
+        opt = sum(ilp.step_cost(sizes[i], plan.placement(i), hw) for i in bl.layers)
+        sw = sum(ilp.switch_cost(sizes[i], plan.placement(i).master, plan.switch_state, hw) for i in bl.layers)
+        phases.append(PhasePrediction(block=k, peak_vram_bytes=int(peak), breakdown=breakdown,
+                                      step_seconds=g * per_mb + opt, switch_seconds=sw))
+    cycle = sum(plan.steps_per_block * p.step_seconds + p.switch_seconds for p in phases)
+    tokens = plan.shape.tokens_per_step * plan.steps_per_block * len(phases)
+    return Prediction(phases=tuple(phases), host_ram_bytes=host_bytes(plan, sizes), nvme_bytes=nvme_bytes(plan, sizes),
+                      cycle_seconds=cycle, tokens_per_s=tokens / cycle if cycle > 0 else 0.0)
+
+
+def host_bytes(plan: Plan, sizes) -> int:
+    pin = sum(sizes[p.layer].param_bytes for p in plan.placements if p.weights == "cpu")
+    acts = sum(sizes[p.layer].saved_bytes for p in plan.placements if p.activations == "cpu")
+    biggest = max(sum(sizes[i].params for i in b.layers) for b in plan.blocks)
+    tier = plan.placement(plan.blocks[0].first).master
+    state = biggest * (STATE_BYTES + 4) if tier == "cpu" else biggest * 4 if tier == "nvme" else 0
+    if plan.switch_state == "keep_cpu":
+        state += sum(sizes[i].params for b in plan.blocks for i in b.layers) * STATE_BYTES
+    staging = 2 * max(s.param_bytes for s in sizes) if any(p.weights == "nvme" for p in plan.placements) else 0
+    return pin + acts + state + staging
+
+
+def nvme_bytes(plan: Plan, sizes) -> int:
+    w = sum(sizes[p.layer].param_bytes for p in plan.placements if p.weights == "nvme")
+    biggest = max(sum(sizes[i].params for i in b.layers) for b in plan.blocks)
+    tier = plan.placement(plan.blocks[0].first).master
+    state = biggest * STATE_BYTES if tier == "nvme" else 0
+    if plan.switch_state == "keep_nvme":
+        state = sum(sizes[i].params for b in plan.blocks for i in b.layers) * STATE_BYTES
+    return w + state
+
+
+def _infeasible(prof, hw, req, budget, reserve) -> UserError:
+    """Tell the user the smallest budget that fits, from the same ILP minimising memory, and what else helps."""
+    best = None
+    mb = candidates(req)[0]
+    pb = _problem(prof, hw, req, mb, 1 << 62)
+    # more blocks never need more memory per phase: the finest partition gives the smallest peak
+    sol = ilp.solve(pb, 1 if req.method == "full" else min(prof.n_decoder, req.max_blocks or prof.n_decoder),
+                    time_limit_s=min(5.0, req.time_limit_s), min_memory=True)
+    if sol is not None:
+        best = sol.objective_s
+    what = f"{prof.model.name} ({req.method}, micro-batch {candidates(req)[0]}, sequence {req.seq_len})"
+    if best is None:
+        need = sum(lp.param_bytes for lp in prof.layers) / GIB
+        return UserError(
+            f"no plan fits {what} on this host: even with everything offloaded, host RAM "
+            f"({hw.host.ram_gib:g} GiB) and NVMe ({hw.host.nvme_gib:g} GB) cannot hold the {need:.1f} GiB of bf16 "
+            f"weights plus the optimizer state. Give more host RAM (--host-ram) or an NVMe tier (--nvme GB).")
+    need_gib = (best + reserve) / GIB
+    tips = []
+    if req.seq_len > 512:
+        tips.append("a shorter sequence (--seq)")
+    if hw.host.nvme_gib <= 0:
+        tips.append("an NVMe tier (--nvme GB) so weights and optimizer state can leave host RAM")
+    tips.append("more host RAM (--host-ram) if it is the limit")
+    return UserError(
+        f"no plan fits {what} in a {budget / GIB:g} GiB VRAM budget ({reserve / GIB:g} GiB reserved). The smallest "
+        f"budget that is feasible here is {need_gib:.2f} GiB (with micro-batch 1, everything offloadable offloaded "
+        f"and activations recomputed). Other things that help: {'; '.join(tips)}.")

@@ -1,0 +1,279 @@
+"""Profile a model layer by layer on the meta device: no weights, no RAM, no GPU.
+
+For each layer (embedding, each decoder layer, head + loss) we run the real torch module's forward and backward
+on meta tensors and record:
+  - parameters and their bf16 bytes;
+  - forward FLOPs, backward FLOPs with trainable weights, backward FLOPs with frozen weights (input gradient
+    only), all from torch.utils.flop_counter.FlopCounterMode;
+  - bytes saved for backward, through saved-tensor hooks (parameters excluded, storages counted once), both
+    with trainable and with frozen weights: a frozen linear layer needs no copy of its input;
+  - the transient workspace peak: live bytes of every storage the layer's ops create, tracked op by op with a
+    dispatch mode (the head's fp32 logits are the usual maximum);
+  - bytes that non-matmul ops read and write, for the memory-bound share of the time.
+
+Every quantity depends on micro-batch b and sequence s. Matmul and elementwise work grow with b*s, attention
+with b*s^2, RoPE tables with s alone; so we measure at four (b, s) points and fit
+    value(b, s) = c0 + c1*s + b*(c2 + c3*s + c4*s^2)
+exactly (five terms, five points). Decoder layers of one model are identical, so one is measured and its
+profile stands for all: that is also what lets the ILP treat them symmetrically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import weakref
+from dataclasses import dataclass
+
+from planner.models import ModelConfig
+
+# (b, s) points of the fit; small on purpose: meta tensors cost per op, not per element.
+_POINTS = ((1, 32), (1, 64), (1, 128), (2, 32), (2, 64))
+PROFILE_VERSION = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class Poly:
+    """value(b, s) = c0 + c1*s + b*(c2 + c3*s + c4*s^2), fitted exactly to measurements."""
+    c: tuple[float, float, float, float, float]
+
+    def at(self, b: int, s: int) -> float:
+        c0, c1, c2, c3, c4 = self.c
+        return max(0.0, c0 + c1 * s + b * (c2 + c3 * s + c4 * s * s))
+
+    @staticmethod
+    def fit(values: list[float]) -> "Poly":
+        import numpy as np
+        a = np.array([[1.0, s, b, b * s, b * s * s] for b, s in _POINTS])
+        c = np.linalg.solve(a, np.array(values, dtype=float))
+        c = tuple(0.0 if abs(x) < 1e-6 else round(float(x), 6) for x in c)
+        return Poly(c=c)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerProfile:
+    index: int
+    kind: str                   # embedding | decoder | head
+    params: int
+    param_bytes: int            # bf16
+    fwd_flops: Poly
+    bwd_flops: Poly             # weights trainable: input and weight gradients
+    bwd_input_flops: Poly       # weights frozen: input gradient only (0 for the embedding)
+    saved_bytes: Poly           # saved for backward, weights trainable
+    saved_frozen_bytes: Poly    # saved for backward, weights frozen
+    workspace_bytes: Poly       # transient peak above inputs, outputs and saved tensors (weight grads are
+                                # not workspace: the plan counts them as gradients)
+    mem_traffic_bytes: Poly     # bytes read + written by non-matmul ops in forward
+    out_bytes: Poly             # the layer's output (the activation handed to the next layer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelProfile:
+    version: int
+    model: ModelConfig
+    fingerprint: str
+    dtype: str
+    layers: tuple[LayerProfile, ...]
+
+    @property
+    def n_decoder(self) -> int:
+        return self.model.layers
+
+    @property
+    def total_params(self) -> int:
+        return sum(lp.params for lp in self.layers)
+
+    def graph(self):
+        """The layers as a networkx DiGraph (a chain for decoders; the format allows more)."""
+        import networkx as nx
+        g = nx.DiGraph()
+        for lp in self.layers:
+            g.add_node(lp.index, kind=lp.kind, params=lp.params)
+        for a, b in zip(self.layers, self.layers[1:]):
+            g.add_edge(a.index, b.index, bytes=a.out_bytes)
+        return g
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelProfile":
+        def lp(x):
+            return LayerProfile(**{k: (Poly(c=tuple(v["c"])) if isinstance(v, dict) else v) for k, v in x.items()})
+        return cls(version=d["version"], model=ModelConfig.from_dict(d["model"]), fingerprint=d["fingerprint"],
+                   dtype=d["dtype"], layers=tuple(lp(x) for x in d["layers"]))
+
+
+def _register_cpu_flash_flops() -> None:
+    """FlopCounterMode knows the CUDA flash kernels but not the CPU one the profile runs on meta.
+    Its FLOPs are those of attention: 2*b*h*s*s*d for Q@K^T and again for P@V forward, and twice that
+    (four matmuls of the same size, plus the recomputed scores) backward, as the CUDA formulas count."""
+    import torch
+    from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+    aten = torch.ops.aten
+    if getattr(_register_cpu_flash_flops, "done", False):
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    _register_cpu_flash_flops.done = True
+
+
+_MATMUL_OPS = None
+
+
+def _tracker_mode():
+    """A dispatch mode that tracks live storages (bytes), their peak, and non-matmul traffic."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    class Tracker(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts: dict[int, int] = {}
+            self.sizes: dict[int, int] = {}
+            self.live = 0
+            self.peak = 0
+            self.traffic = 0
+
+        def _release(self, key: int) -> None:
+            self.counts[key] -= 1
+            if self.counts[key] == 0:
+                self.live -= self.sizes.pop(key)
+                del self.counts[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if func.overloadpacket not in flop_registry:
+                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                if not func._schema.name.startswith(("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose",
+                                                     "aten::expand", "aten::detach", "aten::alias",
+                                                     "aten::permute", "aten::unsqueeze", "aten::slice")):
+                    self.traffic += sum(t.numel() * t.element_size() for t in ins + outs)
+            for t in outs:
+                key = t.untyped_storage()._cdata
+                if key not in self.counts:
+                    self.counts[key] = 0
+                    self.sizes[key] = t.untyped_storage().nbytes()
+                    self.live += self.sizes[key]
+                    self.peak = max(self.peak, self.live)
+                self.counts[key] += 1
+                weakref.finalize(t, self._release, key)
+            return out
+
+    return Tracker()
+
+
+def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: bool, dtype) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for p in layer.parameters():
+        p.requires_grad_(trainable)
+    param_keys = {p.untyped_storage()._cdata for p in layer.parameters()}
+    if kind == "embedding":
+        x = torch.zeros(b, s, dtype=torch.long, device="meta")
+    else:
+        x = torch.empty(b, s, cfg.hidden, dtype=dtype, device="meta", requires_grad=True)
+    labels = torch.zeros(b, s, dtype=torch.long, device="meta")
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in param_keys:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    tracker = _tracker_mode()
+    flops = FlopCounterMode(display=False)
+    with flops, tracker:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x, labels) if kind == "head" else layer(x)
+        fwd_flops = flops.get_total_flops()
+        fwd_traffic = tracker.traffic
+        out_bytes = y.numel() * y.element_size()
+        fwd_peak = tracker.peak - tracker.live  # transient above what stays (output + saved)
+        has_graph = y.requires_grad
+        if has_graph:
+            tracker.peak = tracker.live
+            base = tracker.live
+            grad = torch.ones_like(y) if kind != "head" else None
+            y.backward(grad)
+            bwd_peak = tracker.peak - base
+        else:
+            bwd_peak = 0
+        total_flops = flops.get_total_flops()
+    return dict(fwd_flops=fwd_flops, bwd_flops=total_flops - fwd_flops, saved=sum(saved.values()) if has_graph else 0,
+                workspace=max(fwd_peak, bwd_peak), traffic=fwd_traffic, out=0 if kind == "head" else out_bytes)
+
+
+def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfile:
+    import torch
+    from planner.llama import DecoderLayer, Embedding, Head
+    with torch.device("meta"):
+        layer = {"embedding": Embedding, "decoder": DecoderLayer, "head": Head}[kind](cfg).to(dtype)
+    params = sum(p.numel() for p in layer.parameters())
+    if kind == "head" and cfg.tie_embeddings:
+        params -= cfg.vocab * cfg.hidden  # shares the embedding's matrix
+    train = [_measure(layer, kind, cfg, b, s, trainable=True, dtype=dtype) for b, s in _POINTS]
+    frozen = [_measure(layer, kind, cfg, b, s, trainable=False, dtype=dtype) for b, s in _POINTS]
+
+    def fit(rows, key):
+        return Poly.fit([r[key] for r in rows])
+    return LayerProfile(
+        index=index, kind=kind, params=params, param_bytes=params * 2, fwd_flops=fit(train, "fwd_flops"),
+        bwd_flops=fit(train, "bwd_flops"), bwd_input_flops=fit(frozen, "bwd_flops"), saved_bytes=fit(train, "saved"),
+        saved_frozen_bytes=fit(frozen, "saved"), workspace_bytes=fit(frozen, "workspace"),
+        mem_traffic_bytes=fit(train, "traffic"), out_bytes=fit(train, "out"))
+
+
+def _cache_path(fp: str) -> str:
+    root = os.environ.get("BLOCKFIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockfit")
+    return os.path.join(root, f"profile-v{PROFILE_VERSION}-{fp}.json")
+
+
+def profile_model(cfg: ModelConfig, *, dtype: str = "bfloat16", cache: bool = True) -> ModelProfile:
+    """Measure (or read from the cache) the per-layer profile of `cfg`. Decoder layers share one measurement."""
+    fp = cfg.fingerprint()
+    path = _cache_path(f"{fp}-{dtype}")
+    if cache and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                prof = ModelProfile.from_dict(json.load(f))
+            return dataclasses.replace(prof, model=cfg)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a stale or damaged cache entry is measured again
+    import torch
+    _register_cpu_flash_flops()
+    tdtype = getattr(torch, dtype)
+    emb = _profile_layer(0, "embedding", cfg, tdtype)
+    dec = _profile_layer(1, "decoder", cfg, tdtype)
+    head = _profile_layer(cfg.layers + 1, "head", cfg, tdtype)
+    layers = (emb,) + tuple(dataclasses.replace(dec, index=i) for i in range(1, cfg.layers + 1)) + (head,)
+    prof = ModelProfile(version=PROFILE_VERSION, model=cfg, fingerprint=fp, dtype=dtype, layers=layers)
+    if cache:
+        _write_cache(path, prof)
+    return prof
+
+
+def _write_cache(path: str, prof: ModelProfile) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(prof.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation only

@@ -1,0 +1,283 @@
+"""The schedule: a plan turned into the ordered operations of one training step of each phase.
+
+This list is the contract between the planner, the runtime and the simulator: the runtime executes exactly
+these operations on their streams, waiting on their dependencies; the simulator times exactly these
+operations. Each operation names its stream, its size (bytes, FLOPs or parameters) and what it allocates on
+and frees from the device, so the same list yields a memory timeline.
+
+A phase is the training of one block. Within one step of a phase, for each micro-batch: forward through every
+layer (layers below the block save nothing; the block and the layers above it save activations for backward),
+then backward from the head down to the block's first layer (weight gradients only inside the block). After
+the last micro-batch the block's optimizer step runs on the tier its state lives on.
+
+Weights that live off the device are loaded ahead of use, at most `window` streamed layers at a time (the
+prefetch window), and evicted after use. The list is in issue order: a load stands before the compute op it
+must overlap with, so a runtime that issues in list order prefetches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from planner.costs import GRAD_BYTES, MASTER_BYTES, MOMENT_BYTES, STATE_BYTES, LayerSizes, layer_sizes
+from planner.plan import Placement, Plan
+from planner.profile import ModelProfile
+
+KINDS = ("read_weights", "load_weights", "forward", "offload_act", "evict", "fetch_act", "recompute", "backward",
+         "grad_offload", "read_state", "optimizer_step", "write_state", "upload_weights", "write_weights",
+         "save_state", "load_state")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Op:
+    id: int
+    name: str                 # e.g. "fwd L3 mb0": the name the runtime's and the simulator's traces share
+    kind: str                 # one of KINDS
+    stream: str               # compute | h2d | d2h | nvme_read | nvme_write | cpu_opt
+    layer: int
+    micro_batch: int = -1     # -1 for per-step operations
+    bytes: int = 0            # bytes moved (transfers)
+    flops: int = 0            # matmul FLOPs (compute)
+    tokens: int = 0           # tokens per GEMM, for the efficiency curve
+    traffic_bytes: int = 0    # bytes read and written by memory-bound kernels
+    params: int = 0           # parameters an optimizer step updates
+    tier: str = ""            # the other end of a transfer, or where an optimizer step runs
+    alloc_bytes: int = 0      # device bytes allocated when the op starts
+    free_bytes: int = 0       # device bytes freed when the op ends
+    transient_bytes: int = 0  # device bytes held only while the op runs
+    mem_class: str = ""       # what alloc_bytes/free_bytes are: prefetch | activations | grads | workspace
+    deps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseSchedule:
+    block: int
+    layers: tuple[int, ...]                     # the block's layers
+    static: dict = field(default_factory=dict)  # device bytes held for the whole phase, by class
+    ops: tuple[Op, ...] = ()
+    switch_ops: tuple[Op, ...] = ()             # moving optimizer state in when the phase starts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    phases: tuple[PhaseSchedule, ...]
+    sizes: tuple[LayerSizes, ...]
+    window_layers: int
+
+
+def role(plan: Plan, block: int, layer: int) -> str:
+    """below: forward only, nothing saved; active: trained; above: backward for the chain rule only."""
+    b = plan.blocks[block]
+    if b.first <= layer <= b.last:
+        return "active"
+    if layer < b.first:
+        return "below"
+    return "above"
+
+
+def window_layers(plan: Plan, sizes) -> int:
+    streamed = [sizes[p.layer].param_bytes for p in plan.placements if p.weights != "gpu"]
+    if not streamed:
+        return 0
+    return max(2, plan.prefetch_window_bytes // max(streamed))
+
+
+class Builder:
+    """Appends ops with ids; `emit` returns the new op's id. Tracks the prefetch window across the phase."""
+
+    def __init__(self, window: int):
+        self.ops: list[Op] = []
+        self.window = window          # streamed layers resident at once
+        self.evicts: list[int] = []   # evict op ids of streamed layers, in order
+        self.computes: list[int] = []
+
+    def emit(self, **kw) -> int:
+        op = Op(id=len(self.ops), **kw)
+        self.ops.append(op)
+        return op.id
+
+    def window_deps(self) -> tuple[int, ...]:
+        """A new streamed load waits until the layer `window` loads back is evicted."""
+        k = len(self.evicts) - self.window + 1
+        return (self.evicts[k],) if k >= 0 and self.window else ()
+
+
+def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, mb: int, prev: int | None,
+             in_bytes: int, lowest: bool) -> int:
+    """Emit one layer's ops for one pass (fwd or bwd); returns the id of its compute op.
+
+    Device memory: forward allocates the output (and what it saves, unless recomputed) and frees its input
+    unless the input is the checkpoint a recomputed layer keeps; backward frees what was saved and the incoming
+    gradient and allocates the gradient for the layer below (not for the lowest layer of the pass)."""
+    tag = f"L{sz.index} mb{mb}"
+    deps: list[int] = [] if prev is None else [prev]
+    streamed = pl.weights != "gpu"
+    if streamed:
+        wdeps = b.window_deps()
+        if pl.weights == "nvme":
+            wdeps = (b.emit(name=f"read {tag} {pass_}", kind="read_weights", stream="nvme_read", layer=sz.index,
+                            micro_batch=mb, bytes=sz.param_bytes, tier="nvme", deps=wdeps),)
+        deps.append(b.emit(name=f"load {tag} {pass_}", kind="load_weights", stream="h2d", layer=sz.index,
+                           micro_batch=mb, bytes=sz.param_bytes, tier=pl.weights, alloc_bytes=sz.param_bytes,
+                           mem_class="prefetch", deps=wdeps))
+    saved = sz.saved(role_)
+    recompute = pl.activations == "recompute" and role_ != "below"
+    if pass_ == "fwd":
+        kept = 0 if role_ == "below" or recompute else saved
+        c = b.emit(name=f"fwd {tag}", kind="forward", stream="compute", layer=sz.index, micro_batch=mb,
+                   flops=sz.fwd_flops, tokens=sz.tokens, traffic_bytes=sz.traffic_bytes,
+                   alloc_bytes=sz.out_bytes + kept, free_bytes=0 if recompute else in_bytes,
+                   transient_bytes=sz.workspace_bytes, mem_class="activations", deps=tuple(deps))
+        if kept and pl.activations == "cpu":
+            b.emit(name=f"offload {tag}", kind="offload_act", stream="d2h", layer=sz.index, micro_batch=mb,
+                   bytes=saved, tier="cpu", free_bytes=saved, mem_class="activations", deps=(c,))
+    else:
+        if pl.activations == "cpu" and saved:
+            # Fetched back one layer ahead of its backward.
+            ahead = b.computes[-2:-1]
+            deps.append(b.emit(name=f"fetch {tag}", kind="fetch_act", stream="h2d", layer=sz.index,
+                               micro_batch=mb, bytes=saved, tier="cpu", alloc_bytes=saved,
+                               mem_class="activations", deps=tuple(ahead)))
+        if recompute:
+            deps = [b.emit(name=f"recompute {tag}", kind="recompute", stream="compute", layer=sz.index,
+                           micro_batch=mb, flops=sz.fwd_flops, tokens=sz.tokens, traffic_bytes=sz.traffic_bytes,
+                           alloc_bytes=saved, transient_bytes=sz.workspace_bytes, mem_class="activations",
+                           deps=tuple(deps))]
+        grads_off = role_ == "active" and pl.grads == "cpu"
+        grad_bytes = sz.params * GRAD_BYTES if grads_off else 0
+        c = b.emit(name=f"bwd {tag}", kind="backward", stream="compute", layer=sz.index, micro_batch=mb,
+                   flops=sz.bwd(role_), tokens=sz.tokens, traffic_bytes=2 * sz.traffic_bytes,
+                   alloc_bytes=(0 if lowest else in_bytes) + grad_bytes,
+                   free_bytes=saved + sz.out_bytes + (in_bytes if recompute else 0),
+                   transient_bytes=sz.workspace_bytes, mem_class="activations", deps=tuple(deps))
+        if grads_off:
+            b.emit(name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
+                   bytes=grad_bytes, tier="cpu", free_bytes=grad_bytes, mem_class="activations", deps=(c,))
+    b.computes.append(c)
+    if streamed:
+        b.evicts.append(b.emit(name=f"evict {tag} {pass_}", kind="evict", stream="compute", layer=sz.index,
+                               micro_batch=mb, free_bytes=sz.param_bytes, mem_class="prefetch", deps=(c,)))
+    return c
+
+
+def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ...]) -> None:
+    tier = pl.master
+    p = sz.params
+    tag = f"L{sz.index}"
+    d = deps
+    if tier == "nvme":
+        d = (b.emit(name=f"read state {tag}", kind="read_state", stream="nvme_read", layer=sz.index,
+                    bytes=p * STATE_BYTES, tier="nvme", deps=deps),)
+    stream = "compute" if tier == "gpu" else "cpu_opt"
+    step = b.emit(name=f"adam {tag}", kind="optimizer_step", stream=stream, layer=sz.index, params=p, tier=tier,
+                  transient_bytes=p * MASTER_BYTES if tier == "gpu" else 0, mem_class="workspace", deps=d)
+    if tier == "nvme":
+        b.emit(name=f"write state {tag}", kind="write_state", stream="nvme_write", layer=sz.index,
+               bytes=p * STATE_BYTES, tier="nvme", deps=(step,))
+    if tier != "gpu" and pl.weights == "gpu":
+        b.emit(name=f"upload {tag}", kind="upload_weights", stream="h2d", layer=sz.index, bytes=sz.param_bytes,
+               tier="cpu", deps=(step,))
+    last = step
+    if tier == "gpu" and pl.weights != "gpu":
+        last = b.emit(name=f"writeback {tag}", kind="write_weights", stream="d2h", layer=sz.index,
+                      bytes=sz.param_bytes, tier="cpu", deps=(step,))
+    if pl.weights == "nvme":
+        b.emit(name=f"writeback nvme {tag}", kind="write_weights", stream="nvme_write", layer=sz.index,
+               bytes=sz.param_bytes, tier="nvme", deps=(last,))
+
+
+def _static_bytes(plan: Plan, sizes, layers) -> dict:
+    static = {"weights": sum(sizes[p.layer].param_bytes for p in plan.placements if p.weights == "gpu"),
+              "master": 0, "moments": 0, "grads": 0}
+    for i in layers:
+        pl, p = plan.placement(i), sizes[i].params
+        static["master"] += p * MASTER_BYTES if pl.master == "gpu" else 0
+        static["moments"] += p * MOMENT_BYTES if pl.moments == "gpu" else 0
+        static["grads"] += p * GRAD_BYTES if pl.grads == "gpu" else 0
+    return static
+
+
+def _switch_ops(plan: Plan, sizes, layers) -> tuple[Op, ...]:
+    """Optimizer state brought in when a phase starts and the previous block's sent out, per the policy.
+    With `reset` nothing moves: the new block's state starts at zero."""
+    b = Builder(0)
+    if plan.switch_state == "reset" or len(plan.blocks) == 1:
+        return ()
+    keep = "cpu" if plan.switch_state == "keep_cpu" else "nvme"
+    for i in layers:
+        pl, nbytes = plan.placement(i), sizes[i].params * STATE_BYTES
+        if pl.master == keep:
+            continue  # the state already lives where it is kept
+        src = "nvme_read" if keep == "nvme" else "h2d"
+        dst = "nvme_write" if keep == "nvme" else "d2h"
+        b.emit(name=f"load state L{i}", kind="load_state", stream=src, layer=i, bytes=nbytes, tier=keep)
+        b.emit(name=f"save state L{i}", kind="save_state", stream=dst, layer=i, bytes=nbytes, tier=keep)
+    return tuple(b.ops)
+
+
+def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
+    n = plan.n_layers
+    bl = plan.blocks[block]
+    roles = [role(plan, block, i) for i in range(n)]
+    b = Builder(window)
+    prev = None
+    for mb in range(plan.shape.grad_accum):
+        for i in range(n):
+            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "fwd", mb, prev, sizes[i - 1].out_bytes if i else 0,
+                             False)
+        for i in range(n - 1, bl.first - 1, -1):
+            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "bwd", mb, prev, sizes[i - 1].out_bytes if i else 0,
+                             i == bl.first)
+    for i in bl.layers:
+        optimizer_ops(b, plan.placement(i), sizes[i], (prev,))
+    return PhaseSchedule(block=block, layers=tuple(bl.layers), static=_static_bytes(plan, sizes, bl.layers),
+                         ops=_issue_order(b.ops), switch_ops=_switch_ops(plan, sizes, bl.layers))
+
+
+def _issue_order(ops: list[Op]) -> tuple[Op, ...]:
+    """Move every load, NVMe read and activation fetch up to just after the op it waits for last, so a runtime
+    that issues in list order starts it as early as the window allows. Ids follow list order."""
+    movers = {"read_weights", "load_weights", "fetch_act"}
+    after: dict[int, list[Op]] = {}
+    head: list[Op] = []
+    for op in ops:
+        if op.kind in movers:
+            (after.setdefault(max(op.deps), []) if op.deps else head).append(op)
+    order: list[Op] = []
+
+    def put(op: Op) -> None:
+        order.append(op)
+        for m in after.get(op.id, ()):
+            put(m)
+    for op in head:
+        put(op)
+    for op in ops:
+        if op.kind not in movers:
+            put(op)
+    renum = {op.id: k for k, op in enumerate(order)}
+    return tuple(replace(op, id=renum[op.id], deps=tuple(sorted(renum[d] for d in op.deps))) for op in order)
+
+
+def build_schedule(plan: Plan, profile: ModelProfile) -> Schedule:
+    s = plan.shape
+    sizes = tuple(layer_sizes(lp, s.micro_batch, s.seq_len) for lp in profile.layers)
+    wl = window_layers(plan, sizes)
+    phases = tuple(build_phase(plan, sizes, k, wl) for k in range(len(plan.blocks)))
+    return Schedule(phases=phases, sizes=sizes, window_layers=wl)
+
+
+def memory_timeline(phase: PhaseSchedule) -> tuple[int, dict, list[int]]:
+    """Replay the ops in issue order: (peak bytes, breakdown at the peak, device bytes after each op)."""
+    live = dict(phase.static)
+    for k in ("prefetch", "activations", "grads", "workspace"):
+        live.setdefault(k, 0)
+    peak, at_peak, trace = -1, {}, []
+    for op in phase.ops:
+        if op.alloc_bytes:
+            live[op.mem_class] += op.alloc_bytes
+        total = sum(live.values()) + op.transient_bytes
+        if total > peak:
+            peak, at_peak = total, dict(live, workspace=live["workspace"] + op.transient_bytes)
+        if op.free_bytes:
+            live[op.mem_class] -= op.free_bytes
+        trace.append(sum(live.values()))
+    return peak, at_peak, trace

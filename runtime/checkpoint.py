@@ -1,0 +1,247 @@
+"""Checkpoints that survive a crash at any instant.
+
+Layout: ckpt_dir/step-000123/{model.safetensors, optimizer.safetensors, meta.json} plus ckpt_dir/latest, a one-line
+file naming the newest step directory. A save writes everything into a hidden temporary directory, fsyncs each
+file and the directory, and only then renames it to step-NNNNNN; `latest` moves by temp file + os.replace. Both
+renames are atomic on POSIX, so at every instant `latest` names a complete checkpoint and a step-* directory is
+either complete or absent: a process killed mid-save leaves the previous checkpoint to resume from and a
+.tmp-* directory that loads ignore and the next save removes.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from planner.errors import UserError
+from planner.models import ModelConfig
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_FORMAT = "blockfit-checkpoint/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    step: int
+    path: str                          # the step directory
+    weights: dict[str, torch.Tensor]   # CPU tensors, as saved
+    optimizer: dict[str, torch.Tensor]
+    meta: dict                         # what the trainer passed to save_checkpoint
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(ckpt_dir: str, step: int, *, weights: dict[str, torch.Tensor],
+                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> str:
+    """Write one checkpoint atomically, point `latest` at it, keep the newest `keep`; returns its directory.
+
+    meta must be JSON-serialisable (data position, capture_rng(), schedule position, plan fingerprint, ...)."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep!r}")
+    try:
+        meta_text = json.dumps({"format": _FORMAT, "step": step, "saved_unix_s": time.time(), "meta": meta},
+                               indent=1, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint meta is not JSON-serialisable: {e}") from None
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        _remove_leftovers(ckpt_dir)
+        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step_dir_name(step)}-", dir=ckpt_dir)
+        _write_tensors(os.path.join(tmp, "model.safetensors"), weights)
+        _write_tensors(os.path.join(tmp, "optimizer.safetensors"), optimizer)
+        _write_text(os.path.join(tmp, "meta.json"), meta_text)
+        _fsync_dir(tmp)
+        final = os.path.join(ckpt_dir, step_dir_name(step))
+        replaced = None
+        if os.path.exists(final):  # saving a step again (a resumed run): move the old one out of the way first
+            replaced = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=ckpt_dir)
+            os.rename(final, os.path.join(replaced, "old"))
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_dir)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
+        latest_tmp = os.path.join(ckpt_dir, f"{_TMP_PREFIX}latest")
+        _write_text(latest_tmp, step_dir_name(step) + "\n")
+        os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
+        _fsync_dir(ckpt_dir)
+        _prune(ckpt_dir, keep, protect=step)
+    except OSError as e:
+        raise UserError(f"could not write checkpoint {step} under '{ckpt_dir}' ({e.strerror or e}); check the "
+                        f"directory's permissions and free space.") from None
+    return final
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Load a step directory, or the checkpoint a checkpoint directory's `latest` names (else its newest)."""
+    step_dir = resolve_step_dir(path)
+    meta_path = os.path.join(step_dir, "meta.json")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint '{step_dir}' has no meta.json; it is not a complete checkpoint.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint '{step_dir}': meta.json is unreadable or corrupt ({e}).") from None
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("step"), int):
+        raise UserError(f"checkpoint '{step_dir}': meta.json is not a {_FORMAT} file.")
+    return Checkpoint(step=raw["step"], path=step_dir, meta=raw.get("meta") or {},
+                      weights=_read_tensors(step_dir, "model.safetensors"),
+                      optimizer=_read_tensors(step_dir, "optimizer.safetensors"))
+
+
+def resolve_step_dir(path: str) -> str:
+    """The step directory `path` means: itself if it is one, else what its `latest` names (else its newest)."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint '{path}' does not exist." if not os.path.exists(path)
+                        else f"checkpoint '{path}' is a file; give a checkpoint or step directory.")
+    if os.path.exists(os.path.join(path, "meta.json")) or _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
+        return path
+    latest = os.path.join(path, "latest")
+    if os.path.exists(latest):
+        try:
+            with open(latest, encoding="utf-8") as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"checkpoint directory '{path}': 'latest' is unreadable ({e}).") from None
+        if not _STEP_DIR.match(name):
+            raise UserError(f"checkpoint directory '{path}': 'latest' holds '{name[:80]}', not a step directory "
+                            f"name; give a step directory explicitly.")
+        if os.path.isdir(os.path.join(path, name)):
+            return os.path.join(path, name)
+        # Only a save that re-wrote this very step and died between its two renames leaves `latest` dangling;
+        # the newest complete step directory is then the right place to resume.
+    steps = _step_dirs(path)
+    if not steps:
+        raise UserError(f"checkpoint directory '{path}' holds no checkpoint (no 'latest', no step-* directory).")
+    return os.path.join(path, steps[-1][1])
+
+
+def capture_rng() -> dict:
+    """Every global RNG's state as JSON-friendly values (byte states as base64), for meta.json."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what capture_rng() saved; CUDA states are restored for the devices both runs have."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_unb64(s), device=i)
+
+
+def write_hf_config(step_dir: str, cfg: ModelConfig, *, dtype: str = "float32") -> str:
+    """config.json for transformers.AutoModelForCausalLM.from_pretrained(step_dir), weights under HF names."""
+    from runtime.hf import hf_config_dict  # hf.py owns the ModelConfig -> HF mapping
+    path = os.path.join(step_dir, "config.json")
+    text = json.dumps(hf_config_dict(cfg, dtype=dtype), indent=2, sort_keys=True) + "\n"
+    try:
+        _write_text(path + ".tmp", text)
+        os.replace(path + ".tmp", path)
+        _fsync_dir(step_dir)
+    except OSError as e:
+        raise UserError(f"could not write '{path}' ({e.strerror or e}).") from None
+    return path
+
+
+# -- files -------------------------------------------------------------------------------------------------------
+
+def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    plain, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (tied weights); a copy keeps the save from failing.
+        key = t.untyped_storage().data_ptr() if t.numel() else None
+        plain[name] = t.clone() if key is not None and key in seen else t
+        seen.add(key)
+    save_file(plain, path, metadata={"format": "pt"})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_tensors(step_dir: str, name: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(step_dir, name)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{step_dir}' has no {name}; it is not a complete checkpoint.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint '{step_dir}': {name} is unreadable or corrupt ({e}).") from None
+
+
+def _step_dirs(ckpt_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for name in os.listdir(ckpt_dir):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isdir(os.path.join(ckpt_dir, name)):
+            found.append((int(m.group(1)), name))
+    return sorted(found)
+
+
+def _remove_leftovers(ckpt_dir: str) -> None:
+    """Temporary directories of saves that died; one trainer writes a checkpoint directory at a time."""
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(_TMP_PREFIX):
+            full = os.path.join(ckpt_dir, name)
+            if os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.remove(full)
+
+
+def _prune(ckpt_dir: str, keep: int, *, protect: int) -> None:
+    steps = [s for s in _step_dirs(ckpt_dir) if s[0] != protect]
+    for _, name in steps[:max(0, len(steps) - (keep - 1))]:
+        # Rename first so a crash mid-delete never leaves a half-empty step-* directory behind.
+        doomed = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}prune-", dir=ckpt_dir)
+        os.rename(os.path.join(ckpt_dir, name), os.path.join(doomed, name))
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
