@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/plan --model 7b --gpu rtx4090 --vram 24
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

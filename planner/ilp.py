@@ -35,7 +35,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from planner.costs import GRAD_BYTES, MASTER_BYTES, MOMENT_BYTES, STATE_BYTES, LayerSizes, overlapped_seconds
+from planner.costs import GRAD_BYTES, MASTER_BYTES, STATE_BYTES, LayerSizes, overlapped_seconds
 from planner.hardware import GIB, Hardware
 from planner.plan import Placement
 from planner.schedule import Builder, optimizer_ops, pass_ops
@@ -81,13 +81,15 @@ def _placement(i: int, c: tuple[str, str], tier: str) -> Placement:
 
 
 def layer_cost(sz: LayerSizes, pl: Placement, role: str, hw: Hardware, *, lowest: bool = False) -> float:
-    """Seconds of one layer in one micro-batch: forward pass, plus backward unless below the block."""
-    fwd, bwd = Builder(2), Builder(2)
-    pass_ops(fwd, pl, sz, role, "fwd", 0, None, sz.out_bytes, False)
-    t = overlapped_seconds(fwd.ops, hw)
+    """Seconds of one layer in one micro-batch: forward pass, plus backward unless below the block; each pass
+    costs its busiest stream."""
+    b = Builder(2)
+    pass_ops(b, pl, sz, role, "fwd", 0, None, sz.out_bytes, False)
+    n_fwd = len(b.ops)
+    t = overlapped_seconds(b.ops, hw)
     if role != "below":
-        pass_ops(bwd, pl, sz, role, "bwd", 0, None, sz.out_bytes, lowest)
-        t += overlapped_seconds(bwd.ops, hw)
+        pass_ops(b, pl, sz, role, "bwd", 0, None, sz.out_bytes, lowest)
+        t += overlapped_seconds(b.ops[n_fwd:], hw)
     return t
 
 
@@ -163,43 +165,56 @@ def _price(pb: Problem, nvme: bool):
     return t, tiers
 
 
-def lower_bound(pb: Problem, blocks: int, nvme: bool) -> float:
-    """A valid lower bound on the cycle cost with `blocks` blocks: every decoder layer runs at least a cheapest
-    forward in every phase but its own, and its cheapest trained pass in its own."""
-    t, tiers = _costs(pb, nvme)
+def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
+    """A valid lower bound on the cycle cost with `blocks` blocks and the optimizer state on `tier`.
+
+    Every decoder layer runs in the U-1 phases that do not train it, at least as cheaply as its cheapest
+    placement; at most k of them can keep their weights on the device (k from the budget), the rest pay
+    for streaming. Each is trained once, at its cheapest trained pass. Phases above the bottom block also
+    run backward through the layers above them: at least U(U-1)/2 such layer-passes over a cycle."""
+    t, tiers = _costs(pb, pb.hw.host.nvme_gib > 0)
     d, e, h = t["decoder"], t["embedding"], t["head"]
     n = sum(1 for s in pb.sizes if s.kind == "decoder")
-    cheapest = min(min(d["below"]), min(d["above"]))
-    active = min(min(v) for v in d["active"].values())
+    active = min(d["active"][tier])
     if pb.method == "full":
-        return n * active + min(min(v) for v in e["active"].values()) + min(min(v) for v in h["active"].values())
-    return (blocks - 1) * n * cheapest + n * active + blocks * (min(e["below"]) + min(h["above"]))
+        return n * active + min(e["active"][tier]) + min(h["active"][tier])
+    pass_cost = [min(b, a) for b, a in zip(d["below"], d["above"])]
+    on_gpu = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] == "gpu")
+    off = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] != "gpu")
+    room = pb.cap_bytes - transient_bytes(pb.sizes, tier)
+    k = min(n, max(0, room // max(1, pb.sizes[1].param_bytes)))
+    forward = k * min(on_gpu, off) + (n - k) * off
+    chain = max(0.0, min(d["above"]) - max(d["below"]))
+    return ((blocks - 1) * forward + n * active + blocks * (min(e["below"]) + min(h["above"]))
+            + blocks * (blocks - 1) / 2 * chain)
 
 
-def solve(pb: Problem, blocks: int, *, time_limit_s: float = 10.0, workers: int = 1,
+def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, workers: int = 1,
           min_memory: bool = False) -> Solution | None:
-    """Solve for exactly `blocks` blocks (1 for `full`). With min_memory, minimise the worst phase's device
-    bytes instead (to tell the user the smallest feasible budget). None when infeasible."""
+    """Solve for exactly `blocks` blocks (1 for `full`) with the optimizer state on `tier`. With min_memory,
+    minimise the worst phase's device bytes instead (to tell the user the smallest feasible budget).
+    None when infeasible; status UNKNOWN when time ran out before a solution or a proof."""
     from ortools.sat.python import cp_model
 
     hw, sizes = pb.hw, pb.sizes
     nvme = hw.host.nvme_gib > 0
-    if pb.switch_state == "keep_nvme" and not nvme:
-        return None
     t, tiers = _costs(pb, nvme)
     full = pb.method == "full"
     n = sum(1 for s in sizes if s.kind == "decoder")
     U = 1 if full else blocks
-    if U > n or U < 1:
+    if U > n or U < 1 or tier not in tiers or (pb.switch_state == "keep_nvme" and not nvme):
         return None
     d, E, H = t["decoder"], t["embedding"], t["head"]
-    nc = len(d["combos"])
-    top = max(max(d["above"]), max(max(v) for v in d["active"].values()), max(E["below"]), max(H["above"]),
-              max(max(v) for v in H["active"].values()), max(max(v) for v in E["active"].values()))
-    unit = top / 50000.0 if top > 0 else 1e-9
+    nc, ne, nh = len(d["combos"]), len(E["combos"]), len(H["combos"])
+    top = max(max(d["above"]), max(d["active"][tier]), max(E["below"]), max(H["above"]),
+              max(H["active"][tier]), max(E["active"][tier]))
+    unit = top / 2000.0 if top > 0 else 1e-9  # integer-scaled costs: 1/2000 of the dearest layer pass
 
     def q(x: float) -> int:
         return int(round(x / unit))
+
+    def kib(x) -> int:
+        return -(-int(x) // 1024)
 
     m = cp_model.CpModel()
     mc = [[m.new_int_var(0, n, f"m{j}_{c}") for c in range(nc)] for j in range(U)]
@@ -207,111 +222,100 @@ def solve(pb: Problem, blocks: int, *, time_limit_s: float = 10.0, workers: int 
     for j in range(U):
         m.add(size[j] >= 1)
     m.add(sum(size) == n)
-    e = [m.new_bool_var(f"e{c}") for c in range(len(E["combos"]))]
-    h = [m.new_bool_var(f"h{c}") for c in range(len(H["combos"]))]
+    e = [m.new_bool_var(f"e{c}") for c in range(ne)]
+    h = [m.new_bool_var(f"h{c}") for c in range(nh)]
     m.add_exactly_one(e)
     m.add_exactly_one(h)
-    o = {tier: m.new_bool_var(f"o_{tier}") for tier in tiers}
-    m.add_exactly_one(o.values())
 
-    # --- objective
-    terms = []
-    for j in range(U):
-        for c in range(nc):
-            terms.append(mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c]))
-        a = m.new_int_var(0, q(top) * n + 1, f"act{j}")
-        for tier in tiers:
-            m.add(a >= sum(mc[j][c] * q(d["active"][tier][c]) for c in range(nc))).only_enforce_if(o[tier])
-        terms.append(a)
+    # --- objective: scaled seconds per micro-batch over one cycle
+    terms = [mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c] + d["active"][tier][c])
+             for j in range(U) for c in range(nc)]
     if full:
-        for tbl, var in ((E, e), (H, h)):
-            a = m.new_int_var(0, 10 * q(top) + 1, f"act_{tbl['combos'][0]}")
-            for tier in tiers:
-                m.add(a >= sum(var[c] * q(tbl["active"][tier][c]) for c in range(len(var)))).only_enforce_if(o[tier])
-            terms.append(a)
+        terms += [q(E["active"][tier][c]) * e[c] for c in range(ne)]
+        terms += [q(H["active"][tier][c]) * h[c] for c in range(nh)]
     else:
-        terms += [U * q(E["below"][c]) * e[c] for c in range(len(e))]
-        terms += [U * q(H["above"][c]) * h[c] for c in range(len(h))]
+        terms += [U * q(E["below"][c]) * e[c] for c in range(ne)]
+        terms += [U * q(H["above"][c]) * h[c] for c in range(nh)]
 
     # --- device memory, KiB
-    def kib(x) -> int:
-        return -(-int(x) // 1024)
     sd, se, sh = sizes[1], sizes[0], sizes[-1]
-    cap = int(pb.cap_bytes // 1024)
-    w_gpu = (kib(sd.param_bytes) * sum(mc[j][c] for j in range(U) for c in range(nc) if d["combos"][c][0] == "gpu")
-             + sum(kib(se.param_bytes) * e[c] for c in range(len(e)) if E["combos"][c][0] == "gpu")
-             + sum(kib(sh.param_bytes) * h[c] for c in range(len(h)) if H["combos"][c][0] == "gpu"))
-    any_dec_streamed = m.new_bool_var("dec_streamed")
-    m.add(sum(mc[j][c] for j in range(U) for c in range(nc) if d["combos"][c][0] != "gpu") <= n * any_dec_streamed)
+
+    def count(where: str, pos: int):
+        """Layers (decoder counts, embedding and head) whose combination has `where` at position pos."""
+        return (sum(mc[j][c] for j in range(U) for c in range(nc) if d["combos"][c][pos] == where),
+                sum(e[c] for c in range(ne) if E["combos"][c][pos] == where),
+                sum(h[c] for c in range(nh) if H["combos"][c][pos] == where))
+
+    def weight_kib(where: str):
+        nd, ee, hh = count(where, 0)
+        return kib(sd.param_bytes) * nd + kib(se.param_bytes) * ee + kib(sh.param_bytes) * hh
+
+    w_gpu = weight_kib("gpu")
+    streamed = m.new_bool_var("dec_streamed")
+    m.add(n - count("gpu", 0)[0] <= n * streamed)
     win = m.new_int_var(0, 2 * max(kib(x.param_bytes) for x in (sd, se, sh)), "win")
-    m.add(win >= 2 * kib(sd.param_bytes) * any_dec_streamed)
-    m.add(win >= 2 * kib(se.param_bytes) * sum(e[c] for c in range(len(e)) if E["combos"][c][0] != "gpu"))
-    m.add(win >= 2 * kib(sh.param_bytes) * sum(h[c] for c in range(len(h)) if H["combos"][c][0] != "gpu"))
-    head_role = "active" if full else "above"
-    head_act = sum(kib(act_bytes(sh, H["combos"][c][1], head_role)) * h[c] for c in range(len(h)))
-    per_layer_state = kib(sd.params * (STATE_BYTES + GRAD_BYTES))
-    trans = {tier: kib(transient_bytes(sizes, tier)) for tier in tiers}
+    m.add(win >= 2 * kib(sd.param_bytes) * streamed)
+    m.add(win >= 2 * kib(se.param_bytes) * (1 - count("gpu", 0)[1]))
+    m.add(win >= 2 * kib(sh.param_bytes) * (1 - count("gpu", 0)[2]))
+    head_act = sum(kib(act_bytes(sh, H["combos"][c][1], "active" if full else "above")) * h[c] for c in range(nh))
+    state = kib(sd.params * (STATE_BYTES + GRAD_BYTES)) if tier == "gpu" else 0
+    fixed = win + w_gpu + head_act + kib(transient_bytes(sizes, tier))
+    if full and tier == "gpu":
+        fixed += kib((se.params + sh.params) * (STATE_BYTES + GRAD_BYTES))
     peak = m.new_int_var(0, 1 << 50, "peak") if min_memory else None
+    above = 0  # activations of the blocks above block j, built up as j descends
+    for j in range(U):
+        acts = above + sum(kib(d["act_active"][c]) * mc[j][c] for c in range(nc))
+        expr = fixed + acts + state * size[j]
+        m.add(peak >= expr) if min_memory else m.add(expr <= int(pb.cap_bytes // 1024))
+        nxt = m.new_int_var(0, 1 << 50, f"above{j}")
+        m.add(nxt == above + sum(kib(d["act_above"][c]) * mc[j][c] for c in range(nc)))
+        above = nxt
+
+    # --- host RAM and NVMe, KiB
     lmax = m.new_int_var(1, n, "lmax")
     for j in range(U):
         m.add(lmax >= size[j])
-        acts = (sum(kib(d["act_above"][c]) * mc[jj][c] for jj in range(j) for c in range(nc))
-                + sum(kib(d["act_active"][c]) * mc[j][c] for c in range(nc)) + head_act)
-        for tier in tiers:
-            state = per_layer_state * size[j] if tier == "gpu" else 0
-            if full and tier == "gpu":
-                state += kib((se.params + sh.params) * (STATE_BYTES + GRAD_BYTES))
-            expr = w_gpu + win + acts + state + trans[tier]
-            if min_memory:
-                m.add(peak >= expr).only_enforce_if(o[tier])
-            else:
-                m.add(expr <= cap).only_enforce_if(o[tier])
-
-    # --- host RAM and NVMe, KiB
-    def placed(tier_of, where):
-        return (kib(sd.param_bytes) * sum(mc[j][c] for j in range(U) for c in range(nc) if d["combos"][c][0] == where)
-                + sum(kib(se.param_bytes) * e[c] for c in range(len(e)) if E["combos"][c][0] == where)
-                + sum(kib(sh.param_bytes) * h[c] for c in range(len(h)) if H["combos"][c][0] == where))
-    act_cpu = (sum(kib(sd.saved_bytes) * mc[j][c] for j in range(U) for c in range(nc) if d["combos"][c][1] == "cpu")
-               + sum(kib(sh.saved_bytes) * h[c] for c in range(len(h)) if H["combos"][c][1] == "cpu"))
+    act_cpu = (kib(sd.saved_bytes) * count("cpu", 1)[0] + kib(sh.saved_bytes) * count("cpu", 1)[2])
     trained = n * sd.params + ((se.params + sh.params) if full else 0)
     extra = (se.params + sh.params) if full else 0
     keep_all = kib(trained * STATE_BYTES)
-    host_cap = int(hw.host.ram_gib * GIB * HOST_RAM_USABLE // 1024)
     staging = 2 * max(kib(x.param_bytes) for x in (sd, se, sh)) if nvme else 0
-    host = placed(None, "cpu") + act_cpu + staging + (keep_all if pb.switch_state == "keep_cpu" else 0)
-    for tier in tiers:
-        per = {"gpu": 0, "cpu": STATE_BYTES + 4, "nvme": 4}[tier]  # fp32 gradient accumulation on the host
-        m.add(host + kib(sd.params * per) * lmax + kib(extra * per) <= host_cap).only_enforce_if(o[tier])
+    per = {"gpu": 0, "cpu": STATE_BYTES + 4, "nvme": 4}[tier]  # + fp32 gradient accumulation on the host
+    host = (weight_kib("cpu") + act_cpu + staging + (keep_all if pb.switch_state == "keep_cpu" else 0)
+            + kib(sd.params * per) * lmax + kib(extra * per))
+    m.add(host <= int(hw.host.ram_gib * GIB * HOST_RAM_USABLE // 1024))
     if nvme:
-        nv_cap = int(hw.host.nvme_gib * GIB * NVME_USABLE // 1024)
-        nv = placed(None, "nvme") + (keep_all if pb.switch_state == "keep_nvme" else 0)
-        m.add(nv + kib(sd.params * STATE_BYTES) * lmax + kib(extra * STATE_BYTES) <= nv_cap).only_enforce_if(o["nvme"])
-        m.add(nv <= nv_cap)
+        nv = weight_kib("nvme") + (keep_all if pb.switch_state == "keep_nvme" else 0)
+        if tier == "nvme":
+            nv += kib(sd.params * STATE_BYTES) * lmax + kib(extra * STATE_BYTES)
+        m.add(nv <= int(hw.host.nvme_gib * GIB * NVME_USABLE // 1024))
 
     m.minimize(peak if min_memory else sum(terms))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
+    solver.parameters.max_time_in_seconds = max(0.02, time_limit_s)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 1
-    solver.parameters.linearization_level = 2
+    solver.parameters.linearization_level = 2  # the LP relaxation is what proves these optimal quickly
     t0 = time.perf_counter()
     status = solver.solve(m)
     took = time.perf_counter() - t0
+    scale = 1024 if min_memory else unit
+    if status == cp_model.UNKNOWN:
+        return Solution(status="UNKNOWN", objective_s=float("inf"), bound_s=max(0.0, solver.best_objective_bound) * scale,
+                        solve_seconds=took, starts=(), placements=(), window_bytes=0, state_tier=tier)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
-    tier = next(x for x in tiers if solver.value(o[x]))
     # Blocks are numbered from the top; layers are laid out bottom-up, each block's combos in sorted order.
     per_block = [[c for c in range(nc) for _ in range(solver.value(mc[j][c]))] for j in reversed(range(U))]
-    pls = [_placement(0, E["combos"][next(c for c in range(len(e)) if solver.value(e[c]))], tier)]
+    pls = [_placement(0, E["combos"][next(c for c in range(ne) if solver.value(e[c]))], tier)]
     starts, i = [], 1
     for blk in per_block:
         starts.append(i)
         for c in blk:
             pls.append(_placement(i, d["combos"][c], tier))
             i += 1
-    pls.append(_placement(i, H["combos"][next(c for c in range(len(h)) if solver.value(h[c]))], tier))
-    scale = 1024 if min_memory else unit
+    pls.append(_placement(i, H["combos"][next(c for c in range(nh) if solver.value(h[c]))], tier))
     return Solution(status=solver.status_name(status), objective_s=solver.objective_value * scale,
                     bound_s=solver.best_objective_bound * scale, solve_seconds=took,
                     starts=(0,) if full else tuple(starts), placements=tuple(pls),

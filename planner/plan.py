@@ -165,12 +165,14 @@ def validate(plan: Plan) -> None:
         bad(f"switch_state '{plan.switch_state}' is not one of {', '.join(SWITCH_POLICIES)}")
     s = plan.shape
     for name in ("micro_batch", "seq_len", "grad_accum", "gpus"):
-        if not isinstance(getattr(s, name), int) or getattr(s, name) <= 0:
+        if not _posint(getattr(s, name)):
             bad(f"shape.{name} must be a positive integer")
-    if plan.steps_per_block <= 0:
-        bad("steps_per_block must be positive")
-    if plan.budget_bytes <= 0 or not 0 <= plan.reserve_bytes < plan.budget_bytes:
-        bad("budget_bytes must be positive and reserve_bytes below it")
+    if not _posint(plan.steps_per_block):
+        bad("steps_per_block must be a positive integer")
+    if not (_posint(plan.budget_bytes) and _posint(plan.reserve_bytes + 1) and plan.reserve_bytes < plan.budget_bytes):
+        bad("budget_bytes must be a positive integer and reserve_bytes a smaller non-negative one")
+    if not _posint(plan.seed + 1) or not _posint(plan.prefetch_window_bytes + 1):
+        bad("seed and prefetch_window_bytes must be non-negative integers")
     if len(plan.placements) != n or [p.layer for p in plan.placements] != list(range(n)):
         bad(f"placements must list layers 0..{n - 1} in order")
     for p in plan.placements:
@@ -182,13 +184,17 @@ def validate(plan: Plan) -> None:
         bad("no blocks")
     prev = None
     for b in plan.blocks:
-        if not 0 <= b.first <= b.last < n or (prev is not None and b.first != prev + 1):
+        if not (_posint(b.first + 1) and _posint(b.last + 1)) or not 0 <= b.first <= b.last < n or (prev is not None and b.first != prev + 1):
             bad("blocks must be contiguous, ordered, non-overlapping layer ranges")
         prev = b.last
     if plan.prefetch_window_bytes < 0:
         bad("prefetch_window_bytes must be >= 0")
     if len(plan.predicted.phases) != len(plan.blocks):
         bad("one predicted phase per block is required")
+
+
+def _posint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 def check_fingerprint(plan: Plan, cfg: ModelConfig) -> None:
@@ -218,6 +224,8 @@ def load_plan(path: str) -> Plan:
         validate(plan)
     except UserError as e:
         raise UserError(f"plan file '{path}': {e}") from None
+    except (TypeError, ValueError) as e:  # a number of the wrong type somewhere
+        raise UserError(f"plan file '{path}' holds a value of the wrong type ({e}).") from None
     if plan.fingerprint != plan.model.fingerprint():
         raise UserError(f"plan file '{path}': its fingerprint does not match its own model config; "
                         "the file was edited or damaged.")

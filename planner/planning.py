@@ -73,41 +73,60 @@ class Search:
 
 
 def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search | None:
-    """Every micro-batch candidate x every block count, cheapest first, pruned by a lower bound: the best
-    solution and a bound that is valid for everything not solved to optimality."""
+    """Every micro-batch candidate x every block count, as separate CP-SAT problems, best first.
+
+    Pass 1 solves each briefly, block counts in ascending order, until a simple lower bound shows that no
+    larger count can beat the incumbent. Pass 2 gives more time to the problems whose proven bound is still
+    below the incumbent, lowest bound first. The reported bound is valid for everything not closed."""
     nvme = hw.host.nvme_gib > 0
     n = prof.n_decoder
-    best = None            # (cost, mb, solution)
-    open_bounds = []       # bounds of subproblems not closed
-    took, solved = 0.0, 0
     started = time.perf_counter()
+    quick = max(0.02, min(0.1, req.time_limit_s / 100))
+    best = None                       # (cost, mb, solution)
+    pending = []                      # (bound, mb, u, tier, problem) not yet proven
+    took, solved = 0.0, 0
     counts = [1] if req.method == "full" else list(range(1, min(n, req.max_blocks or n) + 1))
-    for mb in candidates(req):
-        pb = _problem(prof, hw, req, mb, cap)
+    problems = {mb: _problem(prof, hw, req, mb, cap) for mb in candidates(req)}
+    tiers = ["gpu", "cpu"] + (["nvme"] if nvme else [])
+    for mb, pb in problems.items():
         g = req.batch // mb
-        for u in counts:
-            lb = ilp.lower_bound(pb, u, nvme) * g
-            if best is not None and lb >= best[0]:
-                break  # the bound grows with the block count: nothing further can win
-            left = req.time_limit_s - (time.perf_counter() - started)
-            if left <= 0:
-                open_bounds.append(lb)
-                break
-            sol = ilp.solve(pb, u, time_limit_s=min(left, max(0.5, req.time_limit_s / 4)))
-            solved += 1
-            if sol is None:
-                continue
-            took += sol.solve_seconds
-            cost = sol.objective_s * g
-            if sol.status != "OPTIMAL":
-                open_bounds.append(sol.bound_s * g)
-            if best is None or cost < best[0]:
-                best = (cost, mb, sol)
+        for tier in tiers:
+            for u in counts:
+                if best is not None and ilp.lower_bound(pb, u, tier) * g >= best[0]:
+                    break  # the bound grows with the block count: nothing further can win
+                sol = ilp.solve(pb, u, tier, time_limit_s=quick)
+                solved += 1
+                if sol is None:
+                    continue
+                took += sol.solve_seconds
+                if sol.status != "UNKNOWN" and (best is None or sol.objective_s * g < best[0]):
+                    best = (sol.objective_s * g, mb, sol)
+                if sol.status != "OPTIMAL":
+                    pending.append((max(sol.bound_s, ilp.lower_bound(pb, u, tier)) * g, mb, u, tier, pb))
+    pending.sort(key=lambda x: x[0])
+    open_bounds = []
+    for bound, mb, u, tier, pb in pending:
+        g = req.batch // mb
+        left = req.time_limit_s - (time.perf_counter() - started)
+        if best is not None and bound >= best[0] * (1 - 1e-9):
+            continue
+        if left <= 0.05:
+            open_bounds.append(bound)
+            continue
+        sol = ilp.solve(pb, u, tier, time_limit_s=left)
+        solved += 1
+        if sol is None:
+            continue
+        took += sol.solve_seconds
+        if sol.status != "UNKNOWN" and (best is None or sol.objective_s * g < best[0]):
+            best = (sol.objective_s * g, mb, sol)
+        if sol.status != "OPTIMAL":
+            open_bounds.append(max(bound, sol.bound_s * g))
     if best is None:
         return None
     bound = min([best[0]] + open_bounds)
     return Search(micro_batch=best[1], solution=best[2], bound_s=bound, solve_seconds=took, solved=solved,
-                  candidates=len(candidates(req)))
+                  candidates=len(problems))
 
 
 def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) -> ilp.Problem:
@@ -197,10 +216,11 @@ def _infeasible(prof, hw, req, budget, reserve) -> UserError:
     mb = candidates(req)[0]
     pb = _problem(prof, hw, req, mb, 1 << 62)
     # more blocks never need more memory per phase: the finest partition gives the smallest peak
-    sol = ilp.solve(pb, 1 if req.method == "full" else min(prof.n_decoder, req.max_blocks or prof.n_decoder),
-                    time_limit_s=min(5.0, req.time_limit_s), min_memory=True)
-    if sol is not None:
-        best = sol.objective_s
+    u = 1 if req.method == "full" else min(prof.n_decoder, req.max_blocks or prof.n_decoder)
+    for tier in ["gpu", "cpu"] + (["nvme"] if hw.host.nvme_gib > 0 else []):
+        sol = ilp.solve(pb, u, tier, time_limit_s=min(2.0, req.time_limit_s), min_memory=True)
+        if sol is not None and sol.status != "UNKNOWN":
+            best = sol.objective_s if best is None else min(best, sol.objective_s)
     what = f"{prof.model.name} ({req.method}, micro-batch {candidates(req)[0]}, sequence {req.seq_len})"
     if best is None:
         need = sum(lp.param_bytes for lp in prof.layers) / GIB
@@ -217,5 +237,5 @@ def _infeasible(prof, hw, req, budget, reserve) -> UserError:
     tips.append("more host RAM (--host-ram) if it is the limit")
     return UserError(
         f"no plan fits {what} in a {budget / GIB:g} GiB VRAM budget ({reserve / GIB:g} GiB reserved). The smallest "
-        f"budget that is feasible here is {need_gib:.2f} GiB (with micro-batch 1, everything offloadable offloaded "
+        f"budget that is feasible here is {need_gib:.4g} GiB (with micro-batch 1, everything offloadable offloaded "
         f"and activations recomputed). Other things that help: {'; '.join(tips)}.")

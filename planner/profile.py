@@ -219,6 +219,7 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
 
 def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfile:
     import torch
+
     from planner.llama import DecoderLayer, Embedding, Head
     with torch.device("meta"):
         layer = {"embedding": Embedding, "decoder": DecoderLayer, "head": Head}[kind](cfg).to(dtype)
@@ -237,22 +238,32 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
         mem_traffic_bytes=fit(train, "traffic"), out_bytes=fit(train, "out"))
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "catalog", "profiles")
+
+
 def _cache_path(fp: str) -> str:
     root = os.environ.get("BLOCKFIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockfit")
     return os.path.join(root, f"profile-v{PROFILE_VERSION}-{fp}.json")
+
+
+def _shipped_path(fp: str) -> str:
+    """Profiles of the catalog models, measured by `python -m planner.profile` and shipped with the package so
+    that planning a catalog model needs no torch import (tests/planner/test_profile.py re-measures them)."""
+    return os.path.join(SHIPPED_DIR, f"profile-v{PROFILE_VERSION}-{fp}.json")
 
 
 def profile_model(cfg: ModelConfig, *, dtype: str = "bfloat16", cache: bool = True) -> ModelProfile:
     """Measure (or read from the cache) the per-layer profile of `cfg`. Decoder layers share one measurement."""
     fp = cfg.fingerprint()
     path = _cache_path(f"{fp}-{dtype}")
-    if cache and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                prof = ModelProfile.from_dict(json.load(f))
-            return dataclasses.replace(prof, model=cfg)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a stale or damaged cache entry is measured again
+    for cached in (_shipped_path(f"{fp}-{dtype}"), path):
+        if cache and os.path.isfile(cached):
+            try:
+                with open(cached, encoding="utf-8") as f:
+                    prof = ModelProfile.from_dict(json.load(f))
+                return dataclasses.replace(prof, model=cfg)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a stale or damaged cache entry is measured again
     import torch
     _register_cpu_flash_flops()
     tdtype = getattr(torch, dtype)
@@ -277,3 +288,13 @@ def _write_cache(path: str, prof: ModelProfile) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # the cache is an optimisation only
+
+
+if __name__ == "__main__":
+    # Measure the catalog models and write the shipped profiles: python -m planner.profile
+    from planner.models import CATALOG
+    os.makedirs(SHIPPED_DIR, exist_ok=True)
+    for _cfg in CATALOG.values():
+        _prof = profile_model(_cfg, cache=False)
+        _write_cache(_shipped_path(f"{_prof.fingerprint}-{_prof.dtype}"), _prof)
+        print(_cfg.name, _prof.total_params)

@@ -89,6 +89,8 @@ class Builder:
         self.window = window          # streamed layers resident at once
         self.evicts: list[int] = []   # evict op ids of streamed layers, in order
         self.computes: list[int] = []
+        self.offloads: dict[tuple[int, int], int] = {}   # (layer, micro-batch) -> offload_act op id
+        self.grads: dict[int, list[int]] = {}            # layer -> grad_offload op ids
 
     def emit(self, **kw) -> int:
         op = Op(id=len(self.ops), **kw)
@@ -97,7 +99,7 @@ class Builder:
 
     def window_deps(self) -> tuple[int, ...]:
         """A new streamed load waits until the layer `window` loads back is evicted."""
-        k = len(self.evicts) - self.window + 1
+        k = len(self.evicts) - self.window
         return (self.evicts[k],) if k >= 0 and self.window else ()
 
 
@@ -128,15 +130,15 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                    alloc_bytes=sz.out_bytes + kept, free_bytes=0 if recompute else in_bytes,
                    transient_bytes=sz.workspace_bytes, mem_class="activations", deps=tuple(deps))
         if kept and pl.activations == "cpu":
-            b.emit(name=f"offload {tag}", kind="offload_act", stream="d2h", layer=sz.index, micro_batch=mb,
+            b.offloads[(sz.index, mb)] = b.emit(name=f"offload {tag}", kind="offload_act", stream="d2h", layer=sz.index, micro_batch=mb,
                    bytes=saved, tier="cpu", free_bytes=saved, mem_class="activations", deps=(c,))
     else:
         if pl.activations == "cpu" and saved:
-            # Fetched back one layer ahead of its backward.
-            ahead = b.computes[-2:-1]
+            # Fetched back one layer ahead of its backward, once it has been offloaded.
+            ahead = tuple(b.computes[-2:-1]) + (b.offloads[(sz.index, mb)],)
             deps.append(b.emit(name=f"fetch {tag}", kind="fetch_act", stream="h2d", layer=sz.index,
                                micro_batch=mb, bytes=saved, tier="cpu", alloc_bytes=saved,
-                               mem_class="activations", deps=tuple(ahead)))
+                               mem_class="activations", deps=ahead))
         if recompute:
             deps = [b.emit(name=f"recompute {tag}", kind="recompute", stream="compute", layer=sz.index,
                            micro_batch=mb, flops=sz.fwd_flops, tokens=sz.tokens, traffic_bytes=sz.traffic_bytes,
@@ -150,8 +152,8 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                    free_bytes=saved + sz.out_bytes + (in_bytes if recompute else 0),
                    transient_bytes=sz.workspace_bytes, mem_class="activations", deps=tuple(deps))
         if grads_off:
-            b.emit(name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
-                   bytes=grad_bytes, tier="cpu", free_bytes=grad_bytes, mem_class="activations", deps=(c,))
+            b.grads.setdefault(sz.index, []).append(b.emit(name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
+                   bytes=grad_bytes, tier="cpu", free_bytes=grad_bytes, mem_class="activations", deps=(c,)))
     b.computes.append(c)
     if streamed:
         b.evicts.append(b.emit(name=f"evict {tag} {pass_}", kind="evict", stream="compute", layer=sz.index,
@@ -227,8 +229,8 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
         for i in range(n - 1, bl.first - 1, -1):
             prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "bwd", mb, prev, sizes[i - 1].out_bytes if i else 0,
                              i == bl.first)
-    for i in bl.layers:
-        optimizer_ops(b, plan.placement(i), sizes[i], (prev,))
+    for i in bl.layers:  # a layer's step waits for the last backward and for its gradients to reach the host
+        optimizer_ops(b, plan.placement(i), sizes[i], (prev,) + tuple(b.grads.get(i, ())))
     return PhaseSchedule(block=block, layers=tuple(bl.layers), static=_static_bytes(plan, sizes, bl.layers),
                          ops=_issue_order(b.ops), switch_ops=_switch_ops(plan, sizes, bl.layers))
 

@@ -1,0 +1,424 @@
+"""The copy engine and executor: one phase's schedule, op by op, each on its stream, in list order.
+
+The schedule's op list is the contract (planner/schedule.py): the executor issues ops in list order; an op waits
+for its dependencies, then runs on its stream. Streams are FIFO:
+  compute              the issuing thread itself (on CUDA, the current stream): forward, backward, recompute,
+                       evict, and the optimizer step when the state lives on the device;
+  h2d, d2h             one worker thread each; on CUDA each issues onto its own torch.cuda.Stream with
+                       non_blocking copies from pinned memory, and waits for GPU work with stream.wait_event;
+  nvme_read/nvme_write one worker thread each, doing file I/O through pinned staging buffers;
+  cpu_opt              one worker thread: AdamW on the host.
+A dependency is a Done: a future that resolves when the op has been issued (CUDA streams) or has finished
+(host work, and every op without CUDA), carrying the CUDA event recorded after the op's GPU work, if any. GPU
+streams wait on events without blocking the host; host threads wait with event.synchronize(). There is no
+device-wide synchronize in a step: the step ends with the compute stream waiting on the copy streams.
+
+Without CUDA the same code runs with the CPU standing in for the device: transfers are copies done by the
+worker threads, and every Done resolves when the work is finished.
+
+What each op does is PhaseOps's business: one method per op kind, for one phase (one active block).
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from planner.schedule import role
+from runtime.activations import HostBuffers, SavedSet, backward, forward
+from runtime.optim import BlockOptimizer
+from runtime.store import FlatLayout, Target, TieredStore, bind
+
+STREAMS = ("compute", "h2d", "d2h", "nvme_read", "nvme_write", "cpu_opt")
+
+
+class Streams:
+    def __init__(self, target: Target):
+        self.target = target
+        self.workers = {n: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blockfit-{n}") for n in STREAMS[1:]}
+        self.cuda: dict[str, torch.cuda.Stream] = {}
+        if target.cuda:
+            self.cuda = {"compute": torch.cuda.current_stream(target.device),
+                         "h2d": torch.cuda.Stream(target.device), "d2h": torch.cuda.Stream(target.device)}
+
+    def gpu(self, name: str):
+        """The CUDA stream behind a schedule stream, or None (host work, or no CUDA)."""
+        return self.cuda.get(name)
+
+    def join_copies(self) -> None:
+        """End of a step: later compute waits for everything the copy streams were given (GPU-side)."""
+        if self.cuda:
+            self.cuda["compute"].wait_stream(self.cuda["h2d"])
+            self.cuda["compute"].wait_stream(self.cuda["d2h"])
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.shutdown(wait=True)
+
+
+def _resolved(value=None) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def implicit_deps(ops) -> dict[int, tuple[int, ...]]:
+    """Orderings the runtime needs that the schedule leaves to a shared resource: an activation fetch reads what
+    its offload wrote, and the optimizer step (which clips by the block's global norm) needs every gradient."""
+    offloads = {(op.layer, op.micro_batch): op.id for op in ops if op.kind == "offload_act"}
+    grads = tuple(op.id for op in ops if op.kind == "grad_offload")
+    extra: dict[int, tuple[int, ...]] = {}
+    for op in ops:
+        if op.kind == "fetch_act" and (op.layer, op.micro_batch) in offloads:
+            extra[op.id] = (offloads[(op.layer, op.micro_batch)],)
+        elif op.kind == "optimizer_step" and grads:
+            extra[op.id] = grads
+    return extra
+
+
+def issue_order(ops) -> list:
+    """The schedule's list, with one repair: the schedule fetches a layer's offloaded activations one compute op
+    ahead of its backward, which for the first layer of the backward pass (its backward follows its forward at
+    once) puts the fetch before the forward and the offload it reads. Such a fetch moves to just after its
+    offload; every other op keeps its place."""
+    seen, held, out = set(), {}, []
+    offloads = {(op.layer, op.micro_batch) for op in ops if op.kind == "offload_act"}
+    for op in ops:
+        key = (op.layer, op.micro_batch)
+        if op.kind == "fetch_act" and key in offloads and key not in seen:
+            held[key] = op
+            continue
+        out.append(op)
+        if op.kind == "offload_act":
+            seen.add(key)
+            if key in held:
+                out.append(held.pop(key))
+    return out
+
+
+class Executor:
+    """Runs an op list with a handler that knows what each op does (execute) and what it books (book)."""
+
+    def __init__(self, streams: Streams, tracer):
+        self.streams = streams
+        self.tracer = tracer
+
+    def run(self, ops, handler) -> None:
+        done: dict[int, Future] = {}
+        extra = implicit_deps(ops)
+        pending: list[Future] = []
+        try:
+            for op in issue_order(ops):
+                deps = [done[d] for d in op.deps + extra.get(op.id, ())]
+                if op.stream == "compute":
+                    done[op.id] = _resolved(self._call(op, deps, handler))
+                    handler.book(op)
+                else:
+                    handler.book(op)  # every size it needs is known once the earlier compute ops ran
+                    done[op.id] = self.streams.workers[op.stream].submit(self._call, op, deps, handler)
+                    pending.append(done[op.id])
+        except BaseException:
+            handler.abort()  # wake workers blocked on a staging buffer that will never come back
+            raise
+        finally:
+            errors = []
+            for f in pending:
+                try:
+                    f.result()
+                except Exception as e:  # re-raised below, once every worker has stopped
+                    errors.append(e)
+            self.streams.join_copies()
+        if errors:
+            raise errors[0]
+
+    def _call(self, op, deps, handler):
+        gpu = self.streams.gpu(op.stream)
+        for d in deps:
+            event = d.result()
+            if event is not None:
+                if gpu is not None:
+                    gpu.wait_event(event)
+                else:
+                    event.synchronize()
+        ctx = torch.cuda.stream(gpu) if gpu is not None else contextlib.nullcontext()
+        with ctx:
+            token = self.tracer.begin(gpu)
+            handler.execute(op, gpu)
+            self.tracer.end(op, token, gpu, handler.moved_bytes(op))
+            if gpu is None:
+                return None
+            event = torch.cuda.Event()
+            event.record(gpu)
+            return event
+
+
+@dataclass
+class Rec:
+    """One layer's forward for one micro-batch, held until its backward."""
+    x: torch.Tensor | None          # the detached input (its .grad is the gradient for the layer below)
+    y: torch.Tensor | None          # the output with its graph (None while a recomputed layer waits)
+    saved: SavedSet | None
+    in_bytes: int
+
+
+class PhaseOps:
+    """What each op of one phase does (execute) and what device bytes it books (book), measured, in issue order."""
+
+    def __init__(self, *, plan, phase, layers, layouts: list[FlatLayout], store: TieredStore, optim: BlockOptimizer,
+                 act_buffers: HostBuffers, streams: Streams):
+        self.plan, self.phase = plan, phase
+        self.layers, self.layouts, self.store, self.optim = layers, layouts, store, optim
+        self.act_buffers, self.streams = act_buffers, streams
+        self.target: Target = store.target
+        self.roles = [role(plan, phase.block, i) for i in range(plan.n_layers)]
+        self.first = plan.blocks[phase.block].first
+        self.head = plan.n_layers - 1
+        self.grad_accum = plan.shape.grad_accum
+        self.load_of = _load_ids(phase.ops)
+        self.bound: dict[int, torch.Tensor] = {i: store.resident(i) for i, t in enumerate(store.tiers) if t == "gpu"}
+        self.scratch: dict[int, torch.Tensor] = {}         # host copies of device-updated weights bound for NVMe
+
+        self._clear()
+
+    def begin_step(self, tokens: list[torch.Tensor], labels: list[torch.Tensor], lr: float) -> None:
+        self.tokens, self.labels, self.lr = tokens, labels, lr
+        self._clear()
+        self.optim.begin_step()
+
+    def _clear(self) -> None:
+        self.recs: dict[tuple, Rec] = {}
+        self.outs: dict[tuple, torch.Tensor] = {}
+        self.grad_out: dict[tuple, torch.Tensor] = {}     # gradient of layer L's output, micro-batch mb
+        self.pending_grads: dict[tuple, list] = {}
+        self.loaded: dict[int, torch.Tensor] = {}          # load op id -> device buffer
+        self.staged: dict[int, torch.Tensor] = {}          # read op id -> staging buffer
+        self.new_weights: dict[int, torch.Tensor] = {}
+        self.mem: dict[int, tuple[int, int, int]] = {}     # op id -> (alloc, transient, free), measured
+        self.loss = torch.zeros((), dtype=torch.float32, device=self.target.device)
+        self.saved_tensors = [0] * self.plan.n_layers      # tensors packed per layer this step (tests)
+
+    # -- the executor's interface -------------------------------------------------------------------------------
+
+    def execute(self, op, gpu) -> None:
+        getattr(self, "_" + op.kind)(op, gpu)
+
+    def book(self, op) -> None:
+        m, k, key = self.store.meter, op.kind, (op.layer, op.micro_batch)
+        if k == "load_weights":
+            m.book("prefetch", alloc=self.store.weight_bytes(op.layer))
+        elif k == "evict":
+            m.book("prefetch", free=self.store.weight_bytes(op.layer))
+        elif k == "offload_act":
+            m.book("activations", free=self.recs[key].saved.nbytes)
+        elif k == "fetch_act":
+            m.book("activations", alloc=self.recs[key].saved.nbytes)
+        elif k == "grad_offload":
+            m.book("activations", free=sum(g.nbytes for g in self.pending_grads[key]))
+        elif op.id in self.mem:
+            alloc, transient, free = self.mem.pop(op.id)
+            m.book("workspace" if k == "optimizer_step" else "activations", alloc=alloc, transient=transient,
+                   free=free)
+
+    def moved_bytes(self, op) -> int:
+        k = op.kind
+        if k in ("load_weights", "read_weights", "upload_weights", "write_weights"):
+            return self.store.weight_bytes(op.layer)
+        if k in ("offload_act", "fetch_act"):
+            return self.recs[(op.layer, op.micro_batch)].saved.nbytes
+        if k in ("read_state", "write_state", "load_state", "save_state"):
+            return self.optim.state_bytes(op.layer)
+        if k == "grad_offload":
+            return self.layouts[op.layer].params * self.target.weight_dtype.itemsize
+        return 0
+
+    def abort(self) -> None:
+        if self.store.staging is not None:
+            self.store.staging.abort()
+
+    # -- compute ------------------------------------------------------------------------------------------------
+
+    def _bind(self, op) -> None:
+        i = op.layer
+        if self.store.tiers[i] != "gpu":
+            self.bound[i] = self.loaded[self.load_of[op.id]]
+            bind(self.layers[i], self.layouts[i], self.bound[i], empty=self.store.empty)
+
+    def _saved_set(self, i: int, offload: bool) -> SavedSet:
+        return SavedSet(weights=lambda: self.bound[i], offload=offload)
+
+    def _run(self, i: int, mb: int, x, *, grad: bool, saved):
+        y = forward(self.layers[i], x, self.labels[mb] if i == self.head else None, grad=grad, saved=saved,
+                    autocast=self.target.cuda)
+        return y / self.grad_accum if i == self.head else y
+
+    def _forward(self, op, gpu) -> None:
+        i, mb = op.layer, op.micro_batch
+        x = self.tokens[mb] if i == 0 else self.outs.pop((i - 1, mb))
+        in_bytes = 0 if i == 0 else x.nbytes
+        self._bind(op)
+        kept, mode = 0, self.plan.placement(i).activations
+        if self.roles[i] == "below":
+            y = self._run(i, mb, x, grad=False, saved=None)
+        else:
+            if i > 0:
+                x = x.detach().requires_grad_(i > self.first)
+            saved = None if mode == "recompute" else self._saved_set(i, offload=(mode == "cpu"))
+            y = self._run(i, mb, x, grad=saved is not None, saved=saved)
+            self.recs[(i, mb)] = Rec(x=x, y=None if saved is None else y, saved=saved, in_bytes=in_bytes)
+            if saved is not None:
+                kept = saved.nbytes
+                self.saved_tensors[i] += saved.count
+        if i == self.head:
+            self.loss += y.detach()
+            out_bytes = 0  # the head's output is the scalar loss, not an activation (as the profile counts it)
+        else:
+            self.outs[(i, mb)] = y.detach() if y.requires_grad else y
+            out_bytes = y.nbytes
+        recomputed = mode == "recompute" and self.roles[i] != "below"
+        self.mem[op.id] = (out_bytes + kept, 0, 0 if recomputed else in_bytes)
+
+    def _recompute(self, op, gpu) -> None:
+        i, mb = op.layer, op.micro_batch
+        self._bind(op)
+        rec = self.recs[(i, mb)]
+        rec.saved = self._saved_set(i, offload=False)
+        rec.y = self._run(i, mb, rec.x, grad=True, saved=rec.saved)
+        self.saved_tensors[i] += rec.saved.count
+        self.mem[op.id] = (rec.saved.nbytes, 0, 0)
+
+    def _backward(self, op, gpu) -> None:
+        i, mb = op.layer, op.micro_batch
+        self._bind(op)
+        rec = self.recs.pop((i, mb))
+        backward(rec.y, None if i == self.head else self.grad_out.pop((i, mb)))
+        lowest = i == self.first
+        if not lowest:
+            self.grad_out[(i - 1, mb)] = rec.x.grad
+        grad_bytes = 0
+        if self.roles[i] == "active" and self.plan.placement(i).grads == "cpu":
+            params = [p for p in self.layers[i].parameters()]
+            self.pending_grads[(i, mb)] = [p.grad for p in params]
+            grad_bytes = sum(p.grad.nbytes for p in params)
+            for p in params:
+                p.grad = None
+        rec.saved.release(gpu)
+        out_bytes = 0 if i == self.head else rec.y.nbytes
+        recomputed = self.plan.placement(i).activations == "recompute"
+        self.mem[op.id] = ((0 if lowest else rec.in_bytes) + grad_bytes, 0,
+                           rec.saved.nbytes + out_bytes + (rec.in_bytes if recomputed else 0))
+
+    def _evict(self, op, gpu) -> None:
+        i = op.layer
+        buf = self.loaded.pop(self.load_of[op.id])
+        if gpu is not None:
+            buf.record_stream(gpu)  # the compute stream used it: no reuse before that work is done
+        if self.bound.get(i) is buf:
+            bind(self.layers[i], self.layouts[i], None, empty=self.store.empty)
+            del self.bound[i]
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def _read_weights(self, op, gpu) -> None:
+        self.staged[op.id] = self.store.read_weights(op.layer)
+
+    def _load_weights(self, op, gpu) -> None:
+        i, n = op.layer, self.layouts[op.layer].numel
+        buf = torch.empty(n, dtype=self.target.weight_dtype, device=self.target.device)
+        read = next((d for d in op.deps if d in self.staged), None)
+        src = self.store.pinned(i) if read is None else self.staged.pop(read)
+        buf.copy_(src[:n], non_blocking=gpu is not None)
+        if read is not None:
+            event = None
+            if gpu is not None:
+                event = torch.cuda.Event()
+                event.record(gpu)
+            self.store.release_staging(src, event)
+        self.loaded[op.id] = buf
+
+    # -- activations and gradients ------------------------------------------------------------------------------
+
+    def _offload_act(self, op, gpu) -> None:
+        self.recs[(op.layer, op.micro_batch)].saved.to_host(self.act_buffers, (op.layer, op.micro_batch), gpu)
+
+    def _fetch_act(self, op, gpu) -> None:
+        self.recs[(op.layer, op.micro_batch)].saved.to_device(self.target.device, gpu)
+
+    def _grad_offload(self, op, gpu) -> None:
+        grads = self.pending_grads.pop((op.layer, op.micro_batch))
+        self.optim.offload_grads(op.layer, grads, first=op.micro_batch == 0)
+        if gpu is not None:
+            for g in grads:
+                g.record_stream(gpu)
+
+    # -- the optimizer step -------------------------------------------------------------------------------------
+
+    def _params(self, i: int) -> list:
+        return list(self.layers[i].parameters())
+
+    def _read_state(self, op, gpu) -> None:
+        self.optim.read_state(op.layer)
+
+    def _write_state(self, op, gpu) -> None:
+        self.optim.write_state(op.layer)
+
+    def _optimizer_step(self, op, gpu) -> None:
+        i = op.layer
+        block = self.plan.blocks[self.phase.block]
+        self.optim.clip([self.optim.grads(j, self._params(j)) for j in block.layers])
+        new, transient = self.optim.step_layer(i, self.optim.grads(i, self._params(i)), self.lr)
+        for p in self._params(i):
+            p.grad = None
+        w, m = self.store.tiers[i], self.plan.placement(i).master
+        if w == "gpu" and m == "gpu":
+            self.store.resident(i).copy_(new)
+        elif w == "cpu" and m != "gpu":
+            self.store.pinned(i).copy_(new)
+        else:
+            self.new_weights[i] = new  # upload / writeback ops move it
+        if op.stream == "compute":
+            self.mem[op.id] = (0, transient, 0)
+
+    def _upload_weights(self, op, gpu) -> None:
+        self.store.resident(op.layer).copy_(self.new_weights[op.layer], non_blocking=gpu is not None)
+
+    def _write_weights(self, op, gpu) -> None:
+        i = op.layer
+        on_device = self.plan.placement(i).master == "gpu"
+        if op.stream == "nvme_write":
+            self.store.write_weights(i, self.scratch[i] if on_device else self.new_weights[i])
+            return
+        if self.store.tiers[i] == "cpu":  # d2h writeback after a step on the device
+            self.store.pinned(i).copy_(self.new_weights[i], non_blocking=gpu is not None)
+            return
+        if i not in self.scratch:
+            self.scratch[i] = self.store.host.empty(self.layouts[i].numel, self.target.weight_dtype)
+        self.scratch[i].copy_(self.new_weights[i])  # synchronous: the NVMe write after it reads the host copy
+
+    # -- phase switches -----------------------------------------------------------------------------------------
+
+    def _load_state(self, op, gpu) -> None:
+        self.optim.load_kept(op.layer)
+
+    def _save_state(self, op, gpu) -> None:
+        self.optim.save_kept(op.layer)
+
+
+def _load_ids(ops) -> dict[int, int]:
+    """For each compute and evict op of a streamed layer, the load op whose device copy it uses: a load among
+    its own dependencies, else its recompute's (a backward after a recompute), else its compute's (an evict)."""
+    by_id = {op.id: op for op in ops}
+    out: dict[int, int] = {}
+    for op in ops:
+        if op.kind not in ("forward", "recompute", "backward", "evict"):
+            continue
+        deps = [by_id[d] for d in op.deps if by_id[d].layer == op.layer]
+        found = next((d.id for d in deps if d.kind == "load_weights"), None)
+        if found is None:
+            via = "compute" if op.kind == "evict" else "recompute"
+            found = next((out[d.id] for d in deps if d.id in out and (d.kind == "recompute" or via == "compute")
+                          and d.micro_batch == op.micro_batch), None)
+        if found is not None:
+            out[op.id] = found
+    return out

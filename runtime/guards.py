@@ -1,0 +1,116 @@
+"""Checks that run before anything is written: each failure is a UserError (the CLI prints it and exits 2).
+
+They cover what would otherwise fail minutes or hours in, or leave a mess behind: a plan made for another
+model, an NVMe directory without the space the plan needs, too little host RAM, data shorter than one step, an
+unreadable checkpoint, a checkpoint directory that already holds another run, an output directory that does
+not exist, and plan options this runtime does not execute.
+"""
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from planner.errors import UserError
+from planner.models import load_model_config
+from planner.plan import Plan, check_fingerprint
+from runtime.checkpoint import Checkpoint, load_checkpoint, resolve_step_dir
+from runtime.data import TokenData
+
+GIB = 1 << 30
+PLAN_BYTES_PER_WEIGHT = 2   # the plan sizes weights in bf16
+
+
+def check_supported(plan: Plan) -> None:
+    if plan.model.tie_embeddings:
+        raise UserError(f"model '{plan.model.name}' ties its embedding and lm_head; the runtime streams layers "
+                        f"separately and does not train tied weights yet.")
+    for p in plan.placements:
+        if p.master != p.moments:
+            raise UserError(f"plan: layer {p.layer} keeps its master weights on '{p.master}' but its moments on "
+                            f"'{p.moments}'; this runtime steps AdamW where both live: make them the same tier.")
+
+
+def check_model(plan: Plan, init_from: str | None) -> None:
+    """The plan fingerprint must match the model the weights come from (a config.json beside them)."""
+    if init_from is None:
+        return
+    if not os.path.exists(init_from):
+        raise UserError(f"--init-from '{init_from}' does not exist.")
+    config = os.path.join(init_from, "config.json") if os.path.isdir(init_from) else None
+    if config and os.path.isfile(config):
+        check_fingerprint(plan, load_model_config(config))
+
+
+def check_data(data: TokenData, plan: Plan) -> None:
+    data.require_windows(plan.shape.micro_batch * plan.shape.grad_accum)
+    data.check_vocab(plan.model.vocab)
+
+
+def _params_where(plan: Plan, layer_params: list[int], tier: str) -> int:
+    return sum(n for p, n in zip(plan.placements, layer_params) if p.weights == tier)
+
+
+def nvme_need_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
+    """The plan's NVMe bytes with weights at the runtime's element size (fp32 on a CPU-only machine)."""
+    return plan.predicted.nvme_bytes + _params_where(plan, layer_params, "nvme") * (weight_bytes - PLAN_BYTES_PER_WEIGHT)
+
+
+def host_need_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
+    return plan.predicted.host_ram_bytes + _params_where(plan, layer_params, "cpu") * (weight_bytes - PLAN_BYTES_PER_WEIGHT)
+
+
+def _existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_nvme(plan: Plan, nvme_dir: str | None, need_bytes: int) -> None:
+    uses = any(p.weights == "nvme" or p.master == "nvme" for p in plan.placements) or plan.switch_state == "keep_nvme"
+    if not uses:
+        return
+    if not nvme_dir:
+        raise UserError("the plan keeps weights or optimizer state on NVMe; give a directory on the NVMe drive "
+                        "with --nvme-dir.")
+    if os.path.exists(nvme_dir) and not os.path.isdir(nvme_dir):
+        raise UserError(f"--nvme-dir '{nvme_dir}' is a file, not a directory.")
+    free = psutil.disk_usage(_existing(nvme_dir)).free
+    if free < need_bytes:
+        raise UserError(f"--nvme-dir '{nvme_dir}' has {free / GIB:.2f} GiB free, but the plan needs "
+                        f"{need_bytes / GIB:.2f} GiB there (weights and optimizer state); free some space or "
+                        f"point --nvme-dir at a bigger drive.")
+
+
+def check_host_ram(need_bytes: int) -> None:
+    avail = psutil.virtual_memory().available
+    if avail < need_bytes:
+        raise UserError(f"this machine has {avail / GIB:.2f} GiB of host RAM available, but the plan needs "
+                        f"{need_bytes / GIB:.2f} GiB (pinned weights, optimizer state, staging buffers); plan again "
+                        f"with --host-ram {avail / GIB:.0f} so more goes to NVMe, or free memory.")
+
+
+def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkpoint | None:
+    """The checkpoint to resume from, read and checked; or None. A checkpoint directory that already holds a
+    run is refused without --resume: a new run would prune its checkpoints."""
+    if resume is None:
+        if ckpt_dir and os.path.isdir(ckpt_dir) and any(n.startswith("step-") for n in os.listdir(ckpt_dir)):
+            raise UserError(f"checkpoint directory '{ckpt_dir}' already holds checkpoints; pass --resume to continue "
+                            f"that run, or choose another --ckpt-dir.")
+        return None
+    path = resume or ckpt_dir
+    if not path:
+        raise UserError("--resume needs a checkpoint: give its path, or --ckpt-dir holding one.")
+    ck = load_checkpoint(resolve_step_dir(path))
+    saved = (ck.meta.get("plan") or {}).get("fingerprint")
+    if saved != plan.fingerprint:
+        raise UserError(f"checkpoint '{ck.path}' is of another model (fingerprint {saved}, the plan's is "
+                        f"{plan.fingerprint}).")
+    return ck
+
+
+def check_outputs(*paths: str | None) -> None:
+    for path in paths:
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"cannot write '{path}': its directory does not exist.")

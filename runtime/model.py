@@ -1,0 +1,92 @@
+"""The model for a plan: built on the meta device, then materialised layer by layer straight into its tier.
+
+The built-in decoder (planner/llama.py) is the model for a catalog name and for a local Hugging Face config.json
+alike (the plan carries the ModelConfig). No layer is ever materialised whole-model: each one is initialised
+(or read from a safetensors checkpoint) on the CPU, flattened, and put on the tier the plan chose, so a model
+bigger than host RAM can start from NVMe. The modules keep meta-free, 0-element parameters until the runtime
+binds them to a flat buffer: resident layers now, streamed layers whenever the copy engine loads them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from planner.llama import DecoderLayer, Embedding, Head, LlamaModel, hf_name, init_weights
+from planner.models import ModelConfig
+from runtime.hf import load_layers_from_hf_state, read_safetensors_dir
+from runtime.store import FlatLayout, TieredStore, bind
+
+INIT_STD = 0.02
+
+
+def meta_layers(cfg: ModelConfig) -> nn.ModuleList:
+    """The flat layer list (embedding, decoders, head) with no memory behind it."""
+    with torch.device("meta"):
+        return LlamaModel(cfg).layers
+
+
+def layouts_of(layers: nn.ModuleList, align: int = 1) -> list[FlatLayout]:
+    return [FlatLayout.of(layer, align) for layer in layers]
+
+
+def materialise(layers: nn.ModuleList, layouts: list[FlatLayout], store: TieredStore) -> None:
+    """Swap every meta parameter for a frozen 0-element device parameter, then bind the resident layers."""
+    for layer in layers:
+        for mod in layer.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[name] = nn.Parameter(torch.empty(0, dtype=store.target.weight_dtype,
+                                                                     device=store.target.device),
+                                                         requires_grad=False)
+    for i, tier in enumerate(store.tiers):
+        if tier == "gpu":
+            bind(layers[i], layouts[i], store.resident(i), empty=store.empty)
+
+
+def _cpu_layer(cfg: ModelConfig, index: int) -> nn.Module:
+    """One layer with uninitialised fp32 CPU parameters (built on meta: no default init runs)."""
+    kind = Embedding if index == 0 else Head if index == cfg.layers + 1 else DecoderLayer
+    with torch.device("meta"):
+        layer = kind(cfg)
+    for mod in layer.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = nn.Parameter(torch.empty(p.shape), requires_grad=False)
+    return layer
+
+
+def init_random(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, *, seed: int) -> None:
+    """Random weights, one layer at a time, in layer order from one generator: the same numbers as
+    init_weights over a whole LlamaModel's layers with torch.Generator().manual_seed(seed)."""
+    g = torch.Generator().manual_seed(seed)
+    for i, lay in enumerate(layouts):
+        layer = _cpu_layer(cfg, i)
+        init_weights(layer, std=INIT_STD, generator=g)
+        store.put(i, lay.flatten([p.detach() for p in layer.parameters()], torch.zeros(lay.numel)))
+        del layer
+
+
+def init_from_hf(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, path: str) -> None:
+    """Weights from a local safetensors file or directory under Hugging Face names (runtime/hf.py's mapping).
+    Every name and shape is checked on a meta copy of the model before anything is placed."""
+    sd = read_safetensors_dir(path)
+    load_layers_from_hf_state(meta_layers(cfg), sd, cfg)  # raises a UserError listing what does not fit
+    load_state(cfg, layouts, store, sd)
+
+
+def load_state(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, sd: dict[str, torch.Tensor]) -> None:
+    """Put a state dict under Hugging Face names on the tiers (checkpoints and --init-from)."""
+    for i, lay in enumerate(layouts):
+        flat = torch.zeros(lay.numel, dtype=torch.float32)
+        lay.flatten([sd[hf_name(i, cfg.layers, local)] for local in lay.names], flat)
+        store.put(i, flat)
+
+
+def state_dict(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore) -> dict[str, torch.Tensor]:
+    """Every weight as a CPU tensor under its Hugging Face name, gathered from the tiers one layer at a time."""
+    out = {}
+    for i, lay in enumerate(layouts):
+        flat = store.get(i)
+        for local, view in zip(lay.names, lay.views(flat)):
+            out[hf_name(i, cfg.layers, local)] = view.clone()
+    return out

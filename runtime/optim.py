@@ -1,0 +1,285 @@
+"""The BCD optimizer: AdamW for the active block only, with its state on the tier the plan chose.
+
+Only the active block's layers have an fp32 master copy, AdamW moments and gradients. A layer's state is one flat
+fp32 buffer of 3 x params (master | exp_avg | exp_avg_sq): on the device (tier gpu), in pinned host memory (cpu), or
+in a file on NVMe (nvme: read before the step and written after it, by the copy engine's NVMe threads).
+
+The update is torch.optim.AdamW's, operation for operation (decoupled weight decay, lerp for the first moment,
+Python-float bias corrections), applied with torch._foreach_* over per-parameter views of the flat buffers: one
+call per operation for the whole layer, and the same elementwise kernels as the single-tensor reference, so a
+CPU run is bitwise equal to torch.optim.AdamW.
+
+When the active block changes, the switch policy decides what happens to the state: reset (dropped; the next
+phase of the block starts from zero moments, as BAdam does), keep_cpu (kept in host RAM), keep_nvme (kept in files).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from runtime.store import FlatLayout, TieredStore
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamWConfig:
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip: float = 1.0            # max global gradient norm of the block; 0 turns clipping off
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, cfg: AdamWConfig) -> int:
+    """One AdamW step in place over lists of fp32 tensors; returns the bytes of temporaries it held."""
+    if cfg.weight_decay:
+        torch._foreach_mul_(params, 1 - lr * cfg.weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - cfg.beta1)
+    torch._foreach_mul_(exp_avg_sqs, cfg.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - cfg.beta2)
+    step_f = float(step)
+    step_size = lr / (1 - cfg.beta1 ** step_f)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, (1 - cfg.beta2 ** step_f) ** 0.5)
+    torch._foreach_add_(denom, cfg.eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
+    return sum(d.numel() for d in denom) * 4
+
+
+@dataclass
+class LayerState:
+    """Mutable, one per trained layer: the flat state buffer (None while it lives only in a file) and its step."""
+    buf: torch.Tensor | None
+    step: int = 0
+    on_file: bool = False          # the newest state is the layer's NVMe state file
+
+
+class BlockOptimizer:
+    def __init__(self, *, cfg: AdamWConfig, store: TieredStore, layouts: list[FlatLayout], master_tiers: list[str],
+                 grad_tiers: list[str], switch_state: str):
+        self.cfg = cfg
+        self.store = store
+        self.target = store.target
+        self.layouts = layouts
+        self.tiers = master_tiers
+        self.grad_tiers = grad_tiers
+        self.switch_state = switch_state
+        self.states: dict[int, LayerState] = {}    # the active block's layers
+        self.kept: dict[int, LayerState] = {}      # keep_* policies: other blocks' states, where the policy keeps
+        self.host_grads: dict[int, torch.Tensor] = {}
+        self._staged_grads: dict[int, torch.Tensor] = {}
+        self._clip_lock = threading.Lock()
+        self._clip_done = False
+        self.grad_norm: torch.Tensor | None = None
+
+    # -- where things are ---------------------------------------------------------------------------------------
+
+    def _device(self, tier: str) -> torch.device:
+        return self.target.device if tier == "gpu" else torch.device("cpu")
+
+    def _empty(self, layer: int, tier: str) -> torch.Tensor:
+        n = 3 * self.layouts[layer].numel
+        if tier == "gpu":
+            return torch.empty(n, dtype=torch.float32, device=self.target.device)
+        return self.store.host.empty(n, torch.float32)
+
+    def split(self, layer: int, buf: torch.Tensor) -> tuple[list, list, list]:
+        n, lay = self.layouts[layer].numel, self.layouts[layer]
+        return lay.views(buf[:n]), lay.views(buf[n:2 * n]), lay.views(buf[2 * n:])
+
+    def state_bytes(self, layer: int) -> int:
+        return 3 * self.layouts[layer].numel * 4
+
+    def _keeps_in_place(self, layer: int) -> bool:
+        """The state already lives where the policy keeps it: no switch op moves it."""
+        return (self.switch_state, self.tiers[layer]) in (("keep_cpu", "cpu"), ("keep_nvme", "nvme"))
+
+    # -- phases -------------------------------------------------------------------------------------------------
+
+    def fresh(self, layer: int, tier: str | None = None) -> LayerState:
+        """State at the start of training a layer: master = the current weights, zero moments, step 0."""
+        tier = tier or self.tiers[layer]
+        buf = self._empty(layer, "cpu" if tier == "nvme" else tier)
+        n = self.layouts[layer].numel
+        same_place = self.store.tiers[layer] == "gpu" and tier == "gpu"
+        buf[:n].copy_(self.store.resident(layer) if same_place else self.store.get(layer))
+        buf[n:].zero_()
+        return LayerState(buf=buf)
+
+    def begin_phase(self, layers, *, switched: bool) -> None:
+        """Make every layer of the new block ready. `switched`: the schedule's load_state ops bring kept state in
+        (load_kept) for the layers whose state moves; a state kept in place is taken back here; the rest start
+        fresh. An NVMe state starts fresh lazily, at its first read_state, so it is never written unstepped."""
+        for i in layers:
+            if i in self.states:
+                continue  # resumed from a checkpoint in the middle of this phase
+            if self._keeps_in_place(i) and i in self.kept:
+                self.states[i] = self.kept.pop(i)
+            elif switched and not self._keeps_in_place(i):
+                continue  # its load_state op fills it
+            else:
+                self.states[i] = LayerState(buf=None) if self.tiers[i] == "nvme" else self.fresh(i)
+
+    def end_phase(self, layers, *, switched: bool) -> None:
+        """Leave a block: keep its state as the policy says (save_kept ops run before this when `switched`)."""
+        for i in layers:
+            st = self.states.pop(i, None)
+            if st is not None and self.switch_state != "reset" and (self._keeps_in_place(i) or not switched):
+                self.kept[i] = st
+        self.host_grads.clear()
+
+    def load_kept(self, layer: int) -> None:
+        """Switch op 'load state': the kept state onto the master tier (fresh if the block was never trained)."""
+        kept = self.kept.pop(layer, None)
+        tier = self.tiers[layer]
+        if kept is None:
+            self.states[layer] = LayerState(buf=None) if tier == "nvme" else self.fresh(layer)
+            return
+        buf = kept.buf if kept.buf is not None else self._read_file(layer, "kept")
+        if tier == "nvme":
+            self.store.files.write(f"state-L{layer}", buf)
+            self.states[layer] = LayerState(buf=None, step=kept.step, on_file=True)
+        elif tier == "gpu":
+            self.states[layer] = LayerState(buf=buf.to(self.target.device, non_blocking=True), step=kept.step)
+        else:
+            self.states[layer] = LayerState(buf=buf, step=kept.step)
+
+    def save_kept(self, layer: int) -> None:
+        """Switch op 'save state': the layer's state to where the policy keeps it."""
+        st = self.states.get(layer)
+        if st is None:
+            return
+        buf = st.buf if st.buf is not None else (self._read_file(layer, "state") if st.on_file else None)
+        if buf is None:
+            return  # never stepped: nothing worth keeping
+        if self.switch_state == "keep_nvme":
+            self.store.files.write(f"kept-L{layer}", buf.to("cpu"))
+            self.kept[layer] = LayerState(buf=None, step=st.step, on_file=True)
+        else:
+            host = self.store.host.empty(buf.numel(), torch.float32)
+            host.copy_(buf)
+            self.kept[layer] = LayerState(buf=host, step=st.step)
+
+    def _read_file(self, layer: int, kind: str) -> torch.Tensor:
+        return self.store.files.read(f"{kind}-L{layer}", self.store.host.empty(3 * self.layouts[layer].numel,
+                                                                                  torch.float32))
+
+    # -- NVMe state ---------------------------------------------------------------------------------------------
+
+    def read_state(self, layer: int) -> None:
+        st = self.states[layer]
+        st.buf = self._read_file(layer, "state") if st.on_file else self.fresh(layer, "nvme").buf
+
+    def write_state(self, layer: int) -> None:
+        st = self.states[layer]
+        self.store.files.write(f"state-L{layer}", st.buf)
+        self.store.host.release(st.buf)
+        st.buf, st.on_file = None, True
+
+    # -- gradients ----------------------------------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        self._clip_done = False
+        self.grad_norm = None
+
+    def offload_grads(self, layer: int, grads: list[torch.Tensor], first: bool) -> None:
+        """Gradient op 'grad': one micro-batch's device gradients into the layer's host accumulator (fp32).
+        On CUDA this runs on the d2h worker: an async copy to pinned memory, a wait on it, then the CPU adds."""
+        lay = self.layouts[layer]
+        if layer not in self.host_grads:
+            self.host_grads[layer] = self.store.host.empty(lay.numel, torch.float32)
+        acc = lay.views(self.host_grads[layer])
+        if self.target.cuda:
+            tmp = self._staged_grads.get(layer)
+            if tmp is None:
+                tmp = self._staged_grads[layer] = self.store.host.empty(lay.numel, grads[0].dtype)
+            views = lay.views(tmp)
+            for v, g in zip(views, grads):
+                v.copy_(g, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            grads = views
+        for a, g in zip(acc, grads):
+            if first:
+                a.copy_(g)
+            else:
+                a.add_(g)
+
+    def grads(self, layer: int, params) -> list[torch.Tensor]:
+        if self.grad_tiers[layer] == "cpu":
+            return self.layouts[layer].views(self.host_grads[layer])
+        return [p.grad for p in params]
+
+    def clip(self, grads_by_layer: list[list[torch.Tensor]]) -> None:
+        """The block's global gradient norm, and clipping to cfg.clip, once per step (the first adam op does it,
+        all of the block's gradients being complete). Same arithmetic as torch.nn.utils.clip_grad_norm_."""
+        with self._clip_lock:
+            if self._clip_done:
+                return
+            grads = [g for gs in grads_by_layer for g in gs]
+            total = torch.nn.utils.get_total_norm(grads)
+            if self.cfg.clip:
+                coef = torch.clamp(self.cfg.clip / (total + 1e-6), max=1.0)
+                for g in grads:
+                    g.mul_(coef.to(g.device))
+            self.grad_norm = total
+            self._clip_done = True
+
+    # -- the update ---------------------------------------------------------------------------------------------
+
+    def step_layer(self, layer: int, grads: list[torch.Tensor], lr: float) -> tuple[torch.Tensor, int]:
+        """AdamW on the layer's state where it lives; returns (new weights as a flat tensor in the weight dtype
+        on the state's device, bytes of temporaries held on that device)."""
+        st = self.states[layer]
+        dev = st.buf.device
+        grads = [g.to(dev, torch.float32) for g in grads]
+        master, m, v = self.split(layer, st.buf)
+        st.step += 1
+        if self.target.cuda and dev.type == "cuda":
+            # one parameter at a time bounds the temporaries (the sqrt and the fp32 gradient) to the largest
+            transient = max(adamw_([p], [g], [a], [b], step=st.step, lr=lr, cfg=self.cfg) * 2
+                            for p, g, a, b in zip(master, grads, m, v))
+        else:
+            transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg)
+        n = self.layouts[layer].numel
+        return st.buf[:n].to(self.target.weight_dtype), transient
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = {}, {}
+        for where, states in (("active", self.states), ("kept", self.kept)):
+            for i, st in states.items():
+                if st.buf is not None:
+                    buf = st.buf.to("cpu", copy=True)
+                elif st.on_file:
+                    name = "state" if where == "active" or self._keeps_in_place(i) else "kept"
+                    buf = self._read_file(i, name).clone()
+                else:
+                    continue  # fresh and never stepped
+                tensors[f"L{i}.state"] = buf
+                meta[str(i)] = {"step": st.step, "where": where}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.states.clear()
+        self.kept.clear()
+        for key, info in meta.items():
+            i = int(key)
+            buf = tensors[f"L{i}.state"].to(torch.float32)
+            if info["where"] == "active":
+                tier = self.tiers[i]
+                if tier == "nvme":
+                    self.store.files.write(f"state-L{i}", buf)
+                    self.states[i] = LayerState(buf=None, step=info["step"], on_file=True)
+                else:
+                    dst = self._empty(i, tier)
+                    dst.copy_(buf)
+                    self.states[i] = LayerState(buf=dst, step=info["step"])
+            elif self.switch_state == "keep_nvme":
+                self.store.files.write(f"{'state' if self._keeps_in_place(i) else 'kept'}-L{i}", buf)
+                self.kept[i] = LayerState(buf=None, step=info["step"], on_file=True)
+            else:
+                dst = self._empty(i, "cpu")
+                dst.copy_(buf)
+                self.kept[i] = LayerState(buf=dst, step=info["step"])

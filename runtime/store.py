@@ -1,0 +1,316 @@
+"""Tiered storage: where each layer's weights live, how bytes reach the device, and a ledger of device bytes.
+
+Three tiers, as the plan names them:
+  gpu   one flat buffer on the device per layer, resident for the whole run;
+  cpu   one flat buffer per layer in pinned host memory, exactly the layer's size: ordinary memory registered
+        with cudaHostRegister, not PyTorch's caching host allocator, which rounds every block up to a power of
+        two (../shared/reference/hardware.md);
+  nvme  one file per layer under --nvme-dir, read and written by the copy engine's NVMe threads through pinned
+        staging buffers. The page cache is dropped (posix_fadvise DONTNEED) after every write and before every
+        read, so each read reaches the drive, as it does when host RAM is short, which is why the plan chose NVMe.
+
+Every parameter of a layer is a view into its flat buffer, so a layer moves in one copy. Without CUDA the CPU
+stands in for the device: "device" buffers are separate CPU tensors, and the same ledger counts them.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from planner.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """The device the runtime computes on and the dtypes it uses there."""
+    device: torch.device          # cuda:N, or cpu standing in for the device
+    weight_dtype: torch.dtype     # bf16 on CUDA, fp32 on CPU (bitwise comparable with a plain PyTorch loop)
+    align_numel: int = 1          # parameter offsets inside a flat buffer are multiples of this
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @classmethod
+    def detect(cls, *, force_cpu: bool = False) -> "Target":
+        if torch.cuda.is_available() and not force_cpu:
+            return cls(device=torch.device("cuda", torch.cuda.current_device()), weight_dtype=torch.bfloat16,
+                       align_numel=64)  # 128-byte aligned views keep vectorised kernels on their fast path
+        return cls(device=torch.device("cpu"), weight_dtype=torch.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlatLayout:
+    """Where each parameter of one layer sits inside its flat buffer (names as in layer.named_parameters())."""
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    numel: int
+
+    @classmethod
+    def of(cls, layer: nn.Module, align: int = 1) -> "FlatLayout":
+        names, shapes, offsets, at = [], [], [], 0
+        for name, p in layer.named_parameters():
+            names.append(name)
+            shapes.append(tuple(p.shape))
+            offsets.append(at)
+            at += -(-p.numel() // align) * align
+        return cls(names=tuple(names), shapes=tuple(shapes), offsets=tuple(offsets), numel=at)
+
+    @property
+    def params(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + _numel(s)].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def flatten(self, tensors, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensors (in layout order) into `out`, casting; returns out."""
+        for view, t in zip(self.views(out), tensors):
+            view.copy_(t)
+        return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def bind(layer: nn.Module, layout: FlatLayout, flat: torch.Tensor | None, *, empty: torch.Tensor) -> None:
+    """Point the layer's parameters at views of `flat`, or at `empty` (a 0-element device tensor) when unloaded."""
+    views = layout.views(flat) if flat is not None else [empty] * len(layout.names)
+    params = dict(layer.named_parameters())
+    for name, view in zip(layout.names, views):
+        params[name].data = view
+
+
+class DeviceMeter:
+    """The ledger of device bytes by class (weights, prefetch, master, moments, grads, activations, workspace).
+
+    The copy engine books every operation's measured bytes in issue order, on the issuing thread: what an op
+    allocates when it starts, what it holds only while it runs, what it frees when it ends. So the peak is
+    deterministic and comparable, op for op, with the schedule's own replay (planner.schedule.memory_timeline).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.live: dict[str, int] = {}
+        self.peak_bytes = 0
+        self.peak_breakdown: dict[str, int] = {}
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(self.live.values())
+
+    def book(self, cls: str, *, alloc: int = 0, transient: int = 0, free: int = 0) -> None:
+        with self._lock:
+            if alloc:
+                self.live[cls] = self.live.get(cls, 0) + alloc
+            total = self.live_bytes + transient
+            if total > self.peak_bytes:
+                self.peak_bytes = total
+                self.peak_breakdown = dict(self.live)
+                if transient:
+                    self.peak_breakdown["workspace"] = self.peak_breakdown.get("workspace", 0) + transient
+            if free:
+                self.live[cls] = self.live.get(cls, 0) - free
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak_bytes = self.live_bytes
+            self.peak_breakdown = dict(self.live)
+
+
+class HostMemory:
+    """Exact-size host buffers, page-locked with cudaHostRegister when there is a GPU (plain memory otherwise)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._pinned: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(numel, dtype=dtype)
+        if self.pin and t.nbytes:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
+            with self._lock:
+                self._pinned[t.data_ptr()] = t
+        return t
+
+    def release(self, t: torch.Tensor) -> None:
+        with self._lock:
+            kept = self._pinned.pop(t.data_ptr(), None)
+        if kept is not None:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(kept.data_ptr()))
+
+    def close(self) -> None:
+        for t in list(self._pinned.values()):
+            self.release(t)
+
+
+class NvmeFiles:
+    """Flat tensors as files in a private directory under the user's NVMe directory; removed by close()."""
+
+    def __init__(self, nvme_dir: str):
+        try:
+            os.makedirs(nvme_dir, exist_ok=True)
+            self.root = tempfile.mkdtemp(prefix="blockfit-", dir=nvme_dir)
+        except OSError as e:
+            raise UserError(f"cannot use NVMe directory '{nvme_dir}' ({e.strerror or e}).") from None
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.root, f"{key}.bin")
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self.path(key))
+
+    def write(self, key: str, src: torch.Tensor) -> None:
+        """Write all of src, make it durable, then drop it from the page cache."""
+        view = memoryview(src.contiguous().view(torch.uint8).numpy())
+        fd = os.open(self.path(key), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def read(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill out (contiguous) from the file, from the drive: cached pages are dropped first."""
+        view = memoryview(out.view(torch.uint8).numpy())
+        fd = os.open(self.path(key), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    raise OSError(f"NVMe file '{self.path(key)}' is shorter than expected")
+                done += n
+        finally:
+            os.close(fd)
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class StagingPool:
+    """A few pinned buffers of the largest NVMe layer's size. A buffer goes back with the CUDA event of the copy
+    that last read it; acquire() waits for that copy, so a buffer is never overwritten while a copy reads it."""
+
+    def __init__(self, host: HostMemory, numel: int, dtype: torch.dtype, count: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put((host.empty(numel, dtype), None))
+
+    def acquire(self) -> torch.Tensor:
+        buf, event = self._free.get()
+        if buf is None:
+            self._free.put((None, None))  # wake the next waiter too
+            raise RuntimeError("the step was aborted")
+        if event is not None:
+            event.synchronize()
+        return buf
+
+    def abort(self) -> None:
+        """Wake every waiter with an error (the step failed; nothing will give a buffer back)."""
+        self._free.put((None, None))
+
+    def release(self, buf: torch.Tensor, event=None) -> None:
+        self._free.put((buf, event))
+
+
+class TieredStore:
+    """Each layer's weights on its tier; the device copies of streamed layers are made by the copy engine."""
+
+    def __init__(self, *, target: Target, layouts: list[FlatLayout], tiers: list[str], nvme_dir: str | None,
+                 window_layers: int):
+        self.target = target
+        self.layouts = layouts
+        self.tiers = tiers
+        self.host = HostMemory(pin=target.cuda)
+        self.meter = DeviceMeter()
+        self.empty = torch.empty(0, dtype=target.weight_dtype, device=target.device)
+        self._resident: dict[int, torch.Tensor] = {}   # tier gpu
+        self._pinned: dict[int, torch.Tensor] = {}     # tier cpu
+        nvme_layers = [i for i, t in enumerate(tiers) if t == "nvme"]
+        self.files = NvmeFiles(nvme_dir) if nvme_dir else None
+        self.staging = None
+        if nvme_layers:
+            if self.files is None:
+                raise UserError("the plan puts weights on NVMe; give a directory on the NVMe drive with --nvme-dir.")
+            biggest = max(layouts[i].numel for i in nvme_layers)
+            self.staging = StagingPool(self.host, biggest, target.weight_dtype, max(2, window_layers))
+
+    def weight_bytes(self, layer: int) -> int:
+        return self.layouts[layer].numel * self.target.weight_dtype.itemsize
+
+    # -- placement --------------------------------------------------------------------------------------------
+
+    def put(self, layer: int, flat: torch.Tensor) -> None:
+        """Place a layer's weights (a flat CPU tensor in layout order, any float dtype) on its tier."""
+        n, dt = self.layouts[layer].numel, self.target.weight_dtype
+        tier = self.tiers[layer]
+        if tier == "gpu":
+            if layer not in self._resident:
+                self._resident[layer] = torch.empty(n, dtype=dt, device=self.target.device)
+            self._resident[layer].copy_(flat)
+        elif tier == "cpu":
+            if layer not in self._pinned:
+                self._pinned[layer] = self.host.empty(n, dt)
+            self._pinned[layer].copy_(flat)
+        else:
+            self.files.write(f"weights-L{layer}", flat.to(dt))
+
+    def get(self, layer: int) -> torch.Tensor:
+        """A CPU copy of a layer's flat weights, from whichever tier holds them (checkpoints, state init)."""
+        tier = self.tiers[layer]
+        if tier == "gpu":
+            return self._resident[layer].to("cpu", copy=True)
+        if tier == "cpu":
+            return self._pinned[layer].clone()
+        return self.files.read(f"weights-L{layer}", torch.empty(self.layouts[layer].numel,
+                                                                dtype=self.target.weight_dtype))
+
+    def resident(self, layer: int) -> torch.Tensor:
+        return self._resident[layer]
+
+    def pinned(self, layer: int) -> torch.Tensor:
+        return self._pinned[layer]
+
+    def resident_bytes(self) -> int:
+        return sum(self.weight_bytes(i) for i in self._resident)
+
+    # -- NVMe -------------------------------------------------------------------------------------------------
+
+    def read_weights(self, layer: int) -> torch.Tensor:
+        """NVMe -> a pinned staging buffer (blocks while all are in use); give it back with release_staging."""
+        buf = self.staging.acquire()
+        self.files.read(f"weights-L{layer}", buf[:self.layouts[layer].numel])
+        return buf
+
+    def release_staging(self, buf: torch.Tensor, event=None) -> None:
+        self.staging.release(buf, event)
+
+    def write_weights(self, layer: int, flat: torch.Tensor) -> None:
+        self.files.write(f"weights-L{layer}", flat)
+
+    def close(self) -> None:
+        self._resident.clear()
+        self._pinned.clear()
+        self.staging = None
+        self.host.close()
+        if self.files is not None:
+            self.files.close()

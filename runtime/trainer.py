@@ -1,0 +1,317 @@
+"""The training loop: a plan's schedule, executed step after step, block after block.
+
+One optimizer step of a phase (the training of one block) is the schedule's op list for that block: for every
+micro-batch, each layer's forward on a detached input (layers below the block under no_grad, saving nothing),
+then each layer's backward from the head down to the block's first layer, torch.autograd.backward(out, grad_out),
+handing the input's gradient to the layer below; then the block's AdamW step on the tier its state lives on.
+Frozen parameters have requires_grad=False and never a .grad; only the active block has optimizer state.
+
+Blocks are visited in the plan's order (ascending, descending, or a seeded random order per cycle),
+steps_per_block steps each; the switch policy decides what happens to the optimizer state at a switch. The
+learning rate warms up linearly and decays along a cosine to min_lr over the run's steps. Checkpoints hold the
+weights (Hugging Face names), the optimizer state, the data position, the RNG states and the position in the block
+schedule, so a resumed run continues exactly; SIGINT and SIGTERM end the current step, save and stop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from planner.errors import UserError
+from planner.plan import Plan
+from planner.profile import profile_model
+from planner.schedule import build_schedule
+from runtime import model as rmodel
+from runtime.activations import HostBuffers
+from runtime.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint, write_hf_config
+from runtime.data import TokenData
+from runtime.engine import Executor, PhaseOps, Streams
+from runtime.optim import AdamWConfig, BlockOptimizer
+from runtime.store import Target, TieredStore
+from runtime.trace import Tracer, write_json
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int                          # optimizer steps of the whole run; the LR schedule spans them
+    lr: float = 3e-4                    # peak learning rate
+    min_lr: float = 3e-5                # end of the cosine decay
+    warmup: int = 0                     # steps of linear warmup
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)
+    seed: int = 0                       # weight init
+    ckpt_dir: str | None = None
+    ckpt_every: int = 0                 # steps between checkpoints (0: only at the end and on a signal)
+    stop_after: int | None = None       # end this invocation (with a checkpoint) after this many steps
+    nvme_dir: str | None = None
+    init_from: str | None = None        # a local safetensors checkpoint (HF names) instead of random init
+    metrics_path: str | None = None     # JSON lines, one per step
+    trace_path: str | None = None       # Chrome trace JSON
+    summary_path: str | None = None
+    quiet: bool = False
+    force_cpu: bool = False             # run on the CPU even when CUDA is there (tests)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over cfg.warmup steps, then a cosine from cfg.lr down to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def position(plan: Plan, step: int) -> dict:
+    """Where global step `step` falls in the block schedule: cycle, index in the cycle's order, block, step in it."""
+    per_cycle = plan.steps_per_block * len(plan.blocks)
+    cycle, in_cycle = divmod(step, per_cycle)
+    index, in_block = divmod(in_cycle, plan.steps_per_block)
+    return {"cycle": cycle, "index": index, "block": plan.block_order(cycle)[index], "step_in_block": in_block}
+
+
+def _plan_signature(plan: Plan) -> dict:
+    """What must not change between a checkpoint and its resume (tiers may: the state is tier-agnostic)."""
+    return {"fingerprint": plan.fingerprint, "method": plan.method, "blocks": [asdict(b) for b in plan.blocks],
+            "order": plan.order, "seed": plan.seed, "steps_per_block": plan.steps_per_block,
+            "switch_state": plan.switch_state, "micro_batch": plan.shape.micro_batch,
+            "seq_len": plan.shape.seq_len, "grad_accum": plan.shape.grad_accum}
+
+
+class Trainer:
+    def __init__(self, plan: Plan, data: TokenData, cfg: TrainConfig, *, resume: Checkpoint | None = None,
+                 target: Target | None = None):
+        self.plan, self.data, self.cfg = plan, data, cfg
+        self.target = target or Target.detect(force_cpu=cfg.force_cpu)
+        self.model_cfg = plan.model
+        self.schedule = build_schedule(plan, profile_model(plan.model))
+        self.layers = rmodel.meta_layers(plan.model)
+        self.layouts = rmodel.layouts_of(self.layers, self.target.align_numel)
+        self.store = TieredStore(target=self.target, layouts=self.layouts, tiers=[p.weights for p in plan.placements],
+                                 nvme_dir=cfg.nvme_dir, window_layers=self.schedule.window_layers)
+        self.optim = BlockOptimizer(cfg=cfg.adamw, store=self.store, layouts=self.layouts,
+                                    master_tiers=[p.master for p in plan.placements],
+                                    grad_tiers=[p.grads for p in plan.placements], switch_state=plan.switch_state)
+        self.streams = Streams(self.target)
+        self.tracer = Tracer(enabled=bool(cfg.trace_path or cfg.summary_path))
+        self.executor = Executor(self.streams, self.tracer)
+        self.act_buffers = HostBuffers(self.store.host)
+        self.step_index = 0
+        self.active: int | None = None          # the block whose optimizer state exists
+        self.ops: PhaseOps | None = None
+        self.phase_peaks: dict[int, int] = {}
+        self.history: list[dict] = []
+        self._stop_signal: int | None = None
+        if resume is not None:
+            self._restore(resume)
+        elif cfg.init_from:
+            rmodel.init_from_hf(plan.model, self.layouts, self.store, cfg.init_from)
+        else:
+            rmodel.init_random(plan.model, self.layouts, self.store, seed=cfg.seed)
+        rmodel.materialise(self.layers, self.layouts, self.store)
+        self.store.meter.book("weights", alloc=self.store.resident_bytes())
+        if resume is not None and self.active is not None:
+            self._enter(self.active, switch=False)
+
+    # -- phases -------------------------------------------------------------------------------------------------
+
+    def _static(self, layers) -> dict[str, int]:
+        out = {"master": 0, "moments": 0, "grads": 0}
+        for i in layers:
+            n, pl = self.layouts[i].numel, self.plan.placement(i)
+            out["master"] += 4 * n if pl.master == "gpu" else 0
+            out["moments"] += 8 * n if pl.moments == "gpu" else 0
+            out["grads"] += n * self.target.weight_dtype.itemsize if pl.grads == "gpu" else 0
+        return out
+
+    def _enter(self, block: int, *, switch: bool) -> None:
+        phase = self.schedule.phases[block]
+        layers = self.plan.blocks[block].layers
+        for i in layers:
+            for p in self.layers[i].parameters():
+                p.requires_grad_(True)
+        self.ops = PhaseOps(plan=self.plan, phase=phase, layers=self.layers, layouts=self.layouts, store=self.store,
+                            optim=self.optim, act_buffers=self.act_buffers, streams=self.streams)
+        self.optim.begin_phase(layers, switched=switch and bool(phase.switch_ops))
+        if switch:
+            self.executor.run([op for op in phase.switch_ops if op.kind == "load_state"], self.ops)
+        for cls, n in self._static(layers).items():
+            self.store.meter.book(cls, alloc=n)
+        self.store.meter.reset_peak()
+        self.active = block
+
+    def _leave(self) -> None:
+        block = self.active
+        phase = self.schedule.phases[block]
+        layers = self.plan.blocks[block].layers
+        self.executor.run([op for op in phase.switch_ops if op.kind == "save_state"], self.ops)
+        self.optim.end_phase(layers, switched=bool(phase.switch_ops))
+        for cls, n in self._static(layers).items():
+            self.store.meter.book(cls, free=n)
+        for i in layers:
+            for p in self.layers[i].parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        self.active, self.ops = None, None
+
+    # -- one step -----------------------------------------------------------------------------------------------
+
+    def step(self) -> dict:
+        """Run one optimizer step (switching blocks first when a phase ends); returns its metrics."""
+        s = self.step_index
+        pos = position(self.plan, s)
+        # A phase ends after steps_per_block steps (with one block there is nothing to switch to). A run resumed
+        # from a checkpoint taken at a phase's end still has that phase's state, so it switches here too.
+        if self.active is None or (pos["step_in_block"] == 0 and len(self.plan.blocks) > 1):
+            if self.active is not None:
+                self._leave()
+            self._enter(pos["block"], switch=True)
+        phase = self.schedule.phases[self.active]
+        lr = lr_at(s, self.cfg)
+        g, mb = self.plan.shape.grad_accum, self.plan.shape.micro_batch
+        batches = [self.data.next_batch(mb) for _ in range(g)]
+        dev = self.target.device
+        self.ops.begin_step([x.to(dev) for x, _ in batches], [y.to(dev) for _, y in batches], lr)
+        start = self.tracer.begin_step(s, self.active)
+        self.executor.run(phase.ops, self.ops)
+        loss = self.ops.loss.item()
+        grad_norm = self.optim.grad_norm.item() if self.optim.grad_norm is not None else 0.0
+        seconds = self.tracer.end_step(s, self.active, start)
+        meter = self.store.meter
+        self.phase_peaks[self.active] = max(self.phase_peaks.get(self.active, 0), meter.peak_bytes)
+        self.step_index = s + 1
+        rec = {"step": s + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "block": self.active,
+               "cycle": pos["cycle"], "step_in_block": pos["step_in_block"], "step_seconds": seconds,
+               "tokens_per_s": self.plan.shape.tokens_per_step / seconds if seconds > 0 else 0.0,
+               "device_peak_bytes": meter.peak_bytes}
+        if self.target.cuda:
+            rec["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(self.target.device)
+        self.history.append(rec)
+        return rec
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        weights = rmodel.state_dict(self.model_cfg, self.layouts, self.store)
+        opt_tensors, opt_meta = self.optim.state_dict()
+        s = self.step_index
+        meta = {"plan": _plan_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
+                "optimizer": opt_meta, "data": self.data.state_dict(),
+                "rng": capture_rng(), "train": {"steps": self.cfg.steps, "lr": self.cfg.lr, "min_lr": self.cfg.min_lr,
+                                                 "warmup": self.cfg.warmup, "seed": self.cfg.seed}}
+        path = save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
+        try:
+            dtype = "bfloat16" if self.target.weight_dtype == torch.bfloat16 else "float32"
+            write_hf_config(path, self.model_cfg, dtype=dtype)
+        except UserError:
+            pass  # an architecture without a Hugging Face twin still resumes; it only lacks config.json
+        return path
+
+    def _restore(self, ck: Checkpoint) -> None:
+        meta = ck.meta
+        want = _plan_signature(self.plan)
+        got = meta.get("plan", {})
+        diff = [k for k in want if got.get(k) != want[k]]
+        if diff:
+            raise UserError(f"checkpoint '{ck.path}' was trained under another plan ({', '.join(diff)} differ); "
+                            f"resume with the plan it was made with (placements may differ, these may not).")
+        rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
+        self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
+        self.data.load_state_dict(meta["data"])
+        restore_rng(meta["rng"])
+        self.step_index = ck.step
+        self.active = meta["active_block"]
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train to cfg.steps (or cfg.stop_after steps of this invocation); 0, or 130/143 after a signal."""
+        cfg = self.cfg
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, self.step_index + cfg.stop_after)
+        old = self._catch_signals()
+        metrics = open(cfg.metrics_path, "a" if self.step_index else "w", encoding="utf-8") \
+            if cfg.metrics_path else None
+        progress = None if cfg.quiet else _Progress(total=cfg.steps, done=self.step_index)
+        code = 0
+        try:
+            while self.step_index < end:
+                rec = self.step()
+                if metrics:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                if progress:
+                    progress.update(rec)
+                if self._stop_signal is not None:
+                    code = 128 + self._stop_signal
+                    break
+                if cfg.ckpt_dir and cfg.ckpt_every and self.step_index % cfg.ckpt_every == 0 \
+                        and self.step_index < end:
+                    self.save()
+            if cfg.ckpt_dir:
+                self.save()
+        finally:
+            if progress:
+                progress.close()
+            if metrics:
+                metrics.close()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self._write_reports()
+        return code
+
+    def _catch_signals(self) -> dict:
+        def stop(signum, frame):
+            self._stop_signal = signum
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, stop)
+            except ValueError:
+                pass  # not the main thread: signals stay as they were
+        return old
+
+    def summary(self) -> dict:
+        predicted = {p.block: p.peak_vram_bytes for p in self.plan.predicted.phases}
+        mma = torch.cuda.max_memory_allocated(self.target.device) if self.target.cuda else None
+        out = self.tracer.summary(peak_device_bytes=max(self.phase_peaks.values(), default=0),
+                                  phase_peak_bytes=self.phase_peaks, predicted_peak_bytes=predicted,
+                                  max_memory_allocated_bytes=mma)
+        out["device"] = str(self.target.device)
+        out["weight_dtype"] = str(self.target.weight_dtype).replace("torch.", "")
+        return out
+
+    def _write_reports(self) -> None:
+        if self.cfg.trace_path:
+            write_json(self.cfg.trace_path, self.tracer.chrome_trace())
+        if self.cfg.summary_path:
+            write_json(self.cfg.summary_path, self.summary())
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight under its Hugging Face name, on the CPU (tests, export)."""
+        return rmodel.state_dict(self.model_cfg, self.layouts, self.store)
+
+    def close(self) -> None:
+        self.streams.close()
+        self.store.close()
+
+
+class _Progress:
+    """A rich progress bar on stderr: loss, tokens/s, device peak, ETA."""
+
+    def __init__(self, *, total: int, done: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), console=Console(stderr=True))
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+        self.bar.start()
+
+    def update(self, rec: dict) -> None:
+        info = (f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f} tok/s  "
+                f"peak {rec['device_peak_bytes'] / 2**20:,.1f} MiB  block {rec['block']}")
+        self.bar.update(self.task, completed=rec["step"], info=info)
+
+    def close(self) -> None:
+        self.bar.stop()

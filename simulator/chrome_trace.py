@@ -1,0 +1,75 @@
+"""Chrome trace JSON of a simulation, in the runtime's layout, so the two open side by side in Perfetto or
+chrome://tracing and `blockfit compare` can match them op by op.
+
+Layout (shared with runtime/'s measured trace): pid 1; one tid per stream, named by "thread_name" metadata
+events compute, h2d, d2h, nvme_read, nvme_write, cpu_opt; one "X" (complete) event per op, named exactly
+op.name, ts and dur in microseconds, args {id, kind, layer, bytes} and, as the runtime adds them, {step, block}
+(step -1 for a block switch). The simulated trace holds one step of every phase, in the order the first cycle
+trains the blocks, each phase after its block switch.
+"""
+from __future__ import annotations
+
+import json
+
+from planner.costs import STREAMS, op_seconds
+from planner.plan import write_atomic
+
+PID = 1
+TIDS = {s: k + 1 for k, s in enumerate(STREAMS)}   # compute=1, h2d=2, ...
+
+
+def _event(op, ts_s: float, dur_s: float, step: int, block: int) -> dict:
+    return {"name": op.name, "cat": op.kind, "ph": "X", "pid": PID, "tid": TIDS[op.stream],
+            "ts": round(ts_s * 1e6, 3), "dur": round(dur_s * 1e6, 3),
+            "args": {"id": op.id, "kind": op.kind, "layer": op.layer, "bytes": op.bytes, "step": step,
+                     "block": block}}
+
+
+def trace_events(sim) -> list[dict]:
+    """Metadata events naming the process and the tracks, then every op of one step of every phase."""
+    events = [{"name": "process_name", "ph": "M", "pid": PID, "tid": 0, "args": {"name": "blockfit"}}]
+    for s in STREAMS:
+        events.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": TIDS[s], "args": {"name": s}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": TIDS[s],
+                       "args": {"sort_index": TIDS[s]}})
+    by_block = {p.block: p for p in sim.phases}
+    sched = {ph.block: ph for ph in sim.schedule.phases}
+    t0 = 0.0
+    for step, k in enumerate(sim.plan.block_order(0)):
+        res, ph = by_block[k], sched[k]
+        free = dict.fromkeys(STREAMS, t0)
+        for op in ph.switch_ops:  # no dependencies: each stream runs its share back to back
+            d = op_seconds(op, sim.hardware)
+            events.append(_event(op, free[op.stream], d, -1, k))
+            free[op.stream] += d
+        t0 += res.switch_seconds
+        for op, a, b in zip(ph.ops, res.start, res.finish):
+            events.append(_event(op, t0 + a, b - a, step, k))
+        t0 += res.step_seconds
+    return events
+
+
+def to_json(sim) -> str:
+    return json.dumps({"traceEvents": trace_events(sim), "displayTimeUnit": "ms",
+                       "otherData": {"source": "blockfit simulator", "model": sim.plan.model.name,
+                                     "gpu": sim.hardware.gpu.id}})
+
+
+def write_trace(path: str, sim) -> None:
+    write_atomic(path, to_json(sim))
+
+
+def load_events(path: str) -> list[dict]:
+    """The events of a Chrome trace file: either {"traceEvents": [...]} or a bare list."""
+    from planner.errors import UserError
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"trace '{path}' does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"trace '{path}' is not readable JSON ({e}).") from None
+    events = raw.get("traceEvents") if isinstance(raw, dict) else raw
+    if not isinstance(events, list):
+        raise UserError(f"'{path}' is not a Chrome trace (no traceEvents list).")
+    return events

@@ -1,0 +1,294 @@
+"""A fast stand-in for the ILP, for sweeps: a feasible plan in about a millisecond instead of seconds.
+
+A sweep of 1,000 configurations on 2 cores has about 60 ms per configuration, and a CP-SAT solve takes 0.1 to
+10 s, so the sweep cannot solve the ILP for each. This module searches a much smaller space by enumeration,
+priced with exactly the ILP's own tables (`planner.ilp.layer_cost`, `step_cost`, `switch_cost`) and checked
+with the ILP's memory accounting (`act_bytes`, `transient_bytes`, the host-RAM rule):
+  - equal blocks (1 for `full`, 1..n for `bcd`), one optimizer-state tier for all (gpu or cpu);
+  - one activation policy for every decoder layer (gpu, recompute or cpu);
+  - as many decoder layers' bf16 weights resident as memory allows, the top ones first (they run backward in
+    the most phases, so streaming them costs most); the rest stream from CPU; embedding and head resident or
+    streamed, the head's activations kept or recomputed; micro-batch among the divisors of the batch.
+It minimises what the ILP minimises (seconds of one cycle per token of a step). Two facts keep it fast: the
+worst phase for memory is always the bottom block's (it is the largest and has every other layer above it),
+so a policy's fit is O(1); and at a fixed number of resident layers more blocks only add phases, so a larger
+block count is priced only when it lets more layers stay resident. No NVMe tier: a sweep that
+needs NVMe should use `--exact` (the real planner). The plan it returns is then simulated by the engine like
+any other, so the sweep's numbers are the simulator's; what it gives up is optimality (a few percent on the
+configurations tested in tests/simulator/test_sweep.py, where the ILP mixes placements within a block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.costs import GRAD_BYTES, STATE_BYTES, LayerSizes, layer_sizes
+from planner.hardware import GIB, Hardware
+from planner.ilp import HOST_RAM_USABLE, act_bytes, layer_cost, step_cost, switch_cost, transient_bytes
+from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Placement, Plan, Prediction, Shape, SolverReport
+from planner.planning import Request, candidates
+from planner.profile import ModelProfile
+
+ACTS = ("gpu", "recompute", "cpu")
+
+
+def _pl(i: int, weights: str, act: str, tier: str) -> Placement:
+    return Placement(layer=i, weights=weights, activations=act, master=tier, moments=tier,
+                     grads="gpu" if tier == "gpu" else "cpu")
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Seconds per micro-batch of one layer of each kind, by (kind, weights, activations, role, state tier);
+    the optimizer step by (kind, weights, tier) and the switch by (kind, tier); sizes and transients."""
+    sizes: tuple[LayerSizes, ...]
+    cost: dict
+    step: dict
+    switch: dict
+    transient: dict   # state tier -> the ILP's transient reserve
+    act: dict         # (activation policy, role) -> a decoder layer's device bytes held for backward
+    head_act: dict    # the same for the head
+
+
+def tables(prof: ModelProfile, hw: Hardware, mb: int, seq: int, switch_state: str) -> _Tables:
+    sizes = tuple(layer_sizes(lp, mb, seq) for lp in prof.layers)
+    cost, step, sw = {}, {}, {}
+    for i, kind in ((0, "embedding"), (1, "decoder"), (len(sizes) - 1, "head")):
+        sz = sizes[i]
+        acts = ("gpu",) if kind == "embedding" else ACTS
+        for w in ("gpu", "cpu"):
+            for a in acts:
+                for role in ("below", "above"):
+                    cost[(kind, w, a, role, "gpu")] = layer_cost(sz, _pl(i, w, a, "gpu"), role, hw)
+                for tier in ("gpu", "cpu"):
+                    cost[(kind, w, a, "active", tier)] = layer_cost(sz, _pl(i, w, a, tier), "active", hw)
+            for tier in ("gpu", "cpu"):
+                step[(kind, w, tier)] = step_cost(sz, _pl(i, w, "gpu", tier), hw)
+        for tier in ("gpu", "cpu"):
+            sw[(kind, tier)] = switch_cost(sz, tier, switch_state, hw)
+    roles = ("above", "active")
+    return _Tables(sizes=sizes, cost=cost, step=step, switch=sw,
+                   transient={tier: transient_bytes(sizes, tier) for tier in ("gpu", "cpu")},
+                   act={(a, r): act_bytes(sizes[1], a, r) for a in ACTS for r in roles},
+                   head_act={(a, r): act_bytes(sizes[-1], a, r) for a in ACTS for r in roles})
+
+
+@dataclass(frozen=True)
+class Policy:
+    method: str
+    blocks: int
+    tier: str          # optimizer state (and so gradients): gpu | cpu
+    act: str           # decoder layers' activations
+    emb_w: str         # embedding weights: gpu | cpu
+    head_w: str
+    head_act: str
+    resident: int      # decoder layers with resident weights (the top ones)
+
+
+def _spans(n: int, u: int) -> list[tuple[int, int]]:
+    """Decoder layers 1..n cut into u contiguous blocks, the lower ones one layer larger when n % u."""
+    out, first = [], 1
+    for k in range(u):
+        size = n // u + (1 if k < n % u else 0)
+        out.append((first, first + size - 1))
+        first += size
+    return out
+
+
+def _overlap(a: int, b: int, c: int, d: int) -> int:
+    return max(0, min(b, d) - max(a, c) + 1)
+
+
+def _resident(t: _Tables, p: Policy, cap: int, host_cap: int, switch_state: str) -> tuple[int, int] | None:
+    """(resident decoder layers, window bytes) that fit device and host memory, or None (the ILP's accounting;
+    the bottom block's phase is the worst: it is the largest block and has every other layer above it)."""
+    sizes = t.sizes
+    n = len(sizes) - 2
+    sd, se, sh = sizes[1], sizes[0], sizes[-1]
+    full = p.method == "full"
+    top = n if full else -(-n // p.blocks)   # the bottom block's size
+    state = sd.params * (STATE_BYTES + GRAD_BYTES) if p.tier == "gpu" else 0
+    base = ((n - top) * t.act[(p.act, "above")] + top * (t.act[(p.act, "active")] + state)
+            + t.head_act[(p.head_act, "active" if full else "above")] + t.transient[p.tier])
+    if full and p.tier == "gpu":
+        base += (se.params + sh.params) * (STATE_BYTES + GRAD_BYTES)
+    fixed = (se.param_bytes if p.emb_w == "gpu" else 0) + (sh.param_bytes if p.head_w == "gpu" else 0)
+    edge = max(se.param_bytes if p.emb_w == "cpu" else 0, sh.param_bytes if p.head_w == "cpu" else 0)
+    if fixed + n * sd.param_bytes + 2 * edge + base <= cap:
+        k, win = n, 2 * edge
+    else:
+        win = 2 * max(edge, sd.param_bytes)
+        k = min(n - 1, (cap - fixed - win - base) // sd.param_bytes)
+        if k < 0:
+            return None
+    host = ((n - k) * sd.param_bytes + (se.param_bytes if p.emb_w == "cpu" else 0)
+            + (sh.param_bytes if p.head_w == "cpu" else 0)
+            + (n * sd.saved_bytes if p.act == "cpu" else 0) + (sh.saved_bytes if p.head_act == "cpu" else 0))
+    trained = top * sd.params + ((se.params + sh.params) if full else 0)
+    host += trained * (STATE_BYTES + 4) if p.tier == "cpu" else 0   # fp32 master, moments, grad accumulator
+    if switch_state == "keep_cpu":
+        host += (n * sd.params + ((se.params + sh.params) if full else 0)) * STATE_BYTES
+    return None if host > host_cap else (k, win)
+
+
+def _price(t: _Tables, p: Policy, g: int) -> tuple[list[float], list[float]]:
+    """Per phase: step seconds (g micro-batches of every layer by its role, then the block's optimizer step)
+    and switch seconds. Resident decoder layers are n-k+1..n."""
+    c, st = t.cost, t.step
+    n = len(t.sizes) - 2
+    k, act, tier = p.resident, p.act, p.tier
+    lo = n - k + 1
+
+    def dec(first: int, last: int, role: str, tr: str) -> float:
+        if last < first:
+            return 0.0
+        r = _overlap(first, last, lo, n)
+        return r * c[("decoder", "gpu", act, role, tr)] + (last - first + 1 - r) * c[("decoder", "cpu", act, role, tr)]
+    full = p.method == "full"
+    steps, switches = [], []
+    for first, last in ([(1, n)] if full else _spans(n, p.blocks)):
+        r = _overlap(first, last, lo, n)
+        per_mb = dec(1, first - 1, "below", "gpu") + dec(first, last, "active", tier) + dec(last + 1, n, "above", "gpu")
+        opt = r * st[("decoder", "gpu", tier)] + (last - first + 1 - r) * st[("decoder", "cpu", tier)]
+        if full:
+            per_mb += (c[("embedding", p.emb_w, "gpu", "active", tier)]
+                       + c[("head", p.head_w, p.head_act, "active", tier)])
+            opt += st[("embedding", p.emb_w, tier)] + st[("head", p.head_w, tier)]
+        else:
+            per_mb += (c[("embedding", p.emb_w, "gpu", "below", "gpu")]
+                       + c[("head", p.head_w, p.head_act, "above", "gpu")])
+        steps.append(g * per_mb + opt)
+        switches.append((last - first + 1) * t.switch[("decoder", tier)] if p.blocks > 1 else 0.0)
+    return steps, switches
+
+
+_PREFIX: dict = {}
+
+
+def _block_prefix(n: int, u: int) -> list[int]:
+    """P[x] = sum of the block index (0 = bottom) of decoder layers 1..x."""
+    key = (n, u)
+    if key not in _PREFIX:
+        p = [0]
+        for b, (first, last) in enumerate(_spans(n, u)):
+            for _ in range(first, last + 1):
+                p.append(p[-1] + b)
+        _PREFIX[key] = p
+    return _PREFIX[key]
+
+
+def _cycle(t: _Tables, p: Policy, g: int, steps_per_block: int) -> float:
+    """The cycle's seconds in closed form (what summing _price's phases gives): a decoder layer in block b is
+    below the block being trained in u-1-b phases, above it in b, and trained in one."""
+    c, st = t.cost, t.step
+    n = len(t.sizes) - 2
+    k, u, act, tier = p.resident, p.blocks, p.act, p.tier
+    full = p.method == "full"
+    per_mb, opt = 0.0, 0.0
+    pre = _block_prefix(n, 1 if full else u)
+    for w, cnt, sumb in (("cpu", n - k, pre[n - k]), ("gpu", k, pre[n] - pre[n - k])):
+        if not cnt:
+            continue
+        cb, ca = c[("decoder", w, act, "below", "gpu")], c[("decoder", w, act, "above", "gpu")]
+        per_mb += cnt * ((u - 1) * cb + c[("decoder", w, act, "active", tier)]) + sumb * (ca - cb)
+        opt += cnt * st[("decoder", w, tier)]
+    if full:
+        per_mb += c[("embedding", p.emb_w, "gpu", "active", tier)] + c[("head", p.head_w, p.head_act, "active", tier)]
+        opt += st[("embedding", p.emb_w, tier)] + st[("head", p.head_w, tier)]
+    else:
+        per_mb += u * (c[("embedding", p.emb_w, "gpu", "below", "gpu")]
+                       + c[("head", p.head_w, p.head_act, "above", "gpu")])
+    switches = n * t.switch[("decoder", tier)] if u > 1 else 0.0
+    return steps_per_block * (g * per_mb + opt) + switches
+
+
+def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tuple | None,
+           acts: tuple[str, ...] = ACTS) -> tuple | None:
+    """The best (cycle seconds, micro-batch, policy, window bytes) at one micro-batch, improving on `best`."""
+    n = len(t.sizes) - 2
+    g = req.batch // mb
+    kk = req.steps_per_block
+    # every phase runs at least a forward through every decoder layer: u phases cost at least u of those
+    fwd = kk * g * n * min(c_ for key, c_ in t.cost.items() if key[0] == "decoder" and key[3] == "below")
+    if req.method == "full":
+        counts = [1]
+    else:  # the fewest blocks for each bottom-block size: memory depends on u only through that size
+        counts, seen = [], set()
+        for u in range(1, min(n, req.max_blocks or n) + 1):
+            if -(-n // u) not in seen:
+                seen.add(-(-n // u))
+                counts.append(u)
+    for tier in ("gpu", "cpu"):
+        for act in acts:
+            for emb_w in ("gpu", "cpu"):
+                for head_w in ("gpu", "cpu"):
+                    for head_act in ("gpu", "recompute"):
+                        prev = -1
+                        for u in counts:
+                            if best is not None and u * fwd >= best[0]:
+                                break
+                            p = Policy(method=req.method, blocks=u, tier=tier, act=act, emb_w=emb_w,
+                                       head_w=head_w, head_act=head_act, resident=0)
+                            fit = _resident(t, p, cap, host_cap, req.switch_state)
+                            if fit is None or fit[0] <= prev:
+                                continue  # at the same residency more blocks only add phases
+                            prev = fit[0]
+                            p = Policy(method=req.method, blocks=u, tier=tier, act=act, emb_w=emb_w,
+                                       head_w=head_w, head_act=head_act, resident=fit[0])
+                            cycle = _cycle(t, p, g, kk)
+                            if best is None or cycle < best[0]:
+                                best = (cycle, mb, p, fit[1])
+                            if fit[0] == n:
+                                break
+    return best
+
+
+def quick_plan(prof: ModelProfile, hw: Hardware, req: Request, *, cap_bytes: int | None = None,
+               cache: dict | None = None, acts: tuple[str, ...] = ACTS) -> Plan | None:
+    """The fastest plan this search finds, as a Plan (solver status HEURISTIC), or None if nothing fits.
+    `cache` keeps priced tables across calls (a sweep's worker passes one); `acts` limits the decoder layers'
+    activation policies (a sweep drops offloading when the simulator finds offloads piling up on the device)."""
+    cache = {} if cache is None else cache
+    budget = int((req.vram_gib if req.vram_gib is not None else hw.gpu.vram_gib) * GIB)
+    reserve = int(req.reserve_gib * GIB)
+    cap = cap_bytes if cap_bytes is not None else budget - reserve
+    host_cap = int(hw.host.ram_gib * GIB * HOST_RAM_USABLE)
+    if cap <= 0 or req.seq_len > prof.model.max_seq:
+        return None
+    g_ = hw.gpu
+    best = None
+    for mb in candidates(req):
+        key = (prof.fingerprint, g_.id, g_.bf16_tflops, g_.memory_gbps, g_.h2d_gbps, g_.d2h_gbps, hw.host, hw.eff,
+               mb, req.seq_len, req.switch_state)
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = tables(prof, hw, mb, req.seq_len, req.switch_state)
+        best = search(t, req, mb, cap, host_cap, best, acts)
+    if best is None:
+        return None
+    cycle, mb, p, win = best
+    return _to_plan(prof, hw, req, budget, reserve, cache, mb, p, win)
+
+
+def _to_plan(prof, hw, req, budget, reserve, cache, mb, p: Policy, win: int) -> Plan:
+    t = next(v for k, v in cache.items() if k[0] == prof.fingerprint and k[-3] == mb and k[1] == hw.gpu.id)
+    n = prof.n_decoder
+    shape = Shape(micro_batch=mb, seq_len=req.seq_len, grad_accum=req.batch // mb)
+    steps, switches = _price(t, p, shape.grad_accum)
+    full = p.method == "full"
+    blocks = ((Block(first=0, last=n + 1),) if full
+              else tuple(Block(first=a, last=b) for a, b in _spans(n, p.blocks)))
+    pls = ((_pl(0, p.emb_w, "gpu", p.tier),)
+           + tuple(_pl(i, "gpu" if i > n - p.resident else "cpu", p.act, p.tier) for i in range(1, n + 1))
+           + (_pl(n + 1, p.head_w, p.head_act, p.tier),))
+    cycle = sum(req.steps_per_block * s + w for s, w in zip(steps, switches))
+    phases = tuple(PhasePrediction(block=k, peak_vram_bytes=0, step_seconds=s, switch_seconds=w)
+                   for k, (s, w) in enumerate(zip(steps, switches)))
+    tokens = shape.tokens_per_step * req.steps_per_block * len(phases)
+    pred = Prediction(phases=phases, host_ram_bytes=0, nvme_bytes=0, cycle_seconds=cycle,
+                      tokens_per_s=tokens / cycle if cycle > 0 else 0.0)
+    solver = SolverReport(status="HEURISTIC", objective=cycle / shape.tokens_per_step, bound=0.0, gap=0.0,
+                          solve_seconds=0.0, time_limit_s=0.0)
+    return Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,
+                budget_bytes=budget, reserve_bytes=reserve, shape=shape, method=req.method, blocks=blocks,
+                order=req.order, seed=req.seed, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
+                placements=pls, prefetch_window_bytes=win, predicted=pred, solver=solver)

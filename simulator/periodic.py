@@ -1,0 +1,84 @@
+"""A shortcut for sweeps: simulate three micro-batches of a step and extend the repeating pattern to g.
+
+A step of g micro-batches is the same op pattern g times (the same layers, placements and sizes), followed by
+the optimizer tail. The engine's recurrence (start = max of stream predecessor and dependencies, finish = start +
+duration) is linear in the max-plus sense: shift every time of one micro-batch by d and whatever depends on it
+shifts by d. So once micro-batch 2 runs exactly as micro-batch 1 shifted by d (every op: same start offset,
+same finish offset), every later micro-batch does too, and a step of g micro-batches lasts what the three-
+micro-batch step lasts plus (g - 3) * d; streams are busy (g - 3) more periods; memory repeats period after
+period, so the peak is the same. The check is exact (to rounding), op by op; a phase that is not yet periodic
+after two micro-batches is simulated in full instead. tests/simulator/test_periodic.py compares both ways.
+
+It pays where the planner's schedule is the cost: building it is about 80% of a sweep configuration, and a
+step of 8 micro-batches builds and plays 3.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from planner.costs import STREAMS
+from planner.hardware import Hardware
+from planner.plan import Plan
+from planner.profile import ModelProfile, profile_model
+from planner.schedule import PhaseSchedule, build_schedule
+from simulator.engine import PhaseResult, Simulation, _bottleneck, durations, simulate, simulate_phase
+
+PLAYED = 3
+
+
+def _extend(ph: PhaseSchedule, r: PhaseResult, extra: int, hw: Hardware, memo: dict) -> PhaseResult | None:
+    """The result for `extra` more micro-batches, or None when micro-batch 2 does not repeat micro-batch 1."""
+    ops = ph.ops
+    m1 = [i for i, op in enumerate(ops) if op.micro_batch == PLAYED - 2]
+    m2 = [i for i, op in enumerate(ops) if op.micro_batch == PLAYED - 1]
+    if not m1 or len(m1) != len(m2):
+        return None
+    d = r.start[m2[0]] - r.start[m1[0]]
+    tol = 1e-9 * max(r.step_seconds, 1e-9)
+    for i, j in zip(m1, m2):
+        if ops[i].kind != ops[j].kind or ops[i].layer != ops[j].layer or \
+                abs(r.start[j] - r.start[i] - d) > tol or abs(r.finish[j] - r.finish[i] - d) > tol:
+            return None
+    dur = durations(ops, hw, memo)
+    shift = extra * d
+    # the last micro-batch and the tail move by `shift`; the first micro-batches stay where they are
+    late = max((r.finish[i] for i, op in enumerate(ops) if op.micro_batch in (PLAYED - 1, -1)), default=0.0)
+    early = max((r.finish[i] for i, op in enumerate(ops) if 0 <= op.micro_batch < PLAYED - 1), default=0.0)
+    step = max(late + shift, early)
+    per = dict.fromkeys(STREAMS, 0.0)
+    for j in m2:
+        per[ops[j].stream] += dur[j]
+    busy = {s: r.busy_seconds[s] + extra * per[s] for s in STREAMS}
+    crit_per = dict.fromkeys(STREAMS, 0.0)
+    for i in r.critical_path:
+        if ops[i].micro_batch == PLAYED - 1:
+            crit_per[ops[i].stream] += dur[i]
+    crit = {s: r.critical_seconds[s] + extra * crit_per[s] for s in STREAMS}
+    util = {s: busy[s] / step if step > 0 else 0.0 for s in STREAMS}
+    words = _bottleneck(ops, r.critical_path, dur, [crit[s] for s in STREAMS], util)
+    return dataclasses.replace(r, step_seconds=step, busy_seconds=busy, utilisation=util, critical_seconds=crit,
+                               bottleneck=words, start=(), finish=())
+
+
+def simulate_repeating(plan: Plan, hw: Hardware | None = None, *,
+                       profile: ModelProfile | None = None) -> Simulation:
+    """What simulate(plan, keep_timeline=False) gives, from a schedule of at most three micro-batches.
+    The result's schedule is the one played; its phases carry no per-op times or memory timeline."""
+    hw = hw or plan.hardware
+    prof = profile or profile_model(plan.model)
+    g = plan.shape.grad_accum
+    if g <= PLAYED:
+        return simulate(plan, hw, profile=prof, keep_timeline=False)
+    short = dataclasses.replace(plan, shape=dataclasses.replace(plan.shape, grad_accum=PLAYED))
+    sched = build_schedule(short, prof)
+    memo: dict = {}
+    phases = []
+    for ph in sched.phases:
+        r = _extend(ph, simulate_phase(ph, hw, memo=memo, keep_timeline=False), g - PLAYED, hw, memo)
+        if r is None:
+            return simulate(plan, hw, profile=prof, keep_timeline=False)
+        phases.append(r)
+    cycle = sum(plan.steps_per_block * p.step_seconds + p.switch_seconds for p in phases)
+    tokens = plan.shape.tokens_per_step * plan.steps_per_block * len(phases)
+    return Simulation(plan=plan, hardware=hw, schedule=sched, phases=tuple(phases), cycle_seconds=cycle,
+                      tokens_per_s=tokens / cycle if cycle > 0 else 0.0)

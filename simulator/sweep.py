@@ -1,0 +1,273 @@
+"""Sweeps: a grid of models x GPUs x VRAM budgets (x methods), each configuration planned and simulated.
+
+What one configuration costs decides how a sweep works. A CP-SAT solve takes 0.1 to 10 s, and 1,000
+configurations must finish in 30 s on 2 cores (60 ms each), so by default a configuration is planned by
+`simulator.fastplan.quick_plan` (an enumeration over uniform policies priced with the ILP's own tables, about
+5 ms) and that plan is then simulated by the engine like any other. Building the planner's schedule is most of
+what remains (a 7B step of 8 micro-batches is ~5,000 ops), so `simulator.periodic` plays three micro-batches and
+extends the exactly repeating pattern to the step's g (same numbers, checked op by op). A simulated peak above
+the budget tightens the cap and plans again, as the planner does.
+`exact=True` runs the real planner (planner.planning.make_plan) instead: optimal plans, seconds each.
+
+Work is spread over processes (concurrent.futures.ProcessPoolExecutor) in chunks of configurations that share
+a model and a GPU, so a worker's caches hit: profiles are measured once in the parent (and cached on disk by
+planner.profile) and handed to the workers; priced tables are kept per (model, GPU, micro-batch) and
+simulations per distinct plan.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+from planner.errors import UserError, closest
+from planner.hardware import GIB, Hardware, gpu_names, make_hardware
+from planner.models import CATALOG, load_model_config
+from planner.plan import METHODS, write_atomic
+from planner.planning import Request, make_plan
+from planner.profile import ModelProfile, profile_model
+from simulator.cost import hourly_price, usd_per_billion_tokens
+from simulator.engine import STREAM_WORDS
+from simulator.fastplan import ACTS, quick_plan
+from simulator.periodic import simulate_repeating
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: str
+    gpu: str
+    vram_gib: float | None      # the budget; None: the card's VRAM
+    method: str = "bcd"
+    seq_len: int = 2048
+    batch: int = 8
+    host_ram_gib: float | None = None
+    cpu_adam_params_per_s: float | None = None
+    exact: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    model: str
+    gpu: str
+    vram_gib: float
+    method: str
+    fits: bool
+    reason: str = ""              # why not, when it does not fit
+    micro_batch: int = 0
+    blocks: int = 0
+    streamed_layers: int = 0      # layers whose weights stream from CPU
+    state_tier: str = ""
+    step_seconds: float = 0.0     # mean over phases
+    tokens_per_s: float = 0.0     # over a whole cycle
+    peak_gib: float = 0.0
+    bottleneck: str = ""          # of the slowest phase
+    limited_by: str = ""          # the resource holding most of the slowest phase's critical path
+    price_per_hour: float | None = None
+    usd_per_btok: float | None = None
+    price_note: str = ""
+    planner: str = "fast"         # fast | ilp
+
+
+def grid(models: list[str], gpus: list[str], vrams: list[float | None], methods: list[str], *, seq_len: int = 2048,
+         batch: int = 8, host_ram_gib: float | None = None, cpu_adam_params_per_s: float | None = None,
+         exact: bool = False) -> list[Config]:
+    """Every combination, validated at the edge: unknown names raise UserError with a did-you-mean."""
+    known_gpus = gpu_names()
+    for g in gpus:
+        if g not in known_gpus:
+            raise UserError(f"unknown GPU '{g}' in the sweep. Known GPUs: {', '.join(known_gpus)}"
+                            f"{closest(g, known_gpus)}.")
+    for m in models:
+        load_model_config(m)  # raises UserError for an unknown name or a bad config path
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method '{m}'; methods are {', '.join(METHODS)}{closest(m, METHODS)}.")
+    for v in vrams:
+        if v is not None and not 0 < v <= 4096:
+            raise UserError(f"--vram values must be budgets in GiB between 0 and 4096, got {v!r}.")
+    if seq_len <= 0 or batch <= 0:
+        raise UserError("--seq and --batch must be positive integers.")
+    return [Config(model=m, gpu=g, vram_gib=v, method=me, seq_len=seq_len, batch=batch, host_ram_gib=host_ram_gib,
+                   cpu_adam_params_per_s=cpu_adam_params_per_s, exact=exact)
+            for m in models for g in gpus for me in methods for v in vrams]
+
+
+# Per-process state of a worker: profiles handed over by the parent, and caches.
+_PROFILES: dict[str, ModelProfile] = {}
+_TABLES: dict = {}
+_SIMS: dict = {}
+_HW: dict = {}
+
+
+def _init_worker(profiles: dict[str, ModelProfile]) -> None:
+    _PROFILES.update(profiles)
+
+
+def _hardware(c: Config) -> Hardware:
+    key = (c.gpu, c.host_ram_gib, c.cpu_adam_params_per_s)
+    if key not in _HW:
+        _HW[key] = make_hardware(gpu=c.gpu, host_ram_gib=c.host_ram_gib, cpu_adam_params_per_s=c.cpu_adam_params_per_s)
+    return _HW[key]
+
+
+def evaluate(c: Config) -> Row:
+    """Plan and simulate one configuration."""
+    hw = _hardware(c)
+    vram = hw.gpu.vram_gib if c.vram_gib is None else c.vram_gib
+    price = hourly_price(c.gpu)
+    row = dict(model=c.model, gpu=c.gpu, vram_gib=vram, method=c.method, price_per_hour=price.per_hour,
+               price_note=price.note, planner="ilp" if c.exact else "fast")
+    if vram > hw.gpu.vram_gib + 1e-9:
+        return Row(fits=False, reason=f"budget above the card's {hw.gpu.vram_gib:g} GiB", **row)
+    prof = _PROFILES.get(c.model) or profile_model(load_model_config(c.model))
+    req = Request(method=c.method, vram_gib=vram, seq_len=min(c.seq_len, prof.model.max_seq), batch=c.batch,
+                  time_limit_s=5.0)
+    if req.reserve_gib * GIB >= vram * GIB:
+        return Row(fits=False, reason="budget below the reserve", **row)
+    out, why = (_exact if c.exact else _fast)(prof, hw, req)
+    if out is None:
+        return Row(fits=False, reason=why, **row)
+    return Row(fits=True, micro_batch=out.micro_batch, blocks=out.plan_blocks, streamed_layers=out.streamed,
+               state_tier=out.state_tier, step_seconds=out.step_seconds, tokens_per_s=out.tokens_per_s,
+               peak_gib=out.peak_bytes / GIB, bottleneck=out.bottleneck, limited_by=out.limited_by,
+               usd_per_btok=usd_per_billion_tokens(out.tokens_per_s, price.per_hour), **row)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a row needs from a simulation; cached per distinct plan instead of the whole Simulation."""
+    plan_blocks: int
+    micro_batch: int
+    streamed: int
+    state_tier: str
+    step_seconds: float
+    tokens_per_s: float
+    peak_bytes: int
+    bottleneck: str
+    limited_by: str
+
+
+def _outcome(sim) -> _Outcome:
+    plan = sim.plan
+    slowest = max(sim.phases, key=lambda p: p.step_seconds)
+    return _Outcome(plan_blocks=len(plan.blocks), micro_batch=plan.shape.micro_batch,
+                    streamed=sum(1 for p in plan.placements if p.weights != "gpu"),
+                    state_tier=plan.placement(plan.blocks[0].first).master,
+                    step_seconds=sum(p.step_seconds for p in sim.phases) / len(sim.phases),
+                    tokens_per_s=sim.tokens_per_s, peak_bytes=sim.peak_bytes, bottleneck=slowest.bottleneck,
+                    limited_by=STREAM_WORDS[max(slowest.critical_seconds, key=slowest.critical_seconds.get)])
+
+
+def _fast(prof: ModelProfile, hw: Hardware, req: Request):
+    """quick_plan, simulated; on a simulated overflow tighten the cap and plan again (as make_plan does).
+
+    The ILP's accounting (which quick_plan shares) counts offloaded activations as gone once their layer's
+    forward ends; on the simulated clock they stay until the device-to-host copy finishes, and when the link
+    is slower than the forward they pile up. So after a first overflow the search also drops offloading."""
+    budget = int(req.vram_gib * GIB)
+    cap = budget - int(req.reserve_gib * GIB)
+    acts = ACTS
+    for _attempt in range(5):
+        plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts)
+        if plan is None:
+            return None, "nothing fits: not even with every layer streamed and activations recomputed"
+        key = (prof.fingerprint, hw.gpu.id, hw.host, plan.shape, plan.blocks, plan.placements,
+               plan.prefetch_window_bytes)
+        out = _SIMS.get(key)
+        if out is None:
+            out = _SIMS[key] = _outcome(simulate_repeating(plan, hw, profile=prof))
+        over = out.peak_bytes - (plan.budget_bytes - plan.reserve_bytes)
+        if over <= 0:
+            return out, ""
+        if acts == ACTS and any(p.activations == "cpu" for p in plan.placements):
+            acts = ("gpu", "recompute")
+            continue
+        cap -= over + (1 << 20)
+        if cap <= 0:
+            break
+    return None, "the simulated peak stays above the budget"
+
+
+def _exact(prof: ModelProfile, hw: Hardware, req: Request):
+    try:
+        plan = make_plan(prof.model, hw, req, prof)
+    except UserError as e:
+        return None, str(e).split(". ")[0]
+    return _outcome(simulate_repeating(plan, hw, profile=prof)), ""
+
+
+def _run_chunk(chunk: list[Config]) -> list[Row]:
+    return [evaluate(c) for c in chunk]
+
+
+def run(configs: list[Config], *, workers: int = 2, chunk: int = 25) -> list[Row]:
+    """Evaluate every configuration, in `workers` processes (1: in this process). Rows keep the grid's order."""
+    profiles = {}
+    for name in dict.fromkeys(c.model for c in configs):
+        profiles[name] = profile_model(load_model_config(name))
+    # chunks share a model and a GPU so a worker's caches hit
+    order = sorted(range(len(configs)), key=lambda i: (configs[i].model, configs[i].gpu, configs[i].method))
+    chunks = [order[k:k + chunk] for k in range(0, len(order), chunk)]
+    rows: list[Row | None] = [None] * len(configs)
+    if workers <= 1 or len(chunks) == 1:
+        _init_worker(profiles)
+        for ids in chunks:
+            for i, r in zip(ids, _run_chunk([configs[i] for i in ids])):
+                rows[i] = r
+        return rows
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(profiles,)) as ex:
+        for ids, result in zip(chunks, ex.map(_run_chunk, [[configs[i] for i in ids] for ids in chunks])):
+            for i, r in zip(ids, result):
+                rows[i] = r
+    return rows
+
+
+FIELDS = [f for f in Row.__dataclass_fields__]
+
+
+def to_csv(rows: list[Row]) -> str:
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+    return out.getvalue()
+
+
+def write_csv(path: str, rows: list[Row]) -> None:
+    write_atomic(path, to_csv(rows))
+
+
+def plot(path: str, rows: list[Row]) -> None:
+    """Tokens/s against the VRAM budget, one line per (model, GPU, method)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise UserError(f"cannot write '{path}': directory '{d}' does not exist or is not writable.")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines: dict[tuple, list[Row]] = {}
+    for r in rows:
+        lines.setdefault((r.model, r.gpu, r.method), []).append(r)
+    for (m, g, me), rs in lines.items():
+        pts = sorted((r.vram_gib, r.tokens_per_s) for r in rs if r.fits)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"{m} {g} {me}")
+    ax.set_xlabel("VRAM budget (GiB)")
+    ax.set_ylabel("tokens/s (simulated, whole BCD cycle)")
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize=7)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as e:
+        raise UserError(f"cannot write '{path}': {e.strerror}.") from None
+    finally:
+        plt.close(fig)
+
+
+def model_names() -> list[str]:
+    return list(CATALOG)

@@ -1,0 +1,209 @@
+"""planner/profile.py against independent measurements: the shipped profiles against a fresh one, whole-model
+FLOPs against FlopCounterMode, saved activations against what a real model on CPU saves, and the fit itself.
+
+The comparisons use (micro-batch, sequence) shapes that are not fit points, so they test the fitted form too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import networkx as nx
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from planner.llama import build_model, init_weights
+from planner.models import CATALOG
+from planner.profile import (
+    _POINTS,
+    PROFILE_VERSION,
+    SHIPPED_DIR,
+    ModelProfile,
+    Poly,
+    _register_cpu_flash_flops,
+    profile_model,
+)
+
+OFF_GRID = ((3, 96), (2, 200))
+assert not set(OFF_GRID) & set(_POINTS)
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """Measured now, not read from the shipped files or the user's cache."""
+    return {name: profile_model(cfg, cache=False) for name, cfg in CATALOG.items()}
+
+
+def _close(a, b, path=""):
+    """Structural equality of two JSON values, floats to 1e-6 relative."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("name", list(CATALOG))
+def test_shipped_profile_equals_a_fresh_measurement(fresh, name):
+    prof = fresh[name]
+    path = os.path.join(SHIPPED_DIR, f"profile-v{PROFILE_VERSION}-{prof.fingerprint}-{prof.dtype}.json")
+    assert os.path.isfile(path), f"no shipped profile for {name}: run python -m planner.profile"
+    with open(path, encoding="utf-8") as f:
+        shipped = json.load(f)
+    _close(json.loads(json.dumps(prof.to_dict())), shipped, name)
+    # and what profile_model serves from the shipped file is that measurement
+    served = profile_model(CATALOG[name])
+    assert served.model is CATALOG[name]
+    assert ModelProfile.from_dict(shipped).layers == served.layers
+
+
+def _full_step_flops(model, b: int, s: int, *, frozen: bool) -> int:
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+        p.grad = None
+    tokens = torch.zeros(b, s, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        x = model.layers[0](tokens)
+        if frozen:
+            x = x.detach().requires_grad_()  # the chain rule runs down to the first decoder layer
+        for layer in model.layers[1:-1]:
+            x = layer(x)
+        model.layers[-1](x, tokens).backward()
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def meta_models():
+    _register_cpu_flash_flops()  # so FlopCounterMode counts the CPU flash attention op, as the profile does
+    with torch.device("meta"):
+        return {name: build_model(CATALOG[name]).to(torch.bfloat16) for name in ("tiny", "1b")}
+
+
+@pytest.mark.parametrize("name", ["tiny", "1b"])
+@pytest.mark.parametrize("b, s", OFF_GRID)
+def test_whole_step_flops_match_flop_counter(fresh, meta_models, name, b, s):
+    prof, model = fresh[name], meta_models[name]
+    assert prof.layers[0].fwd_flops.at(b, s) == prof.layers[0].bwd_flops.at(b, s) == 0  # a lookup, no matmul
+    counted = _full_step_flops(model, b, s, frozen=False)
+    predicted = sum(lp.fwd_flops.at(b, s) + lp.bwd_flops.at(b, s) for lp in prof.layers)
+    assert predicted == pytest.approx(counted, rel=0.02)
+    counted_frozen = _full_step_flops(model, b, s, frozen=True)
+    predicted_frozen = sum(lp.fwd_flops.at(b, s) + lp.bwd_input_flops.at(b, s) for lp in prof.layers)
+    assert predicted_frozen == pytest.approx(counted_frozen, rel=0.02)
+    # frozen weights skip the weight gradients: about a third less work, never more
+    assert counted_frozen < 0.8 * counted
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Two cores shared with other jobs: torch's two threads contend and a tiny matmul takes 100x longer.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def real_tiny(one_thread):
+    cfg = CATALOG["tiny"]
+    model = build_model(cfg)  # on CPU, float32
+    g = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        init_weights(layer, generator=g)
+    return model
+
+
+def _real_saved_bytes(model, b: int, s: int, *, frozen: bool) -> int:
+    """Bytes of the unique storages autograd saves for one forward of the whole model, parameters excluded."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(b * 1000 + s)
+    tokens = torch.randint(0, cfg.vocab, (b, s), generator=g)
+    labels = torch.randint(0, cfg.vocab, (b, s), generator=g)
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+        p.grad = None
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in param_ptrs:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = model.layers[0](tokens)
+        if frozen:
+            x = x.detach().requires_grad_()
+        for layer in model.layers[1:-1]:
+            x = layer(x)
+        loss = model.layers[-1](x, labels)
+    loss.backward()  # the graph is real: it runs
+    assert math.isfinite(loss.item())
+    return sum(saved.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32():
+    return profile_model(CATALOG["tiny"], dtype="float32", cache=False)
+
+
+@pytest.mark.parametrize("b, s", OFF_GRID)
+def test_saved_activations_match_a_real_cpu_model(real_tiny, tiny_fp32, b, s):
+    real = _real_saved_bytes(real_tiny, b, s, frozen=False)
+    predicted = sum(lp.saved_bytes.at(b, s) for lp in tiny_fp32.layers)
+    assert predicted == pytest.approx(real, rel=0.10)
+    real_frozen = _real_saved_bytes(real_tiny, b, s, frozen=True)
+    predicted_frozen = sum(lp.saved_frozen_bytes.at(b, s) for lp in tiny_fp32.layers)
+    assert predicted_frozen == pytest.approx(real_frozen, rel=0.10)
+    # a frozen linear keeps no copy of its input: frozen layers really save less
+    assert real_frozen < 0.9 * real
+
+
+def test_bf16_profile_saves_half_of_fp32_activations(fresh, tiny_fp32):
+    # everything saved in a decoder layer is in the model's dtype except RMSNorm's fp32 internals and the
+    # int64 tokens: bf16 saves strictly less than fp32, and more than a third of it
+    b, s = OFF_GRID[0]
+    bf16 = fresh["tiny"].layers[1].saved_bytes.at(b, s)
+    fp32 = tiny_fp32.layers[1].saved_bytes.at(b, s)
+    assert fp32 / 3 < bf16 < fp32
+
+
+def test_poly_fit_recovers_a_known_polynomial():
+    c = (1234.0, 56.5, -7.0, 89.25, 0.125)
+    truth = Poly(c=c)
+    values = [c[0] + c[1] * s + b * (c[2] + c[3] * s + c[4] * s * s) for b, s in _POINTS]
+    fitted = Poly.fit(values)
+    assert fitted.c == c
+    for b, s in ((3, 96), (7, 1000), (1, 1)):
+        assert fitted.at(b, s) == truth.at(b, s)
+    # a value can not go negative (bytes, FLOPs): the clamp
+    assert Poly(c=(-10.0, 0.0, 0.0, 0.0, 0.0)).at(1, 1) == 0.0
+
+
+def test_graph_is_a_chain_over_all_layers(fresh):
+    prof = fresh["1b"]
+    g = prof.graph()
+    n = prof.n_decoder
+    assert isinstance(g, nx.DiGraph)
+    assert g.number_of_nodes() == n + 2 and g.number_of_edges() == n + 1
+    assert list(nx.topological_sort(g)) == list(range(n + 2))
+    assert all(g.has_edge(i, i + 1) for i in range(n + 1))
+    assert [g.nodes[i]["kind"] for i in (0, 1, n, n + 1)] == ["embedding", "decoder", "decoder", "head"]
+    assert sum(d["params"] for _, d in g.nodes(data=True)) == prof.total_params
+    assert g.edges[0, 1]["bytes"].at(1, 2048) == 2048 * 2048 * 2  # the bf16 activation handed on
+
+
+def test_head_workspace_covers_the_fp32_logits(fresh):
+    head = fresh["8b"].layers[-1]
+    assert head.kind == "head"
+    assert head.workspace_bytes.at(1, 4096) >= 1 * 4096 * 128256 * 4

@@ -1,0 +1,63 @@
+"""The measured trace and summary: one named track per stream, one X event per executed op named as the schedule
+names it, with its args; a summary whose numbers add up."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from test_equivalence import CASES, tiny_plan, write_tokens
+
+from planner.plan import write_atomic
+from planner.profile import profile_model
+from planner.schedule import build_schedule
+from runtime.engine import STREAMS
+from tools.cli import run as cli
+
+STEPS = 6
+
+
+def test_trace_and_summary(tmp_path):
+    plan = tiny_plan(**CASES["tiers-ascending-reset"])
+    write_atomic(str(tmp_path / "plan.json"), plan.to_json())
+    write_tokens(tmp_path / "tokens.bin")
+    trace, summary = tmp_path / "trace.json", tmp_path / "summary.json"
+    assert cli(["train", "--plan", str(tmp_path / "plan.json"), "--data", str(tmp_path / "tokens.bin"), "--cpu",
+                "--steps", str(STEPS), "--nvme-dir", str(tmp_path / "nvme"), "--trace", str(trace),
+                "--summary", str(summary), "--quiet"]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert sorted(names.values()) == sorted(STREAMS)
+    xs = [e for e in events if e["ph"] == "X"]
+    assert all(names[e["tid"]] in STREAMS and e["dur"] >= 0 and e["ts"] >= 0 for e in xs)
+    assert all(set(e["args"]) >= {"id", "kind", "layer", "bytes"} for e in xs)
+
+    # every op of every step ran exactly once, under its schedule name, on its schedule stream
+    sched = build_schedule(plan, profile_model(plan.model))
+    for step in range(STEPS):
+        block = plan.block_order(0)[step // plan.steps_per_block]
+        want = Counter((op.name, op.stream) for op in sched.phases[block].ops)
+        got = Counter((e["name"], names[e["tid"]]) for e in xs if e["args"].get("step") == step)
+        assert got == want, step
+        assert {e["args"]["block"] for e in xs if e["args"].get("step") == step} == {block}
+
+    s = json.loads(summary.read_text())
+    assert s["steps"] == STEPS and set(s["step_seconds_by_phase"]) == {"0", "1", "2"}
+    assert all(v > 0 for v in s["step_seconds_by_phase"].values())
+    for link in ("h2d", "d2h", "nvme_read", "nvme_write"):
+        assert s["bytes_by_link"][link] == sum(e["args"]["bytes"] for e in xs if names[e["tid"]] == link)
+        assert s["bytes_by_link"][link] > 0   # this plan uses every link
+    # h2d moves every streamed layer's weights once per load: count the loads from the schedule
+    weight_bytes = {i: 4 * sum(p.numel() for p in layer.parameters()) for i, layer in enumerate(_layers(plan))}
+    loads = sum(weight_bytes[e["args"]["layer"]] for e in xs if e["args"]["kind"] == "load_weights")
+    fetched = sum(e["args"]["bytes"] for e in xs if e["args"]["kind"] in ("fetch_act", "load_state"))
+    uploads = sum(e["args"]["bytes"] for e in xs if e["args"]["kind"] == "upload_weights")
+    assert s["bytes_by_link"]["h2d"] == loads + fetched + uploads
+    busy = sum(s["busy_seconds_by_stream"].values())
+    assert abs(s["overlap_ratio"] - busy / s["wall_seconds"]) < 1e-9 and s["overlap_ratio"] > 0
+    assert s["device_peak_bytes"] == max(s["device_peak_bytes_by_phase"].values()) > 0
+    assert s["predicted_peak_bytes_by_phase"] == {str(p.block): p.peak_vram_bytes for p in plan.predicted.phases}
+
+
+def _layers(plan):
+    from runtime.model import meta_layers
+    return meta_layers(plan.model)

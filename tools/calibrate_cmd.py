@@ -1,0 +1,44 @@
+"""`blockfit calibrate`: measure this machine and write a hardware profile for `plan` and `simulate`.
+
+    blockfit calibrate --out hw.json                        # ~30 s: links, NVMe, CPU AdamW, matmul, memory
+    blockfit calibrate --out hw.json --dir /mnt/nvme/tmp    # NVMe measured there (and its free space offered)
+    blockfit calibrate --out hw.json --quick                # a few seconds, rougher
+    plan --model 7b --hardware hw.json                      # then plan with it
+    blockfit simulate --plan p.json --hardware hw.json      # or predict a plan on it
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="measure this machine into a hardware profile",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="write the hardware profile JSON here")
+    p.add_argument("--dir", help="directory on the drive to measure as NVMe (default: the temp directory, "
+                                 "and no NVMe capacity offered to plans)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a few seconds, rougher figures")
+    p.add_argument("--model", default="7b", help="model whose GEMM shapes to time (default 7b)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="matmul dtype (default: what the runtime computes in: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when present")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from simulator.calibrate import calibrate, write_profile
+    from tools.simulate_cmd import check_writable
+    check_writable(a.out)
+    log = None if a.quiet else (lambda msg: print(msg, flush=True))
+    hw, meas = calibrate(directory=a.dir, quick=a.quick, model=a.model, dtype=a.dtype, device=a.device, log=log)
+    write_profile(a.out, hw, meas)
+    if not a.quiet:
+        g, h = hw.gpu, hw.host
+        print(f"{g.name}: matmul {g.bf16_tflops:.3g} TFLOPS (half at {hw.eff.matmul_half_tokens:.0f} tokens), "
+              f"memory {g.memory_gbps:.3g} GB/s, h2d {g.h2d_gbps:.3g} / d2h {g.d2h_gbps:.3g} GB/s, "
+              f"NVMe read {h.nvme_read_gbps:.3g} / write {h.nvme_write_gbps:.3g} GB/s "
+              f"({meas['nvme']['method']}), CPU AdamW {h.cpu_adam_params_per_s / 1e9:.3g} G params/s; "
+              f"{meas['seconds']:.1f} s")
+        print(f"hardware profile written to {a.out}")
+    return 0

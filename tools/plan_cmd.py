@@ -1,0 +1,107 @@
+"""`plan` / `blockfit plan`: what fits on this GPU and how fast.
+
+    plan --model 7b --gpu rtx4090 --vram 24
+    plan --model 70b --gpu rtx4090 --vram 24 --host-ram 256 --nvme 2000 --out p.json
+    plan --model path/to/config.json --gpu a100-80g --compare
+"""
+from __future__ import annotations
+
+import json
+
+from planner.errors import UserError, check_positive
+from planner.hardware import GIB, make_hardware
+from planner.models import load_model_config
+from planner.plan import ORDERS, SWITCH_POLICIES, Plan, write_atomic
+
+
+def add_hardware_args(p) -> None:
+    """Hardware flags shared by plan, simulate and sweep."""
+    p.add_argument("--gpu", default=None, help="catalog GPU (rtx3090, rtx4090, a100-80g, h100-sxm, ...)")
+    p.add_argument("--hardware", default=None, help="a hardware profile written by `blockfit calibrate`")
+    p.add_argument("--vram", type=float, default=None, help="VRAM budget in GiB (default: the GPU's)")
+    p.add_argument("--host-ram", type=float, default=None, help="host RAM in GiB (default 64)")
+    p.add_argument("--nvme", type=float, default=None, help="NVMe capacity in GB for the plan (default 0: none)")
+    p.add_argument("--pcie-gbps", type=float, default=None, help="achieved pinned host<->device GB/s")
+    p.add_argument("--nvme-read-gbps", type=float, default=None)
+    p.add_argument("--nvme-write-gbps", type=float, default=None)
+    p.add_argument("--cpu-adam", type=float, default=None, help="CPU AdamW parameters per second")
+
+
+def hardware_from_args(a):
+    return make_hardware(gpu=a.gpu, hardware_file=a.hardware, vram_gib=a.vram, host_ram_gib=a.host_ram,
+                         nvme_gib=a.nvme, pcie_gbps=a.pcie_gbps, nvme_read_gbps=a.nvme_read_gbps,
+                         nvme_write_gbps=a.nvme_write_gbps, cpu_adam_params_per_s=a.cpu_adam)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="plan BCD training to fit a VRAM budget", description=__doc__,
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="7b, 8b, 13b, 70b, 1b, tiny, or a HF config.json")
+    add_hardware_args(p)
+    p.add_argument("--reserve", type=float, default=1.5, help="GiB kept free for CUDA context and slack")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length")
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch (default: chosen)")
+    p.add_argument("--method", choices=["bcd", "full"], default="bcd")
+    p.add_argument("--compare", action="store_true", help="plan BCD and full-parameter training side by side")
+    p.add_argument("--steps-per-block", type=int, default=50)
+    p.add_argument("--order", choices=ORDERS, default="ascending")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--switch-state", choices=SWITCH_POLICIES, default="reset",
+                   help="optimizer state of a block when training moves on")
+    p.add_argument("--max-blocks", type=int, default=None)
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds the solver may take")
+    p.add_argument("--out", default=None, help="write the plan as JSON here")
+    p.add_argument("--json", action="store_true", help="print machine-readable output")
+    p.set_defaults(func=run)
+
+
+def request_from_args(a, method: str):
+    from planner.planning import Request
+    check_positive("--reserve", a.reserve, upper=1024)
+    check_positive("--seq", a.seq, integer=True, upper=1 << 20)
+    check_positive("--batch", a.batch, integer=True, upper=1 << 16)
+    check_positive("--micro-batch", a.micro_batch, integer=True, upper=1 << 16)
+    check_positive("--steps-per-block", a.steps_per_block, integer=True, upper=10**7)
+    check_positive("--max-blocks", a.max_blocks, integer=True, upper=10**4)
+    check_positive("--time-limit", a.time_limit, upper=86400)
+    return Request(method=method, vram_gib=a.vram, reserve_gib=a.reserve, seq_len=a.seq, batch=a.batch,
+                   micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
+                   switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=a.max_blocks)
+
+
+def run(a) -> int:
+    cfg = load_model_config(a.model)
+    hw = hardware_from_args(a)
+    from planner.planning import make_plan
+    from planner.profile import profile_model
+    prof = profile_model(cfg)
+    methods = ["bcd", "full"] if a.compare else [a.method]
+    plans: dict[str, Plan | UserError] = {}
+    for m in methods:
+        try:
+            plans[m] = make_plan(cfg, hw, request_from_args(a, m), profile=prof)
+        except UserError as e:
+            if not a.compare:
+                raise
+            plans[m] = e
+    main = plans[methods[0]]
+    if isinstance(main, UserError):
+        raise main
+    if a.out:
+        write_atomic(a.out, main.to_json() + "\n")
+    if a.json:
+        out = {m: (p.to_dict() if isinstance(p, Plan) else {"error": str(p)}) for m, p in plans.items()}
+        print(json.dumps(out if a.compare else out[methods[0]], indent=1))
+        return 0
+    from tools.plan_view import show_compare, show_plan
+    show_plan(main, prof)
+    if a.compare:
+        show_compare(plans)
+    if a.out:
+        print(f"plan written to {a.out}")
+    return 0
+
+
+def gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"

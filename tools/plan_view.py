@@ -1,0 +1,94 @@
+"""Rich tables for a plan: blocks, placements, the worst phase's memory against the budget, speed, solver."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from planner.errors import UserError
+from planner.hardware import GIB
+from planner.plan import Plan
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def _runs(plan: Plan):
+    """Consecutive layers with the same placement, as (first, last, placement)."""
+    out = []
+    for p in plan.placements:
+        key = (p.weights, p.activations, p.master, p.grads)
+        if out and out[-1][2] == key:
+            out[-1][1] = p.layer
+        else:
+            out.append([p.layer, p.layer, key])
+    return out
+
+
+def _layer_name(plan: Plan, i: int) -> str:
+    return "embedding" if i == 0 else "head" if i == plan.n_layers - 1 else f"L{i}"
+
+
+def show_plan(plan: Plan, prof, console: Console | None = None) -> None:
+    c = console or Console()
+    pred = plan.predicted
+    params = prof.total_params
+    hw = plan.hardware
+    c.print(f"[bold]{plan.model.name}[/] ({params / 1e9:.2f} B params) on {hw.gpu.name}, "
+            f"budget {_gib(plan.budget_bytes)} GiB ({_gib(plan.reserve_bytes)} reserved), method {plan.method}; "
+            f"micro-batch {plan.shape.micro_batch} x {plan.shape.grad_accum} accumulation, "
+            f"sequence {plan.shape.seq_len}")
+
+    t = Table(title="Blocks (trained one at a time)", title_justify="left")
+    for col in ("block", "layers", "params", "peak VRAM GiB", "step s", "tokens/s"):
+        t.add_column(col, justify="right")
+    tok = plan.shape.tokens_per_step
+    for b, ph in zip(plan.blocks, pred.phases):
+        n = sum(prof.layers[i].params for i in b.layers)
+        t.add_row(str(ph.block), f"{_layer_name(plan, b.first)}-{_layer_name(plan, b.last)}", f"{n / 1e6:.0f} M",
+                  _gib(ph.peak_vram_bytes), f"{ph.step_seconds:.2f}", f"{tok / ph.step_seconds:,.0f}")
+    c.print(t)
+
+    t = Table(title="Where each tensor class lives", title_justify="left")
+    for col in ("layers", "bf16 weights", "activations", "master + moments", "grads"):
+        t.add_column(col)
+    for first, last, (w, a, m, g) in _runs(plan):
+        span = _layer_name(plan, first) + ("" if first == last else f"-{_layer_name(plan, last)}")
+        t.add_row(span, w, a, m, g)
+    c.print(t)
+
+    worst = max(pred.phases, key=lambda p: p.peak_vram_bytes)
+    t = Table(title=f"Worst phase (block {worst.block}) against the budget", title_justify="left")
+    t.add_column("class")
+    t.add_column("GiB", justify="right")
+    for k, v in sorted(worst.breakdown.items(), key=lambda kv: -kv[1]):
+        if v:
+            t.add_row(k, _gib(v))
+    t.add_row("[bold]peak[/]", f"[bold]{_gib(worst.peak_vram_bytes)}[/]")
+    t.add_row("reserve", _gib(plan.reserve_bytes))
+    t.add_row("budget", _gib(plan.budget_bytes))
+    c.print(t)
+
+    s = plan.solver
+    c.print(f"predicted: {pred.tokens_per_s:,.0f} tokens/s averaged over a cycle of {len(plan.blocks)} blocks x "
+            f"{plan.steps_per_block} steps ({pred.cycle_seconds / 60:.1f} min); host RAM {_gib(pred.host_ram_bytes)} "
+            f"GiB, NVMe {_gib(pred.nvme_bytes)} GiB; prefetch window {_gib(plan.prefetch_window_bytes)} GiB")
+    c.print(f"solver: {s.status}, gap {s.gap:.2%}, {s.solve_seconds:.2f} s in CP-SAT over {s.candidates} "
+            f"subproblems (micro-batch x block count x state tier)")
+
+
+def show_compare(plans: dict, console: Console | None = None) -> None:
+    c = console or Console()
+    t = Table(title="BCD against full-parameter training under the same budget", title_justify="left")
+    for col in ("method", "peak VRAM GiB", "mean step s", "tokens/s", "cycle min", "host RAM GiB", "note"):
+        t.add_column(col, justify="right")
+    for m, p in plans.items():
+        if isinstance(p, UserError):
+            t.add_row(m, "-", "-", "-", "-", "-", "does not fit: " + str(p).split(".")[0])
+            continue
+        steps = [ph.step_seconds for ph in p.predicted.phases]
+        t.add_row(m, _gib(p.predicted.peak_vram_bytes), f"{sum(steps) / len(steps):.2f}",
+                  f"{p.predicted.tokens_per_s:,.0f}", f"{p.predicted.cycle_seconds / 60:.1f}",
+                  _gib(p.predicted.host_ram_bytes),
+                  "all layers every step" if m == "full" else f"{len(p.blocks)} blocks in turn")
+    c.print(t)
