@@ -190,10 +190,11 @@ def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
 
 
 def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, workers: int = 1,
-          min_memory: bool = False) -> Solution | None:
+          min_memory: bool = False, feasibility: bool = False) -> Solution | None:
     """Solve for exactly `blocks` blocks (1 for `full`) with the optimizer state on `tier`. With min_memory,
     minimise the worst phase's device bytes instead (to tell the user the smallest feasible budget).
-    None when infeasible; status UNKNOWN when time ran out before a solution or a proof."""
+    None when infeasible; status UNKNOWN when time ran out before a solution or a proof. With feasibility,
+    any solution will do (its cost is not minimal)."""
     from ortools.sat.python import cp_model
 
     hw, sizes = pb.hw, pb.sizes
@@ -291,7 +292,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
             nv += kib(sd.params * STATE_BYTES) * lmax + kib(extra * STATE_BYTES)
         m.add(nv <= int(hw.host.nvme_gib * GIB * NVME_USABLE // 1024))
 
-    m.minimize(peak if min_memory else sum(terms))
+    if not feasibility:  # a feasibility check stops at the first solution
+        m.minimize(peak if min_memory else sum(terms))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.02, time_limit_s)
     solver.parameters.num_workers = workers

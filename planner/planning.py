@@ -49,6 +49,13 @@ def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfil
         raise UserError(f"--reserve ({req.reserve_gib} GiB) must be smaller than the VRAM budget "
                         f"({budget / GIB:g} GiB).")
     cap = budget - reserve
+    room = cap + hw.host.ram_gib * GIB * ilp.HOST_RAM_USABLE + hw.host.nvme_gib * GIB * ilp.NVME_USABLE
+    weights = sum(lp.param_bytes for lp in prof.layers)
+    if weights > room:
+        raise UserError(
+            f"no plan fits {cfg.name}: its {weights / GIB:.1f} GiB of bf16 weights do not fit in the device budget, "
+            f"host RAM ({hw.host.ram_gib:g} GiB) and NVMe ({hw.host.nvme_gib:g} GB) together, before any optimizer "
+            f"state. Give more host RAM (--host-ram) or an NVMe tier (--nvme GB).")
     for _attempt in range(4):
         found = search(prof, hw, req, cap)
         if found is None:
@@ -91,7 +98,13 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     for mb, pb in problems.items():
         g = req.batch // mb
         for tier in tiers:
-            for u in counts:
+            # Finer partitions never need more memory (smaller block state, more activations at frozen
+            # sizes), so feasibility is monotone in the block count: bisect for the fewest blocks that fit.
+            lo_u = _fewest_blocks(pb, counts, tier, 10 * quick)
+            solved += 1
+            if lo_u is None:
+                continue
+            for u in counts[counts.index(lo_u):]:
                 if best is not None and ilp.lower_bound(pb, u, tier) * g >= best[0]:
                     break  # the bound grows with the block count: nothing further can win
                 sol = ilp.solve(pb, u, tier, time_limit_s=quick)
@@ -127,6 +140,23 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     bound = min([best[0]] + open_bounds)
     return Search(micro_batch=best[1], solution=best[2], bound_s=bound, solve_seconds=took, solved=solved,
                   candidates=len(problems))
+
+
+def _fewest_blocks(pb, counts: list[int], tier: str, limit_s: float) -> int | None:
+    """Smallest block count with any feasible solution (None if even the finest partition does not fit).
+    An undecided check counts as feasible, so nothing that might fit is skipped."""
+    def fits(u: int) -> bool:
+        return ilp.solve(pb, u, tier, time_limit_s=limit_s, feasibility=True) is not None
+    if not fits(counts[-1]):
+        return None
+    lo, hi = 0, len(counts) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(counts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return counts[lo]
 
 
 def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) -> ilp.Problem:

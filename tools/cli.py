@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="blockfit", description="Block coordinate descent training that fits your GPU.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, mod in SUBCOMMANDS.items():
+    for mod in SUBCOMMANDS.values():
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own error (already printed)
+        return int(e.code or 0)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
