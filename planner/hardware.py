@@ -129,8 +129,8 @@ def load_hardware_file(path: str) -> Hardware:
             raw = json.load(f)
         return Hardware.from_dict(raw)
     except FileNotFoundError:
-        raise UserError(f"hardware profile '{path}' does not exist; write one with `blockfit calibrate --out {path}`.") \
-            from None
+        raise UserError(f"hardware profile '{path}' does not exist; write one with "
+                        f"`blockfit calibrate --out {path}`.") from None
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UserError(f"hardware profile '{path}' is not a valid hardware profile ({type(e).__name__}: {e}).") \
             from None

@@ -304,7 +304,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     took = time.perf_counter() - t0
     scale = 1024 if min_memory else unit
     if status == cp_model.UNKNOWN:
-        return Solution(status="UNKNOWN", objective_s=float("inf"), bound_s=max(0.0, solver.best_objective_bound) * scale,
+        return Solution(status="UNKNOWN", objective_s=float("inf"),
+                        bound_s=max(0.0, solver.best_objective_bound) * scale,
                         solve_seconds=took, starts=(), placements=(), window_bytes=0, state_tier=tier)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None

@@ -184,7 +184,8 @@ def validate(plan: Plan) -> None:
         bad("no blocks")
     prev = None
     for b in plan.blocks:
-        if not (_posint(b.first + 1) and _posint(b.last + 1)) or not 0 <= b.first <= b.last < n or (prev is not None and b.first != prev + 1):
+        ints = _posint(b.first + 1) and _posint(b.last + 1)
+        if not ints or not 0 <= b.first <= b.last < n or (prev is not None and b.first != prev + 1):
             bad("blocks must be contiguous, ordered, non-overlapping layer ranges")
         prev = b.last
     if plan.prefetch_window_bytes < 0:

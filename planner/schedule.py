@@ -130,7 +130,8 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                    alloc_bytes=sz.out_bytes + kept, free_bytes=0 if recompute else in_bytes,
                    transient_bytes=sz.workspace_bytes, mem_class="activations", deps=tuple(deps))
         if kept and pl.activations == "cpu":
-            b.offloads[(sz.index, mb)] = b.emit(name=f"offload {tag}", kind="offload_act", stream="d2h", layer=sz.index, micro_batch=mb,
+            b.offloads[(sz.index, mb)] = b.emit(
+                   name=f"offload {tag}", kind="offload_act", stream="d2h", layer=sz.index, micro_batch=mb,
                    bytes=saved, tier="cpu", free_bytes=saved, mem_class="activations", deps=(c,))
     else:
         if pl.activations == "cpu" and saved:
@@ -152,7 +153,8 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                    free_bytes=saved + sz.out_bytes + (in_bytes if recompute else 0),
                    transient_bytes=sz.workspace_bytes, mem_class="activations", deps=tuple(deps))
         if grads_off:
-            b.grads.setdefault(sz.index, []).append(b.emit(name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
+            b.grads.setdefault(sz.index, []).append(b.emit(
+                   name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
                    bytes=grad_bytes, tier="cpu", free_bytes=grad_bytes, mem_class="activations", deps=(c,)))
     b.computes.append(c)
     if streamed:
@@ -224,11 +226,11 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
     prev = None
     for mb in range(plan.shape.grad_accum):
         for i in range(n):
-            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "fwd", mb, prev, sizes[i - 1].out_bytes if i else 0,
-                             False)
+            in_bytes = sizes[i - 1].out_bytes if i else 0
+            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "fwd", mb, prev, in_bytes, False)
         for i in range(n - 1, bl.first - 1, -1):
-            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "bwd", mb, prev, sizes[i - 1].out_bytes if i else 0,
-                             i == bl.first)
+            in_bytes = sizes[i - 1].out_bytes if i else 0
+            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "bwd", mb, prev, in_bytes, i == bl.first)
     for i in bl.layers:  # a layer's step waits for the last backward and for its gradients to reach the host
         optimizer_ops(b, plan.placement(i), sizes[i], (prev,) + tuple(b.grads.get(i, ())))
     return PhaseSchedule(block=block, layers=tuple(bl.layers), static=_static_bytes(plan, sizes, bl.layers),

@@ -16,8 +16,11 @@ def _gib(x: float) -> str:
 def _runs(plan: Plan):
     """Consecutive layers with the same placement, as (first, last, placement)."""
     out = []
+    trained = {i for b in plan.blocks for i in b.layers}
     for p in plan.placements:
-        key = (p.weights, p.activations, p.master, p.grads)
+        frozen = p.layer not in trained
+        key = (p.weights, "-" if p.layer == 0 else p.activations, "frozen" if frozen else p.master,
+               "-" if frozen else p.grads)
         if out and out[-1][2] == key:
             out[-1][1] = p.layer
         else:

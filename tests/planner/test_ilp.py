@@ -39,7 +39,7 @@ def configurations(prof, hw, req: Request):
         cd, ce, ch = ilp.combos("decoder", nvme), ilp.combos("embedding", nvme), ilp.combos("head", nvme)
         memo = {}
 
-        def price(i, combo, role, tier):
+        def price(i, combo, role, tier, sizes=sizes, memo=memo, g=g):
             key = (sizes[i].kind, combo, role, tier)
             if key not in memo:
                 pl = ilp._placement(i, combo, tier)
