@@ -62,13 +62,38 @@ def sweep_1000(workers: int) -> None:
           f"profiles {prof_s:.1f} s beforehand (disk cache)")
 
 
+def _burn(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+
+
+def cores_free(workers: int) -> float:
+    """How many times faster `workers` processes burn pure Python than one: the cores this run really had."""
+    from concurrent.futures import ProcessPoolExecutor
+    t0 = time.perf_counter()
+    for _ in range(workers):
+        _burn(2_000_000)
+    one = time.perf_counter() - t0
+    with ProcessPoolExecutor(workers) as ex:
+        list(ex.map(_burn, [10] * workers))   # start the workers first
+        t0 = time.perf_counter()
+        list(ex.map(_burn, [2_000_000] * workers))
+        many = time.perf_counter() - t0
+    return one / many
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args()
     engine_7b(a.repeats)
+    free = cores_free(a.workers)
     sweep_1000(a.workers)
+    print(f"(CPU check before the sweep: {a.workers} processes ran {free:.2f}x faster than one; below "
+          f"{a.workers} means the machine was shared)")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def transient_bytes(sizes, tier: str) -> int:
     big = max(sizes, key=lambda s: s.params)
     ws = max(s.workspace_bytes for s in sizes)
     inflight = 2 * max(s.saved_bytes for s in dec) if dec else 0
-    temp = big.params * (MASTER_BYTES if tier == "gpu" else GRAD_BYTES)
+    temp = big.params * (MASTER_BYTES if tier == "gpu" else 2 * GRAD_BYTES)  # two gradient copies in flight
     hidden = 2 * max(s.out_bytes for s in sizes)
     return ws + inflight + temp + hidden
 

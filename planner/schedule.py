@@ -91,10 +91,18 @@ class Builder:
         self.computes: list[int] = []
         self.offloads: dict[tuple[int, int], int] = {}   # (layer, micro-batch) -> offload_act op id
         self.grads: dict[int, list[int]] = {}            # layer -> grad_offload op ids
+        self.outstanding: list[int] = []                 # device-to-host copies not yet waited for
 
     def emit(self, **kw) -> int:
+        if kw["stream"] == "compute" and kw["kind"] != "evict" and len(self.outstanding) > 1:
+            # At most two device-to-host copies in flight: a compute op that could start a third waits for
+            # the older ones, so offloaded activations and gradients cannot pile up on the device.
+            kw["deps"] = tuple(kw.get("deps", ())) + tuple(self.outstanding[:-1])
+            self.outstanding = self.outstanding[-1:]
         op = Op(id=len(self.ops), **kw)
         self.ops.append(op)
+        if op.stream == "d2h" and op.free_bytes:
+            self.outstanding.append(op.id)
         return op.id
 
     def window_deps(self) -> tuple[int, ...]:
@@ -270,18 +278,32 @@ def build_schedule(plan: Plan, profile: ModelProfile) -> Schedule:
 
 
 def memory_timeline(phase: PhaseSchedule) -> tuple[int, dict, list[int]]:
-    """Replay the ops in issue order: (peak bytes, breakdown at the peak, device bytes after each op)."""
+    """Replay the ops in issue order: (peak bytes, breakdown at the peak, device bytes after each op).
+
+    A copy off the device frees its source only once an op that waits for it starts (or at the end of the
+    step): in between, on a real clock, the copy may still be running. That keeps the replay an upper bound."""
     live = dict(phase.static)
     for k in ("prefetch", "activations", "grads", "workspace"):
         live.setdefault(k, 0)
     peak, at_peak, trace = -1, {}, []
+    deferred: dict[int, Op] = {}
     for op in phase.ops:
+        for d in op.deps:
+            done = deferred.pop(d, None)
+            if done is not None:
+                live[done.mem_class] -= done.free_bytes
         if op.alloc_bytes:
             live[op.mem_class] += op.alloc_bytes
         total = sum(live.values()) + op.transient_bytes
         if total > peak:
             peak, at_peak = total, dict(live, workspace=live["workspace"] + op.transient_bytes)
-        if op.free_bytes:
+        if op.free_bytes and op.stream == "d2h":
+            deferred[op.id] = op
+        elif op.free_bytes:
             live[op.mem_class] -= op.free_bytes
         trace.append(sum(live.values()))
+    for done in deferred.values():
+        live[done.mem_class] -= done.free_bytes
+    if trace:
+        trace[-1] = sum(live.values())
     return peak, at_peak, trace

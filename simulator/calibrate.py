@@ -10,8 +10,12 @@ What is measured, and how it maps onto planner.hardware:
   - CPU AdamW params/s: torch.optim.AdamW on fp32 tensors; the foreach implementation (the one runtime/optim.py
     mirrors) is used, the single-tensor and fused ones are recorded beside it;
   - matmul TFLOPS at the model's GEMM shapes (tokens x hidden @ hidden x ffn) for several token counts, fitted
-    to the cost model's curve achieved(T) = A * T / (T + half): A becomes bf16_tflops with matmul_max 1.0 and
-    half becomes matmul_half_tokens (the same curve, said once);
+    to the cost model's curve achieved(T) = A * T / (T + half);
+  - a real decoder layer (planner.llama) forward and backward at several token counts: its seconds less the
+    memory-bound share the cost model prices separately, over the FLOPs the profile counts, fitted to the same
+    curve. This fit (fit="layer", the default) sets bf16_tflops = A with matmul_max 1.0 and matmul_half_tokens
+    = half, so attention, norms and framework overhead are in the rate the simulator prices a layer with; the
+    bare GEMM fit (fit="gemm") is the alternative, and both are recorded;
   - memory-bound GB/s of an elementwise add (memory_gbps, with efficiency 1.0).
 When the CPU stands in for the device the runtime keeps weights and activations in fp32 (runtime/store.py,
 Target), twice the bf16 bytes the schedule counts, so link and memory rates are scaled by 2 / itemsize to price
@@ -42,12 +46,15 @@ def _now(dev: str) -> float:
     return time.perf_counter()
 
 
-def _time(fn, dev: str, repeats: int) -> float:
-    """Best seconds of fn() over `repeats` calls after one warm-up call: the rate the hardware can reach (the
-    median would fold in whatever else the machine was doing)."""
+def _time(fn, dev: str, repeats: int, budget_s: float = 2.0) -> float:
+    """Best seconds of fn() over up to `repeats` calls after one warm-up call, fewer when they would take more
+    than `budget_s`: the rate the hardware can reach (a median would fold in whatever else the machine was
+    doing)."""
+    t0 = _now(dev)
     fn()
+    warm = _now(dev) - t0
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(max(1, min(repeats, int(budget_s / max(warm, 1e-9))))):
         t0 = _now(dev)
         fn()
         best = min(best, _now(dev) - t0)
@@ -153,9 +160,10 @@ def measure_adam(params: int, repeats: int) -> dict:
 
 def _gemm_tokens(h: int, ffn: int, dev: str, quick: bool) -> list[int]:
     """Token counts whose GEMM stays within a time budget on this device, at least four."""
-    budget = (2e13 if dev == "cuda" else 4e9) / (10 if quick else 1)
-    ts = [t for t in (16, 64, 256, 1024, 4096, 16384) if 2 * t * h * ffn <= budget]
-    return ts if len(ts) >= 4 else [1, 4, 16, 64]
+    budget = (2e13 if dev == "cuda" else 2e10) / (5 if quick else 1)
+    sizes = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+    ts = [t for t in sizes if 2 * t * h * ffn <= budget][-6:]
+    return ts if len(ts) >= 4 else list(sizes[:4])
 
 
 def measure_matmul(dev: str, dtype: str, h: int, ffn: int, quick: bool) -> list[tuple[int, float]]:
@@ -183,6 +191,47 @@ def fit_matmul(points: list[tuple[int, float]]) -> tuple[float, float]:
     if c0 <= 0 or c1 < 0:   # noise: no saturation visible; take the best point and no size penalty
         return max(a for _, a in points), 0.0
     return 1.0 / c0, c1 / c0
+
+
+def measure_layer(cfg, dev: str, dtype: str, quick: bool, repeats: int, seq: int = 512) -> list[dict]:
+    """Seconds of one decoder layer's forward + backward (weights trainable) at micro-batches 1, 2, 4, ... of
+    sequence `seq`, with the FLOPs and memory-bound bytes the profile (so the schedule) counts for them."""
+    import torch
+
+    from planner.costs import layer_sizes
+    from planner.llama import DecoderLayer, init_weights
+    from planner.profile import profile_model
+    lp = profile_model(cfg).layers[1]
+    dt = getattr(torch, dtype)
+    with torch.device(dev):
+        layer = DecoderLayer(cfg)
+    layer = layer.to(dt)
+    init_weights(layer)
+    budget = (2e13 if dev == "cuda" else 2e10) / (5 if quick else 1)
+    s_max = min(cfg.max_seq, seq)
+    shapes = [(1, s) for s in (16, 32, 64, 128, 256) if s < s_max] + [(b, s_max) for b in (1, 2, 4, 8, 16)]
+    sized = sorted(((b, s, layer_sizes(lp, b, s)) for b, s in shapes), key=lambda x: x[2].fwd_flops + x[2].bwd_flops)
+    fits = [x for x in sized if x[2].fwd_flops + x[2].bwd_flops <= budget]
+    at_seq = [x for x in fits if x[1] == s_max]
+    # the asked sequence when it gives three sizes; else the largest shapes within the budget; else the smallest
+    fits = at_seq if len(at_seq) >= 3 else fits[-5:] if len(fits) >= 3 else sized[:3]
+    out = []
+    for b, s, sz in fits:
+        x = torch.randn(b, s, cfg.hidden, device=dev, dtype=dt, requires_grad=True)
+        g = torch.randn_like(x)
+        sec = _time(lambda x=x, g=g: layer(x).backward(g), dev, repeats)
+        out.append({"tokens": b * s, "seq": s, "seconds": sec, "flops": sz.fwd_flops + sz.bwd_flops,
+                    "traffic_bytes": 3 * sz.traffic_bytes})   # backward moves twice the forward's (schedule.py)
+    return out
+
+
+def fit_layer(points: list[dict], memory_gbps: float) -> tuple[float, float]:
+    """(A, half) such that flops / (A * T / (T + half)) + traffic / memory rate = the measured seconds."""
+    rates = []
+    for p in points:
+        compute = max(p["seconds"] - p["traffic_bytes"] / (memory_gbps * GB), 0.2 * p["seconds"])
+        rates.append((p["tokens"], p["flops"] / compute / 1e12))
+    return fit_matmul(rates)
 
 
 def measure_memory(dev: str, nbytes: int, repeats: int) -> float:
@@ -214,7 +263,7 @@ def _ram_gib() -> float:
 
 
 def calibrate(*, directory: str | None = None, quick: bool = False, model: str = "7b", dtype: str | None = None,
-              device: str | None = None, log=None) -> tuple[Hardware, dict]:
+              device: str | None = None, fit: str = "layer", seq: int = 512, log=None) -> tuple[Hardware, dict]:
     """Measure everything; (the Hardware profile, the raw measurements)."""
     import torch
     say = log or (lambda _msg: None)
@@ -224,6 +273,8 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     dtype = dtype or ("bfloat16" if dev == "cuda" else "float32")
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype must be bfloat16, float16 or float32, got '{dtype}'.")
+    if fit not in ("layer", "gemm"):
+        raise UserError(f"--fit must be layer or gemm, got '{fit}'.")
     cfg = load_model_config(model)
     started = time.perf_counter()
     sizes = [1 << 20, 16 << 20] if quick else [1 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -233,16 +284,20 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     say("NVMe ...")
     nvme = measure_nvme(directory or tempfile.gettempdir(), (32 << 20) if quick else (512 << 20))
     say("CPU AdamW ...")
-    adam = measure_adam((1 << 20) if quick else (16 << 20), reps)
+    adam = measure_adam((4 << 20) if quick else (16 << 20), reps)
     say(f"matmul at {cfg.name}'s GEMM shape ({cfg.hidden} x {cfg.ffn}), {dtype} ...")
     mm = measure_matmul(dev, dtype, cfg.hidden, cfg.ffn, quick)
-    peak, half = fit_matmul(mm)
+    gemm_fit = fit_matmul(mm)
     say("memory bandwidth ...")
     mem = measure_memory(dev, (64 << 20) if quick else (256 << 20), reps)
     big = sizes[-1]
     scale = 2 / {"bfloat16": 2, "float16": 2, "float32": 4}[dtype] if dev == "cpu" else 1.0
     h2d, d2h = links["h2d"]["pinned"][big] * scale, links["d2h"]["pinned"][big] * scale
     mem *= scale
+    say(f"a {cfg.name} decoder layer, forward and backward ...")
+    layer_pts = measure_layer(cfg, dev, dtype, quick, reps, seq)
+    layer_fit = fit_layer(layer_pts, mem)
+    peak, half = layer_fit if fit == "layer" else gemm_fit
     pageable = links["h2d"]["pageable"][big] / h2d if h2d > 0 else 1.0
     ram = _ram_gib()
     if dev == "cuda":
@@ -258,7 +313,8 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     gpu = GPU(id=f"calibrated-{dev}", name=name, vram_gib=round(vram, 2), memory_gbps=mem, bf16_tflops=peak,
               h2d_gbps=h2d, d2h_gbps=d2h, pcie="", sources={
                   "calibrated": f"blockfit calibrate on {socket.gethostname()} at {stamp}, device {dev}",
-                  "bf16_tflops": f"fitted asymptote of {dtype} matmul at {cfg.name}'s GEMM shape",
+                  "bf16_tflops": f"fitted asymptote of {dtype} " + (f"{cfg.name} decoder layers" if fit == "layer"
+                                                                    else f"matmul at {cfg.name}'s GEMM shape"),
                   "h2d_gbps": "memcpy between host buffers (no CUDA)" if dev == "cpu" else
                               f"pinned copies of {big >> 20} MiB"})
     adam_rate = adam.get("foreach") or adam.get("single") or 0.2e9
@@ -271,7 +327,8 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
             "links_gbps": {d: {k: {str(s): v for s, v in by.items()} for k, by in kinds.items()}
                            for d, kinds in links.items()},
             "nvme": nvme, "cpu_adam_params_per_s": adam, "matmul_tflops": [{"tokens": t, "tflops": a} for t, a in mm],
-            "matmul_fit": {"tflops": peak, "half_tokens": half}, "memory_gbps": mem,
+            "matmul_fit": {"tflops": gemm_fit[0], "half_tokens": gemm_fit[1]}, "layer": layer_pts,
+            "layer_fit": {"tflops": layer_fit[0], "half_tokens": layer_fit[1]}, "fit_used": fit, "memory_gbps": mem,
             "schedule_bytes_scale": scale}
     meas["seconds"] = time.perf_counter() - started
     return hw, meas

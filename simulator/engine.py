@@ -163,7 +163,7 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
     return PhaseResult(
         block=phase.block, step_seconds=step, busy_seconds=dict(zip(STREAMS, busy)), utilisation=util,
         critical_path=tuple(path), critical_seconds=dict(zip(STREAMS, crit)),
-        bottleneck=_bottleneck(ops, path, dur, crit, util), peak_bytes=peak, peak_at_seconds=peak_t,
+        bottleneck=describe_bottleneck(ops, path, dur, crit, util), peak_bytes=peak, peak_at_seconds=peak_t,
         peak_breakdown=breakdown, switch_seconds=switch_seconds(phase, hw), start=tuple(start),
         finish=tuple(finish), memory_seconds=tuple(mt) if keep_timeline else (),
         memory_bytes=tuple(mb) if keep_timeline else ())
@@ -188,7 +188,8 @@ def _critical_path(finish: list[float], why: list[int]) -> list[int]:
     return path[::-1]
 
 
-def _bottleneck(ops, path, dur, crit, util) -> str:
+def describe_bottleneck(ops, path, dur, crit, util) -> str:
+    """The stream holding most of the critical path, its utilisation, and the kind of work that filled it."""
     if not path or sum(crit) <= 0:
         return "nothing to do: the phase is empty"
     k = max(range(len(STREAMS)), key=crit.__getitem__)

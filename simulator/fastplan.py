@@ -1,9 +1,10 @@
-"""A fast stand-in for the ILP, for sweeps: a feasible plan in about a millisecond instead of seconds.
+"""A fast stand-in for the ILP, for sweeps: a feasible plan in a few milliseconds instead of seconds.
 
 A sweep of 1,000 configurations on 2 cores has about 60 ms per configuration, and a CP-SAT solve takes 0.1 to
 10 s, so the sweep cannot solve the ILP for each. This module searches a much smaller space by enumeration,
 priced with exactly the ILP's own tables (`planner.ilp.layer_cost`, `step_cost`, `switch_cost`) and checked
-with the ILP's memory accounting (`act_bytes`, `transient_bytes`, the host-RAM rule):
+with the ILP's memory accounting (`act_bytes`, `transient_bytes`, the host-RAM rule) plus one thing the ILP
+leaves out and the simulator shows, activation offloads lagging a forward pass (see `tables`):
   - equal blocks (1 for `full`, 1..n for `bcd`), one optimizer-state tier for all (gpu or cpu);
   - one activation policy for every decoder layer (gpu, recompute or cpu);
   - as many decoder layers' bf16 weights resident as memory allows, the top ones first (they run backward in
@@ -47,6 +48,7 @@ class _Tables:
     transient: dict   # state tier -> the ILP's transient reserve
     act: dict         # (activation policy, role) -> a decoder layer's device bytes held for backward
     head_act: dict    # the same for the head
+    backlog: float    # offloaded activations still on the device when a forward pass ends, per offloaded byte
 
 
 def tables(prof: ModelProfile, hw: Hardware, mb: int, seq: int, switch_state: str) -> _Tables:
@@ -66,7 +68,13 @@ def tables(prof: ModelProfile, hw: Hardware, mb: int, seq: int, switch_state: st
         for tier in ("gpu", "cpu"):
             sw[(kind, tier)] = switch_cost(sz, tier, switch_state, hw)
     roles = ("above", "active")
-    return _Tables(sizes=sizes, cost=cost, step=step, switch=sw,
+    # A forward pass runs ahead of its activation offloads when the device-to-host copy of a layer's saved
+    # tensors takes longer than the layer's forward: after n layers, n * (1 - forward / offload) layers' worth
+    # are still on the device. The ILP counts them as gone; the simulator's clock does not (resident weights:
+    # the fastest forward, the largest backlog).
+    fwd = cost[("decoder", "gpu", "gpu", "below", "gpu")]
+    off = hw.link("d2h").io_seconds(sizes[1].saved_bytes)
+    return _Tables(backlog=max(0.0, 1.0 - fwd / off) if off > 0 else 0.0,sizes=sizes, cost=cost, step=step, switch=sw,
                    transient={tier: transient_bytes(sizes, tier) for tier in ("gpu", "cpu")},
                    act={(a, r): act_bytes(sizes[1], a, r) for a in ACTS for r in roles},
                    head_act={(a, r): act_bytes(sizes[-1], a, r) for a in ACTS for r in roles})
@@ -99,15 +107,17 @@ def _overlap(a: int, b: int, c: int, d: int) -> int:
 
 
 def _resident(t: _Tables, p: Policy, cap: int, host_cap: int, switch_state: str) -> tuple[int, int] | None:
-    """(resident decoder layers, window bytes) that fit device and host memory, or None (the ILP's accounting;
-    the bottom block's phase is the worst: it is the largest block and has every other layer above it)."""
+    """(resident decoder layers, window bytes) that fit device and host memory, or None (the ILP's accounting
+    and the offload lag; the bottom block's phase is the worst: it is the largest block and has every other
+    layer above it)."""
     sizes = t.sizes
     n = len(sizes) - 2
     sd, se, sh = sizes[1], sizes[0], sizes[-1]
     full = p.method == "full"
     top = n if full else -(-n // p.blocks)   # the bottom block's size
     state = sd.params * (STATE_BYTES + GRAD_BYTES) if p.tier == "gpu" else 0
-    base = ((n - top) * t.act[(p.act, "above")] + top * (t.act[(p.act, "active")] + state)
+    lag = int(t.backlog * ((n - top) * sd.saved_frozen_bytes + top * sd.saved_bytes)) if p.act == "cpu" else 0
+    base = ((n - top) * t.act[(p.act, "above")] + top * (t.act[(p.act, "active")] + state) + lag
             + t.head_act[(p.head_act, "active" if full else "above")] + t.transient[p.tier])
     if full and p.tier == "gpu":
         base += (se.params + sh.params) * (STATE_BYTES + GRAD_BYTES)
@@ -202,8 +212,9 @@ def _cycle(t: _Tables, p: Policy, g: int, steps_per_block: int) -> float:
 
 
 def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tuple | None,
-           acts: tuple[str, ...] = ACTS) -> tuple | None:
-    """The best (cycle seconds, micro-batch, policy, window bytes) at one micro-batch, improving on `best`."""
+           acts: tuple[str, ...] = ACTS, blocks: int | None = None) -> tuple | None:
+    """The best (cycle seconds, micro-batch, policy, window bytes) at one micro-batch, improving on `best`;
+    `blocks` fixes BCD's block count."""
     n = len(t.sizes) - 2
     g = req.batch // mb
     kk = req.steps_per_block
@@ -211,6 +222,8 @@ def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tup
     fwd = kk * g * n * min(c_ for key, c_ in t.cost.items() if key[0] == "decoder" and key[3] == "below")
     if req.method == "full":
         counts = [1]
+    elif blocks:
+        counts = [min(blocks, n)]
     else:  # the fewest blocks for each bottom-block size: memory depends on u only through that size
         counts, seen = [], set()
         for u in range(1, min(n, req.max_blocks or n) + 1):
@@ -243,10 +256,11 @@ def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tup
 
 
 def quick_plan(prof: ModelProfile, hw: Hardware, req: Request, *, cap_bytes: int | None = None,
-               cache: dict | None = None, acts: tuple[str, ...] = ACTS) -> Plan | None:
+               cache: dict | None = None, acts: tuple[str, ...] = ACTS, blocks: int | None = None) -> Plan | None:
     """The fastest plan this search finds, as a Plan (solver status HEURISTIC), or None if nothing fits.
     `cache` keeps priced tables across calls (a sweep's worker passes one); `acts` limits the decoder layers'
-    activation policies (a sweep drops offloading when the simulator finds offloads piling up on the device)."""
+    activation policies (a sweep drops offloading when the simulator finds offloads piling up on the device);
+    `blocks` fixes the number of BCD blocks instead of searching it."""
     cache = {} if cache is None else cache
     budget = int((req.vram_gib if req.vram_gib is not None else hw.gpu.vram_gib) * GIB)
     reserve = int(req.reserve_gib * GIB)
@@ -262,7 +276,7 @@ def quick_plan(prof: ModelProfile, hw: Hardware, req: Request, *, cap_bytes: int
         t = cache.get(key)
         if t is None:
             t = cache[key] = tables(prof, hw, mb, req.seq_len, req.switch_state)
-        best = search(t, req, mb, cap, host_cap, best, acts)
+        best = search(t, req, mb, cap, host_cap, best, acts, blocks)
     if best is None:
         return None
     cycle, mb, p, win = best

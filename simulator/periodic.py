@@ -8,6 +8,8 @@ same finish offset), every later micro-batch does too, and a step of g micro-bat
 micro-batch step lasts plus (g - 3) * d; streams are busy (g - 3) more periods; memory repeats period after
 period, so the peak is the same. The check is exact (to rounding), op by op; a phase that is not yet periodic
 after two micro-batches is simulated in full instead. tests/simulator/test_periodic.py compares both ways.
+Only the critical path's split among streams is estimated (from micro-batch 2's share of the played path): where
+two predecessors finish at the same instant the path may follow either, so its split was never unique.
 
 It pays where the planner's schedule is the cost: building it is about 80% of a sweep configuration, and a
 step of 8 micro-batches builds and plays 3.
@@ -21,7 +23,7 @@ from planner.hardware import Hardware
 from planner.plan import Plan
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, build_schedule
-from simulator.engine import PhaseResult, Simulation, _bottleneck, durations, simulate, simulate_phase
+from simulator.engine import PhaseResult, Simulation, describe_bottleneck, durations, simulate, simulate_phase
 
 PLAYED = 3
 
@@ -49,13 +51,18 @@ def _extend(ph: PhaseSchedule, r: PhaseResult, extra: int, hw: Hardware, memo: d
     for j in m2:
         per[ops[j].stream] += dur[j]
     busy = {s: r.busy_seconds[s] + extra * per[s] for s in STREAMS}
+    # Each added period lengthens the critical path by d; split it by streams as micro-batch 2's part of the
+    # played path is split (ties between equal finishes make the exact path's split arbitrary anyway).
     crit_per = dict.fromkeys(STREAMS, 0.0)
     for i in r.critical_path:
         if ops[i].micro_batch == PLAYED - 1:
             crit_per[ops[i].stream] += dur[i]
-    crit = {s: r.critical_seconds[s] + extra * crit_per[s] for s in STREAMS}
+    if sum(crit_per.values()) <= 0:
+        crit_per = dict(per)
+    total = sum(crit_per.values())
+    crit = {s: r.critical_seconds[s] + extra * d * crit_per[s] / total for s in STREAMS}
     util = {s: busy[s] / step if step > 0 else 0.0 for s in STREAMS}
-    words = _bottleneck(ops, r.critical_path, dur, [crit[s] for s in STREAMS], util)
+    words = describe_bottleneck(ops, r.critical_path, dur, [crit[s] for s in STREAMS], util)
     return dataclasses.replace(r, step_seconds=step, busy_seconds=busy, utilisation=util, critical_seconds=crit,
                                bottleneck=words, start=(), finish=())
 

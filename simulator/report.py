@@ -131,7 +131,7 @@ def render_sweep(rows, console: Console, *, tokens: float | None = None) -> None
     if tokens:
         t.add_column(f"time for {tokens:.3g} tok", justify="right")
         t.add_column("cost", justify="right")
-    t.add_column("bottleneck / why not")
+    t.add_column("limited by / why not")
     for r in rows:
         row = [r.model, r.gpu, f"{r.vram_gib:g}", r.method]
         if r.fits:
@@ -141,7 +141,7 @@ def render_sweep(rows, console: Console, *, tokens: float | None = None) -> None
             if tokens:
                 secs, usd = token_budget(tokens, r.tokens_per_s, r.price_per_hour)
                 row += [human_seconds(secs), _money(usd, 0)]
-            row.append(r.bottleneck.split(" bound")[0])
+            row.append(r.limited_by)
         else:
             row += ["-"] * 7 + [_money(r.price_per_hour), "-"] + (["-", "-"] if tokens else []) + [r.reason]
         t.add_row(*row)

@@ -44,6 +44,7 @@ class Config:
     batch: int = 8
     host_ram_gib: float | None = None
     cpu_adam_params_per_s: float | None = None
+    blocks: int | None = None   # BCD's block count fixed (default: the planner's choice)
     exact: bool = False
 
 
@@ -72,7 +73,7 @@ class Row:
 
 def grid(models: list[str], gpus: list[str], vrams: list[float | None], methods: list[str], *, seq_len: int = 2048,
          batch: int = 8, host_ram_gib: float | None = None, cpu_adam_params_per_s: float | None = None,
-         exact: bool = False) -> list[Config]:
+         blocks: int | None = None, exact: bool = False) -> list[Config]:
     """Every combination, validated at the edge: unknown names raise UserError with a did-you-mean."""
     known_gpus = gpu_names()
     for g in gpus:
@@ -89,8 +90,11 @@ def grid(models: list[str], gpus: list[str], vrams: list[float | None], methods:
             raise UserError(f"--vram values must be budgets in GiB between 0 and 4096, got {v!r}.")
     if seq_len <= 0 or batch <= 0:
         raise UserError("--seq and --batch must be positive integers.")
+    if blocks is not None and (blocks <= 0 or exact):
+        raise UserError("--blocks must be a positive number of blocks, and works with the fast planner only "
+                        "(the ILP chooses its own block count; --exact cannot fix it).")
     return [Config(model=m, gpu=g, vram_gib=v, method=me, seq_len=seq_len, batch=batch, host_ram_gib=host_ram_gib,
-                   cpu_adam_params_per_s=cpu_adam_params_per_s, exact=exact)
+                   cpu_adam_params_per_s=cpu_adam_params_per_s, blocks=blocks, exact=exact)
             for m in models for g in gpus for me in methods for v in vrams]
 
 
@@ -126,7 +130,7 @@ def evaluate(c: Config) -> Row:
                   time_limit_s=5.0)
     if req.reserve_gib * GIB >= vram * GIB:
         return Row(fits=False, reason="budget below the reserve", **row)
-    out, why = (_exact if c.exact else _fast)(prof, hw, req)
+    out, why = _exact(prof, hw, req) if c.exact else _fast(prof, hw, req, c.blocks)
     if out is None:
         return Row(fits=False, reason=why, **row)
     return Row(fits=True, micro_batch=out.micro_batch, blocks=out.plan_blocks, streamed_layers=out.streamed,
@@ -160,7 +164,7 @@ def _outcome(sim) -> _Outcome:
                     limited_by=STREAM_WORDS[max(slowest.critical_seconds, key=slowest.critical_seconds.get)])
 
 
-def _fast(prof: ModelProfile, hw: Hardware, req: Request):
+def _fast(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None = None):
     """quick_plan, simulated; on a simulated overflow tighten the cap and plan again (as make_plan does).
 
     The ILP's accounting (which quick_plan shares) counts offloaded activations as gone once their layer's
@@ -170,7 +174,7 @@ def _fast(prof: ModelProfile, hw: Hardware, req: Request):
     cap = budget - int(req.reserve_gib * GIB)
     acts = ACTS
     for _attempt in range(5):
-        plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts)
+        plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
         if plan is None:
             return None, "nothing fits: not even with every layer streamed and activations recomputed"
         key = (prof.fingerprint, hw.gpu.id, hw.host, plan.shape, plan.blocks, plan.placements,

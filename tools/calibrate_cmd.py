@@ -22,16 +22,22 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="matmul dtype (default: what the runtime computes in: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when present")
+    p.add_argument("--seq", type=int, default=512, help="sequence length of the layer timings (default 512)")
+    p.add_argument("--fit", choices=("layer", "gemm"), default="layer",
+                   help="price compute by a real decoder layer's rate (default) or by the bare GEMM's")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
+    from planner.errors import check_positive
     from simulator.calibrate import calibrate, write_profile
     from tools.simulate_cmd import check_writable
     check_writable(a.out)
+    check_positive("--seq", a.seq, integer=True, upper=1 << 20)
     log = None if a.quiet else (lambda msg: print(msg, flush=True))
-    hw, meas = calibrate(directory=a.dir, quick=a.quick, model=a.model, dtype=a.dtype, device=a.device, log=log)
+    hw, meas = calibrate(directory=a.dir, quick=a.quick, model=a.model, dtype=a.dtype, device=a.device,
+                         fit=a.fit, seq=a.seq, log=log)
     write_profile(a.out, hw, meas)
     if not a.quiet:
         g, h = hw.gpu, hw.host

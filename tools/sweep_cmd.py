@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--seq", type=int, default=2048, help="sequence length (capped at the model's maximum)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--host-ram", type=float, help="host RAM in GiB (default 64)")
+    p.add_argument("--blocks", type=int, help="fix BCD's number of blocks (default: the planner's choice, the "
+                                              "fewest that fit)")
     p.add_argument("--cpu-adam", type=float, help="CPU AdamW parameters per second (default 0.2e9, torch's)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     p.add_argument("--exact", action="store_true", help="solve the ILP for every configuration (slow)")
@@ -75,10 +77,11 @@ def run(a) -> int:
     check_positive("--host-ram", a.host_ram, upper=65536)
     check_positive("--tokens", a.tokens, upper=1e18)
     check_positive("--cpu-adam", a.cpu_adam, upper=1e12)
+    check_positive("--blocks", a.blocks, integer=True, upper=10**4)
     gpus = gpu_names() if a.gpu.strip() == "all" else _names(a.gpu)
     methods = ["bcd", "full"] if a.compare_methods else _names(a.method)
     configs = sweep.grid(_names(a.model), gpus, parse_vram(a.vram), methods, seq_len=a.seq, batch=a.batch,
-                         host_ram_gib=a.host_ram, cpu_adam_params_per_s=a.cpu_adam, exact=a.exact)
+                         host_ram_gib=a.host_ram, cpu_adam_params_per_s=a.cpu_adam, blocks=a.blocks, exact=a.exact)
     rows = sweep.run(configs, workers=a.workers)
     if a.csv:
         sweep.write_csv(a.csv, rows)

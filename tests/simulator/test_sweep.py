@@ -86,3 +86,10 @@ def test_bcd_versus_full_cost_table(capsys):
     assert bcd.fits and full.fits and bcd.tokens_per_s > full.tokens_per_s
     assert bcd.usd_per_btok < full.usd_per_btok
     assert full.peak_gib * GIB <= 80 * GIB
+
+
+def test_fixed_block_count():
+    rows = sweep.run(sweep.grid(["7b"], ["a100-80g"], [None], ["bcd"], blocks=8), workers=1)
+    assert rows[0].fits and rows[0].blocks == 8
+    with pytest.raises(Exception, match="--blocks"):
+        sweep.grid(["7b"], ["a100-80g"], [None], ["bcd"], blocks=8, exact=True)
