@@ -83,6 +83,14 @@ def load_model_config(spec: str) -> ModelConfig:
     return _from_hf_config(path)
 
 
+def _rope_theta(raw: dict) -> float:
+    """transformers 5 nests the RoPE base in rope_parameters; 4.x has rope_theta at the top."""
+    nested = raw.get("rope_parameters")
+    if isinstance(nested, dict) and "rope_theta" in nested:
+        return nested["rope_theta"]
+    return 10000.0
+
+
 def _from_hf_config(path: str) -> ModelConfig:
     try:
         with open(path, encoding="utf-8") as f:
@@ -124,7 +132,7 @@ def _from_hf_config(path: str) -> ModelConfig:
     return ModelConfig(
         name=path, hidden=hidden, layers=field("num_hidden_layers"), heads=heads, kv_heads=kv,
         ffn=field("intermediate_size"), vocab=field("vocab_size"),
-        rope_theta=float(field("rope_theta", 10000.0, float)), norm_eps=float(field("rms_norm_eps", 1e-5, float)),
+        rope_theta=float(field("rope_theta", _rope_theta(raw), float)), norm_eps=float(field("rms_norm_eps", 1e-5, float)),
         attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         max_seq=field("max_position_embeddings", 4096), arch=arch)

@@ -12,6 +12,7 @@ its flat weight buffer) are never counted nor moved: the store owns them.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -38,9 +39,11 @@ class SavedSet:
         self.count = 0                               # tensors packed (for tests: nothing saved below the block)
 
     def pack(self, t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() == self.weights().untyped_storage().data_ptr():
+        s, w = t.untyped_storage(), self.weights()
+        if s.data_ptr() == w.untyped_storage().data_ptr():
             return (_PARAM, t.dtype, t.shape, t.stride(), t.storage_offset())
+        if t.device != w.device:
+            return t  # host-side state a kernel keeps (an RNG seed): not device memory, stays where it is
         self.count += 1
         key = s.data_ptr()
         if key not in self.device:
@@ -122,3 +125,92 @@ def backward(y: torch.Tensor, grad_out: torch.Tensor | None) -> None:
     """Backward through one layer's graph: weight gradients accumulate in .grad of its trainable parameters,
     the input's gradient lands in its detached input's .grad."""
     torch.autograd.backward(y, grad_out)
+
+
+@dataclass
+class Rec:
+    """One layer's forward for one micro-batch, held until its backward."""
+    x: torch.Tensor | None          # the detached input (its .grad is the gradient for the layer below)
+    y: torch.Tensor | None          # the output with its graph (None while a recomputed layer waits)
+    saved: SavedSet | None
+    in_bytes: int
+
+
+class ComputeOps:
+    """The schedule's compute ops and activation transfers, for engine.PhaseOps (which holds the step's state:
+    the layers and their bound weights, the micro-batches, and the records below).
+
+    forward: the layer on a detached input, under no_grad below the block (nothing saved), else with its saved
+    tensors kept, offloaded, or not made at all (recompute); recompute: the forward again, with grad, from the
+    kept input; backward: torch.autograd.backward(output, gradient of the output), handing the input's gradient
+    to the layer below. Each records the device bytes it allocates and frees (mem), measured."""
+
+    def _saved_set(self, i: int, offload: bool) -> SavedSet:
+        return SavedSet(weights=lambda: self.bound[i], offload=offload)
+
+    def _run(self, i: int, mb: int, x, *, grad: bool, saved):
+        y = forward(self.layers[i], x, self.labels[mb] if i == self.head else None, grad=grad, saved=saved,
+                    autocast=self.target.cuda)
+        return y / self.grad_accum if i == self.head else y
+
+    def _forward(self, op, gpu) -> None:
+        i, mb = op.layer, op.micro_batch
+        x = self.tokens[mb] if i == 0 else self.outs.pop((i - 1, mb))
+        in_bytes = 0 if i == 0 else x.nbytes
+        self._bind(op)
+        kept, mode = 0, self.plan.placement(i).activations
+        if self.roles[i] == "below":
+            y = self._run(i, mb, x, grad=False, saved=None)
+        else:
+            if i > 0:
+                x = x.detach().requires_grad_(i > self.first)
+            saved = None if mode == "recompute" else self._saved_set(i, offload=(mode == "cpu"))
+            y = self._run(i, mb, x, grad=saved is not None, saved=saved)
+            self.recs[(i, mb)] = Rec(x=x, y=None if saved is None else y, saved=saved, in_bytes=in_bytes)
+            if saved is not None:
+                kept = saved.nbytes
+                self.saved_tensors[i] += saved.count
+        if i == self.head:
+            self.loss += y.detach()
+            out_bytes = 0  # the head's output is the scalar loss, not an activation (as the profile counts it)
+        else:
+            self.outs[(i, mb)] = y.detach() if y.requires_grad else y
+            out_bytes = y.nbytes
+        recomputed = mode == "recompute" and self.roles[i] != "below"
+        self.mem[op.id] = (out_bytes + kept, 0, 0 if recomputed else in_bytes)
+
+    def _recompute(self, op, gpu) -> None:
+        i, mb = op.layer, op.micro_batch
+        self._bind(op)
+        rec = self.recs[(i, mb)]
+        rec.saved = self._saved_set(i, offload=False)
+        rec.y = self._run(i, mb, rec.x, grad=True, saved=rec.saved)
+        self.saved_tensors[i] += rec.saved.count
+        self.mem[op.id] = (rec.saved.nbytes, 0, 0)
+
+    def _backward(self, op, gpu) -> None:
+        i, mb = op.layer, op.micro_batch
+        self._bind(op)
+        rec = self.recs.pop((i, mb))
+        backward(rec.y, None if i == self.head else self.grad_out.pop((i, mb)))
+        lowest = i == self.first
+        if not lowest:
+            self.grad_out[(i - 1, mb)] = rec.x.grad
+        grad_bytes = 0
+        if self.roles[i] == "active" and self.plan.placement(i).grads == "cpu":
+            params = [p for p in self.layers[i].parameters()]
+            self.pending_grads[(i, mb)] = [p.grad for p in params]
+            grad_bytes = sum(p.grad.nbytes for p in params)
+            for p in params:
+                p.grad = None
+        rec.saved.release(gpu)
+        out_bytes = 0 if i == self.head else rec.y.nbytes
+        recomputed = self.plan.placement(i).activations == "recompute"
+        self.mem[op.id] = ((0 if lowest else rec.in_bytes) + grad_bytes, 0,
+                           rec.saved.nbytes + out_bytes + (rec.in_bytes if recomputed else 0))
+
+    def _offload_act(self, op, gpu) -> None:
+        self.recs[(op.layer, op.micro_batch)].saved.to_host(self.act_buffers, (op.layer, op.micro_batch), gpu)
+
+    def _fetch_act(self, op, gpu) -> None:
+        self.recs[(op.layer, op.micro_batch)].saved.to_device(self.target.device, gpu)

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from planner.schedule import role
-from runtime.activations import HostBuffers, SavedSet, backward, forward
+from runtime.activations import ComputeOps, HostBuffers, Rec
 from runtime.optim import BlockOptimizer
 from runtime.store import FlatLayout, Target, TieredStore, bind
 
@@ -48,10 +47,14 @@ class Streams:
         return self.cuda.get(name)
 
     def join_copies(self) -> None:
-        """End of a step: later compute waits for everything the copy streams were given (GPU-side)."""
+        """End of a step, GPU-side only: whatever any stream does next comes after all the step's work (the
+        next step's first loads read host buffers this step's writebacks fill)."""
         if self.cuda:
-            self.cuda["compute"].wait_stream(self.cuda["h2d"])
-            self.cuda["compute"].wait_stream(self.cuda["d2h"])
+            compute, h2d, d2h = self.cuda["compute"], self.cuda["h2d"], self.cuda["d2h"]
+            compute.wait_stream(h2d)
+            compute.wait_stream(d2h)
+            h2d.wait_stream(compute)
+            d2h.wait_stream(compute)
 
     def close(self) -> None:
         for w in self.workers.values():
@@ -79,10 +82,9 @@ def implicit_deps(ops) -> dict[int, tuple[int, ...]]:
 
 
 def issue_order(ops) -> list:
-    """The schedule's list, with one repair: the schedule fetches a layer's offloaded activations one compute op
-    ahead of its backward, which for the first layer of the backward pass (its backward follows its forward at
-    once) puts the fetch before the forward and the offload it reads. Such a fetch moves to just after its
-    offload; every other op keeps its place."""
+    """The schedule's list, with one repair: a fetch of offloaded activations listed before the offload it reads
+    (earlier schedules fetched the first backward layer's activations before its own forward) moves to just after
+    that offload. Every other op keeps its place; for a schedule without such a fetch this is the identity."""
     seen, held, out = set(), {}, []
     offloads = {(op.layer, op.micro_batch) for op in ops if op.kind == "offload_act"}
     for op in ops:
@@ -105,20 +107,35 @@ class Executor:
         self.streams = streams
         self.tracer = tracer
 
-    def run(self, ops, handler) -> None:
+    def run(self, ops, handler, *, carried: dict[int, Future] | None = None, ahead=(), ahead_ctx=None) -> dict:
+        """Issue `ops` in order and wait for all of them. `ahead`: dependency-free ops of the *next* run (the
+        next step's first NVMe reads) issued once this run's ops are, so they overlap this step's tail; their
+        futures come back and go in as the next run's `carried`, which it uses instead of issuing them again."""
+        carried = dict(carried or {})
         done: dict[int, Future] = {}
+        early: dict[int, Future] = {}
         extra = implicit_deps(ops)
         pending: list[Future] = []
+        order = issue_order(ops)
+        # the early reads queue behind this run's last op on their stream, so they start as soon as it is done
+        after = max((k for k, op in enumerate(order) if any(op.stream == a.stream for a in ahead)), default=-1)
         try:
-            for op in issue_order(ops):
-                deps = [done[d] for d in op.deps + extra.get(op.id, ())]
-                if op.stream == "compute":
+            for k, op in enumerate(order):
+                if op.id in carried:
+                    done[op.id] = carried.pop(op.id)
+                    pending.append(done[op.id])
+                elif op.stream == "compute":
+                    deps = [done[d] for d in op.deps + extra.get(op.id, ())]
                     done[op.id] = _resolved(self._call(op, deps, handler))
                     handler.book(op)
                 else:
+                    deps = [done[d] for d in op.deps + extra.get(op.id, ())]
                     handler.book(op)  # every size it needs is known once the earlier compute ops ran
                     done[op.id] = self.streams.workers[op.stream].submit(self._call, op, deps, handler)
                     pending.append(done[op.id])
+                if k == after or (k == len(order) - 1 and not early):
+                    early = {a.id: self.streams.workers[a.stream].submit(self._call, a, [], handler, ahead_ctx)
+                             for a in ahead}
         except BaseException:
             handler.abort()  # wake workers blocked on a staging buffer that will never come back
             raise
@@ -132,8 +149,9 @@ class Executor:
             self.streams.join_copies()
         if errors:
             raise errors[0]
+        return early
 
-    def _call(self, op, deps, handler):
+    def _call(self, op, deps, handler, ctx=None):
         gpu = self.streams.gpu(op.stream)
         for d in deps:
             event = d.result()
@@ -142,11 +160,11 @@ class Executor:
                     gpu.wait_event(event)
                 else:
                     event.synchronize()
-        ctx = torch.cuda.stream(gpu) if gpu is not None else contextlib.nullcontext()
-        with ctx:
+        on_stream = torch.cuda.stream(gpu) if gpu is not None else contextlib.nullcontext()
+        with on_stream:
             token = self.tracer.begin(gpu)
             handler.execute(op, gpu)
-            self.tracer.end(op, token, gpu, handler.moved_bytes(op))
+            self.tracer.end(op, token, gpu, handler.moved_bytes(op), ctx)
             if gpu is None:
                 return None
             event = torch.cuda.Event()
@@ -154,17 +172,9 @@ class Executor:
             return event
 
 
-@dataclass
-class Rec:
-    """One layer's forward for one micro-batch, held until its backward."""
-    x: torch.Tensor | None          # the detached input (its .grad is the gradient for the layer below)
-    y: torch.Tensor | None          # the output with its graph (None while a recomputed layer waits)
-    saved: SavedSet | None
-    in_bytes: int
-
-
-class PhaseOps:
-    """What each op of one phase does (execute) and what device bytes it books (book), measured, in issue order."""
+class PhaseOps(ComputeOps):
+    """What each op of one phase does (execute) and what device bytes it books (book), measured, in issue order.
+    The compute ops (forward, recompute, backward) and the activation transfers are ComputeOps's."""
 
     def __init__(self, *, plan, phase, layers, layouts: list[FlatLayout], store: TieredStore, optim: BlockOptimizer,
                  act_buffers: HostBuffers, streams: Streams):
@@ -179,6 +189,7 @@ class PhaseOps:
         self.load_of = _load_ids(phase.ops)
         self.bound: dict[int, torch.Tensor] = {i: store.resident(i) for i, t in enumerate(store.tiers) if t == "gpu"}
         self.scratch: dict[int, torch.Tensor] = {}         # host copies of device-updated weights bound for NVMe
+        self.staged: dict[int, torch.Tensor] = {}          # read op id -> staging buffer (may span two steps)
 
         self._clear()
 
@@ -193,9 +204,9 @@ class PhaseOps:
         self.grad_out: dict[tuple, torch.Tensor] = {}     # gradient of layer L's output, micro-batch mb
         self.pending_grads: dict[tuple, list] = {}
         self.loaded: dict[int, torch.Tensor] = {}          # load op id -> device buffer
-        self.staged: dict[int, torch.Tensor] = {}          # read op id -> staging buffer
         self.new_weights: dict[int, torch.Tensor] = {}
         self.mem: dict[int, tuple[int, int, int]] = {}     # op id -> (alloc, transient, free), measured
+        self.deferred: dict[int, int] = {}                 # d2h op id -> bytes its source frees when waited for
         self.loss = torch.zeros((), dtype=torch.float32, device=self.target.device)
         self.saved_tensors = [0] * self.plan.n_layers      # tensors packed per layer this step (tests)
 
@@ -205,21 +216,32 @@ class PhaseOps:
         getattr(self, "_" + op.kind)(op, gpu)
 
     def book(self, op) -> None:
+        """Book an op's measured device bytes, in issue order. A copy off the device (offload, grad) frees its
+        source only once an op that waits for it is issued, or at the step's end: until then the copy may still be
+        reading it (on CUDA the allocator keeps it, by record_stream). The schedule's replay counts the same way."""
         m, k, key = self.store.meter, op.kind, (op.layer, op.micro_batch)
+        for d in op.deps:
+            m.book("activations", free=self.deferred.pop(d, 0))
         if k == "load_weights":
             m.book("prefetch", alloc=self.store.weight_bytes(op.layer))
         elif k == "evict":
             m.book("prefetch", free=self.store.weight_bytes(op.layer))
         elif k == "offload_act":
-            m.book("activations", free=self.recs[key].saved.nbytes)
+            self.deferred[op.id] = self.recs[key].saved.nbytes
         elif k == "fetch_act":
             m.book("activations", alloc=self.recs[key].saved.nbytes)
         elif k == "grad_offload":
-            m.book("activations", free=sum(g.nbytes for g in self.pending_grads[key]))
+            self.deferred[op.id] = sum(g.nbytes for g in self.pending_grads[key])
         elif op.id in self.mem:
             alloc, transient, free = self.mem.pop(op.id)
             m.book("workspace" if k == "optimizer_step" else "activations", alloc=alloc, transient=transient,
                    free=free)
+
+    def end_step(self) -> None:
+        """Book the frees of copies nothing waited for: every copy is done once the step is."""
+        for nbytes in self.deferred.values():
+            self.store.meter.book("activations", free=nbytes)
+        self.deferred.clear()
 
     def moved_bytes(self, op) -> int:
         k = op.kind
@@ -237,77 +259,18 @@ class PhaseOps:
         if self.store.staging is not None:
             self.store.staging.abort()
 
-    # -- compute ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """The phase is over: unpin its host copies of device-updated weights."""
+        for buf in self.scratch.values():
+            self.store.host.release(buf)
+        self.scratch.clear()
 
     def _bind(self, op) -> None:
+        """Point a streamed layer's parameters at the device copy its compute op uses (called by compute ops)."""
         i = op.layer
         if self.store.tiers[i] != "gpu":
             self.bound[i] = self.loaded[self.load_of[op.id]]
             bind(self.layers[i], self.layouts[i], self.bound[i], empty=self.store.empty)
-
-    def _saved_set(self, i: int, offload: bool) -> SavedSet:
-        return SavedSet(weights=lambda: self.bound[i], offload=offload)
-
-    def _run(self, i: int, mb: int, x, *, grad: bool, saved):
-        y = forward(self.layers[i], x, self.labels[mb] if i == self.head else None, grad=grad, saved=saved,
-                    autocast=self.target.cuda)
-        return y / self.grad_accum if i == self.head else y
-
-    def _forward(self, op, gpu) -> None:
-        i, mb = op.layer, op.micro_batch
-        x = self.tokens[mb] if i == 0 else self.outs.pop((i - 1, mb))
-        in_bytes = 0 if i == 0 else x.nbytes
-        self._bind(op)
-        kept, mode = 0, self.plan.placement(i).activations
-        if self.roles[i] == "below":
-            y = self._run(i, mb, x, grad=False, saved=None)
-        else:
-            if i > 0:
-                x = x.detach().requires_grad_(i > self.first)
-            saved = None if mode == "recompute" else self._saved_set(i, offload=(mode == "cpu"))
-            y = self._run(i, mb, x, grad=saved is not None, saved=saved)
-            self.recs[(i, mb)] = Rec(x=x, y=None if saved is None else y, saved=saved, in_bytes=in_bytes)
-            if saved is not None:
-                kept = saved.nbytes
-                self.saved_tensors[i] += saved.count
-        if i == self.head:
-            self.loss += y.detach()
-            out_bytes = 0  # the head's output is the scalar loss, not an activation (as the profile counts it)
-        else:
-            self.outs[(i, mb)] = y.detach() if y.requires_grad else y
-            out_bytes = y.nbytes
-        recomputed = mode == "recompute" and self.roles[i] != "below"
-        self.mem[op.id] = (out_bytes + kept, 0, 0 if recomputed else in_bytes)
-
-    def _recompute(self, op, gpu) -> None:
-        i, mb = op.layer, op.micro_batch
-        self._bind(op)
-        rec = self.recs[(i, mb)]
-        rec.saved = self._saved_set(i, offload=False)
-        rec.y = self._run(i, mb, rec.x, grad=True, saved=rec.saved)
-        self.saved_tensors[i] += rec.saved.count
-        self.mem[op.id] = (rec.saved.nbytes, 0, 0)
-
-    def _backward(self, op, gpu) -> None:
-        i, mb = op.layer, op.micro_batch
-        self._bind(op)
-        rec = self.recs.pop((i, mb))
-        backward(rec.y, None if i == self.head else self.grad_out.pop((i, mb)))
-        lowest = i == self.first
-        if not lowest:
-            self.grad_out[(i - 1, mb)] = rec.x.grad
-        grad_bytes = 0
-        if self.roles[i] == "active" and self.plan.placement(i).grads == "cpu":
-            params = [p for p in self.layers[i].parameters()]
-            self.pending_grads[(i, mb)] = [p.grad for p in params]
-            grad_bytes = sum(p.grad.nbytes for p in params)
-            for p in params:
-                p.grad = None
-        rec.saved.release(gpu)
-        out_bytes = 0 if i == self.head else rec.y.nbytes
-        recomputed = self.plan.placement(i).activations == "recompute"
-        self.mem[op.id] = ((0 if lowest else rec.in_bytes) + grad_bytes, 0,
-                           rec.saved.nbytes + out_bytes + (rec.in_bytes if recomputed else 0))
 
     def _evict(self, op, gpu) -> None:
         i = op.layer
@@ -317,6 +280,7 @@ class PhaseOps:
         if self.bound.get(i) is buf:
             bind(self.layers[i], self.layouts[i], None, empty=self.store.empty)
             del self.bound[i]
+        self.store.buffers.give(buf)
 
     # -- weights ------------------------------------------------------------------------------------------------
 
@@ -325,7 +289,7 @@ class PhaseOps:
 
     def _load_weights(self, op, gpu) -> None:
         i, n = op.layer, self.layouts[op.layer].numel
-        buf = torch.empty(n, dtype=self.target.weight_dtype, device=self.target.device)
+        buf = self.store.buffers.take(n)
         read = next((d for d in op.deps if d in self.staged), None)
         src = self.store.pinned(i) if read is None else self.staged.pop(read)
         buf.copy_(src[:n], non_blocking=gpu is not None)
@@ -337,13 +301,7 @@ class PhaseOps:
             self.store.release_staging(src, event)
         self.loaded[op.id] = buf
 
-    # -- activations and gradients ------------------------------------------------------------------------------
-
-    def _offload_act(self, op, gpu) -> None:
-        self.recs[(op.layer, op.micro_batch)].saved.to_host(self.act_buffers, (op.layer, op.micro_batch), gpu)
-
-    def _fetch_act(self, op, gpu) -> None:
-        self.recs[(op.layer, op.micro_batch)].saved.to_device(self.target.device, gpu)
+    # -- gradients ---------------------------------------------------------------------------------------------
 
     def _grad_offload(self, op, gpu) -> None:
         grads = self.pending_grads.pop((op.layer, op.micro_batch))
@@ -366,7 +324,7 @@ class PhaseOps:
     def _optimizer_step(self, op, gpu) -> None:
         i = op.layer
         block = self.plan.blocks[self.phase.block]
-        self.optim.clip([self.optim.grads(j, self._params(j)) for j in block.layers])
+        self.optim.clip(lambda: [self.optim.grads(j, self._params(j)) for j in block.layers])
         new, transient = self.optim.step_layer(i, self.optim.grads(i, self._params(i)), self.lr)
         for p in self._params(i):
             p.grad = None
@@ -389,6 +347,8 @@ class PhaseOps:
         if op.stream == "nvme_write":
             self.store.write_weights(i, self.scratch[i] if on_device else self.new_weights[i])
             return
+        if gpu is not None:
+            self.new_weights[i].record_stream(gpu)  # made on the compute stream, read here
         if self.store.tiers[i] == "cpu":  # d2h writeback after a step on the device
             self.store.pinned(i).copy_(self.new_weights[i], non_blocking=gpu is not None)
             return
@@ -400,6 +360,9 @@ class PhaseOps:
 
     def _load_state(self, op, gpu) -> None:
         self.optim.load_kept(op.layer)
+        buf = self.optim.states[op.layer].buf
+        if gpu is not None and buf is not None and buf.is_cuda:
+            buf.record_stream(self.streams.gpu("compute"))  # made on the h2d stream, stepped on compute
 
     def _save_state(self, op, gpu) -> None:
         self.optim.save_kept(op.layer)

@@ -53,11 +53,13 @@ def _params_where(plan: Plan, layer_params: list[int], tier: str) -> int:
 
 def nvme_need_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
     """The plan's NVMe bytes with weights at the runtime's element size (fp32 on a CPU-only machine)."""
-    return plan.predicted.nvme_bytes + _params_where(plan, layer_params, "nvme") * (weight_bytes - PLAN_BYTES_PER_WEIGHT)
+    extra = weight_bytes - PLAN_BYTES_PER_WEIGHT
+    return plan.predicted.nvme_bytes + _params_where(plan, layer_params, "nvme") * extra
 
 
 def host_need_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
-    return plan.predicted.host_ram_bytes + _params_where(plan, layer_params, "cpu") * (weight_bytes - PLAN_BYTES_PER_WEIGHT)
+    extra = weight_bytes - PLAN_BYTES_PER_WEIGHT
+    return plan.predicted.host_ram_bytes + _params_where(plan, layer_params, "cpu") * extra
 
 
 def _existing(path: str) -> str:
@@ -91,6 +93,18 @@ def check_host_ram(need_bytes: int) -> None:
                         f"with --host-ram {avail / GIB:.0f} so more goes to NVMe, or free memory.")
 
 
+def resume_signature(plan: Plan) -> dict:
+    """What must not change between a checkpoint and its resume. Tiers may (a plan for another machine): the
+    saved weights and optimizer state are tier-agnostic."""
+    return {"fingerprint": plan.fingerprint, "method": plan.method, "blocks": [[b.first, b.last] for b in plan.blocks],
+            "order": plan.order, "seed": plan.seed, "steps_per_block": plan.steps_per_block,
+            "switch_state": plan.switch_state, "micro_batch": plan.shape.micro_batch,
+            "seq_len": plan.shape.seq_len, "grad_accum": plan.shape.grad_accum}
+
+
+RESUME_KEYS = ("plan", "position", "active_block", "optimizer", "data", "rng")
+
+
 def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkpoint | None:
     """The checkpoint to resume from, read and checked; or None. A checkpoint directory that already holds a
     run is refused without --resume: a new run would prune its checkpoints."""
@@ -103,11 +117,23 @@ def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkp
     if not path:
         raise UserError("--resume needs a checkpoint: give its path, or --ckpt-dir holding one.")
     ck = load_checkpoint(resolve_step_dir(path))
-    saved = (ck.meta.get("plan") or {}).get("fingerprint")
-    if saved != plan.fingerprint:
-        raise UserError(f"checkpoint '{ck.path}' is of another model (fingerprint {saved}, the plan's is "
-                        f"{plan.fingerprint}).")
+    missing = [k for k in RESUME_KEYS if k not in ck.meta]
+    if missing:
+        raise UserError(f"checkpoint '{ck.path}' was not written by `blockfit train` (its meta.json lacks "
+                        f"{', '.join(missing)}); start from its weights with --init-from instead.")
+    check_same_plan(plan, ck)
     return ck
+
+
+def check_same_plan(plan: Plan, ck: Checkpoint) -> None:
+    saved, want = ck.meta.get("plan") or {}, resume_signature(plan)
+    if saved.get("fingerprint") != plan.fingerprint:
+        raise UserError(f"checkpoint '{ck.path}' is of another model (fingerprint {saved.get('fingerprint')}, the "
+                        f"plan's is {plan.fingerprint}).")
+    diff = [k for k in want if saved.get(k) != want[k]]
+    if diff:
+        raise UserError(f"checkpoint '{ck.path}' was trained under another plan ({', '.join(diff)} differ); resume "
+                        f"with the plan it was made with (placements may differ, these may not).")
 
 
 def check_outputs(*paths: str | None) -> None:

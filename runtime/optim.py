@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.store import FlatLayout, TieredStore
+from runtime.store import FlatLayout, TieredStore, aligned_empty
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,14 +75,11 @@ class BlockOptimizer:
 
     # -- where things are ---------------------------------------------------------------------------------------
 
-    def _device(self, tier: str) -> torch.device:
-        return self.target.device if tier == "gpu" else torch.device("cpu")
-
     def _empty(self, layer: int, tier: str) -> torch.Tensor:
         n = 3 * self.layouts[layer].numel
         if tier == "gpu":
             return torch.empty(n, dtype=torch.float32, device=self.target.device)
-        return self.store.host.empty(n, torch.float32)
+        return aligned_empty(n, torch.float32)  # stepped by the CPU, never the source of an async copy
 
     def split(self, layer: int, buf: torch.Tensor) -> tuple[list, list, list]:
         n, lay = self.layouts[layer].numel, self.layouts[layer]
@@ -128,6 +125,9 @@ class BlockOptimizer:
             if st is not None and self.switch_state != "reset" and (self._keeps_in_place(i) or not switched):
                 self.kept[i] = st
         self.host_grads.clear()
+        for buf in self._staged_grads.values():
+            self.store.host.release(buf)
+        self._staged_grads.clear()
 
     def load_kept(self, layer: int) -> None:
         """Switch op 'load state': the kept state onto the master tier (fresh if the block was never trained)."""
@@ -141,7 +141,7 @@ class BlockOptimizer:
             self.store.files.write(f"state-L{layer}", buf)
             self.states[layer] = LayerState(buf=None, step=kept.step, on_file=True)
         elif tier == "gpu":
-            self.states[layer] = LayerState(buf=buf.to(self.target.device, non_blocking=True), step=kept.step)
+            self.states[layer] = LayerState(buf=buf.to(self.target.device), step=kept.step)
         else:
             self.states[layer] = LayerState(buf=buf, step=kept.step)
 
@@ -157,13 +157,12 @@ class BlockOptimizer:
             self.store.files.write(f"kept-L{layer}", buf.to("cpu"))
             self.kept[layer] = LayerState(buf=None, step=st.step, on_file=True)
         else:
-            host = self.store.host.empty(buf.numel(), torch.float32)
+            host = aligned_empty(buf.numel(), torch.float32)
             host.copy_(buf)
             self.kept[layer] = LayerState(buf=host, step=st.step)
 
     def _read_file(self, layer: int, kind: str) -> torch.Tensor:
-        return self.store.files.read(f"{kind}-L{layer}", self.store.host.empty(3 * self.layouts[layer].numel,
-                                                                                  torch.float32))
+        return self.store.files.read(f"{kind}-L{layer}", aligned_empty(3 * self.layouts[layer].numel, torch.float32))
 
     # -- NVMe state ---------------------------------------------------------------------------------------------
 
@@ -174,7 +173,6 @@ class BlockOptimizer:
     def write_state(self, layer: int) -> None:
         st = self.states[layer]
         self.store.files.write(f"state-L{layer}", st.buf)
-        self.store.host.release(st.buf)
         st.buf, st.on_file = None, True
 
     # -- gradients ----------------------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ class BlockOptimizer:
         On CUDA this runs on the d2h worker: an async copy to pinned memory, a wait on it, then the CPU adds."""
         lay = self.layouts[layer]
         if layer not in self.host_grads:
-            self.host_grads[layer] = self.store.host.empty(lay.numel, torch.float32)
+            self.host_grads[layer] = aligned_empty(lay.numel, torch.float32)
         acc = lay.views(self.host_grads[layer])
         if self.target.cuda:
             tmp = self._staged_grads.get(layer)
@@ -210,13 +208,15 @@ class BlockOptimizer:
             return self.layouts[layer].views(self.host_grads[layer])
         return [p.grad for p in params]
 
-    def clip(self, grads_by_layer: list[list[torch.Tensor]]) -> None:
-        """The block's global gradient norm, and clipping to cfg.clip, once per step (the first adam op does it,
-        all of the block's gradients being complete). Same arithmetic as torch.nn.utils.clip_grad_norm_."""
+    def clip(self, block_grads) -> None:
+        """The block's global gradient norm, and clipping to cfg.clip, once per step: the first optimizer op
+        does it (every gradient of the block is complete by then) and the others find it done. `block_grads()`
+        lists the block's gradients; it is called under the lock and only by that first op, so no thread reads
+        a layer's .grad while another layer's op clears its own. Same arithmetic as clip_grad_norm_."""
         with self._clip_lock:
             if self._clip_done:
                 return
-            grads = [g for gs in grads_by_layer for g in gs]
+            grads = [g for gs in block_grads() for g in gs]
             total = torch.nn.utils.get_total_norm(grads)
             if self.cfg.clip:
                 coef = torch.clamp(self.cfg.clip / (total + 1e-6), max=1.0)

@@ -5,12 +5,13 @@ Three tiers, as the plan names them:
   cpu   one flat buffer per layer in pinned host memory, exactly the layer's size: ordinary memory registered
         with cudaHostRegister, not PyTorch's caching host allocator, which rounds every block up to a power of
         two (../shared/reference/hardware.md);
-  nvme  one file per layer under --nvme-dir, read and written by the copy engine's NVMe threads through pinned
-        staging buffers. The page cache is dropped (posix_fadvise DONTNEED) after every write and before every
-        read, so each read reaches the drive, as it does when host RAM is short, which is why the plan chose NVMe.
+  nvme  one file per layer under --nvme-dir, read and written by the copy engine's NVMe threads through pinned,
+        4 KiB-aligned staging buffers. Reads bypass the page cache (O_DIRECT, several requests in flight; where the
+        filesystem refuses O_DIRECT, posix_fadvise DONTNEED first), so each read reaches the drive, as it does when
+        host RAM is short, which is why the plan chose NVMe; writes are made durable, then dropped from the cache.
 
 Every parameter of a layer is a view into its flat buffer, so a layer moves in one copy. Without CUDA the CPU
-stands in for the device: "device" buffers are separate CPU tensors, and the same ledger counts them.
+stands in for the device: "device" buffers are separate CPU tensors, and the same ledger (DeviceMeter) counts them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import queue
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +132,25 @@ class DeviceMeter:
             self.peak_breakdown = dict(self.live)
 
 
+BLOCK = 4096   # O_DIRECT alignment of buffers, offsets and lengths
+
+
+def _round_up(n: int, to: int = BLOCK) -> int:
+    return -(-n // to) * to
+
+
+def aligned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor starting on a 4 KiB boundary and owning whole 4 KiB blocks (for O_DIRECT reads)."""
+    nbytes = _round_up(max(1, numel * dtype.itemsize))
+    raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % BLOCK
+    return raw[start:start + nbytes].view(dtype)[:numel]
+
+
 class HostMemory:
-    """Exact-size host buffers, page-locked with cudaHostRegister when there is a GPU (plain memory otherwise)."""
+    """Exact-size host buffers, 4 KiB aligned (so NVMe reads can bypass the page cache into them), page-locked
+    with cudaHostRegister when there is a GPU (plain memory otherwise). What is registered is the buffer's size
+    rounded up to a 4 KiB block, never a power of two."""
 
     def __init__(self, pin: bool):
         self.pin = pin
@@ -139,9 +158,9 @@ class HostMemory:
         self._lock = threading.Lock()
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(numel, dtype=dtype)
-        if self.pin and t.nbytes:
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
+        t = aligned_empty(numel, dtype)
+        if self.pin:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), _capacity(t), 0))
             with self._lock:
                 self._pinned[t.data_ptr()] = t
         return t
@@ -157,15 +176,29 @@ class HostMemory:
             self.release(t)
 
 
-class NvmeFiles:
-    """Flat tensors as files in a private directory under the user's NVMe directory; removed by close()."""
+def _capacity(t: torch.Tensor) -> int:
+    """Bytes from t's first byte to the end of its storage."""
+    s = t.untyped_storage()
+    return s.nbytes() - (t.data_ptr() - s.data_ptr())
 
-    def __init__(self, nvme_dir: str):
+
+class NvmeFiles:
+    """Flat tensors as files in a private directory under the user's NVMe directory; removed by close().
+
+    Reads bypass the page cache: with O_DIRECT into a 4 KiB-aligned buffer, split into a few requests in flight at
+    once (one request at a time leaves an NVMe drive mostly idle), or, where O_DIRECT is refused (tmpfs, an
+    unaligned buffer), with posix_fadvise(DONTNEED) first so the read still reaches the drive. Writes go through
+    the page cache, are made durable (fdatasync) and then dropped from it (DONTNEED)."""
+
+    def __init__(self, nvme_dir: str, *, requests: int = 4):
         try:
             os.makedirs(nvme_dir, exist_ok=True)
             self.root = tempfile.mkdtemp(prefix="blockfit-", dir=nvme_dir)
         except OSError as e:
             raise UserError(f"cannot use NVMe directory '{nvme_dir}' ({e.strerror or e}).") from None
+        self.direct = hasattr(os, "O_DIRECT")
+        self._io = ThreadPoolExecutor(max_workers=requests, thread_name_prefix="blockfit-nvme-io")
+        self.requests = requests
 
     def path(self, key: str) -> str:
         return os.path.join(self.root, f"{key}.bin")
@@ -187,23 +220,48 @@ class NvmeFiles:
             os.close(fd)
 
     def read(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill out (contiguous) from the file, from the drive: cached pages are dropped first."""
-        view = memoryview(out.view(torch.uint8).numpy())
+        """Fill out (contiguous) from the file, from the drive, not the page cache."""
+        nbytes = out.numel() * out.element_size()
+        aligned = out.data_ptr() % BLOCK == 0 and _capacity(out) >= _round_up(nbytes)
+        if self.direct and aligned and nbytes:
+            try:
+                fd = os.open(self.path(key), os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self.direct = False  # the filesystem refuses O_DIRECT: page cache dropped instead
+            else:
+                try:
+                    raw = memoryview(torch.empty(0, dtype=torch.uint8).set_(
+                        out.untyped_storage(), out.data_ptr() - out.untyped_storage().data_ptr(),
+                        (_round_up(nbytes),)).numpy())
+                    step = _round_up(max(1 << 20, -(-nbytes // self.requests)))
+                    parts = [(o, min(o + step, _round_up(nbytes))) for o in range(0, nbytes, step)]
+                    for f in [self._io.submit(_pread, fd, raw, a, b, nbytes, key) for a, b in parts]:
+                        f.result()
+                    return out
+                finally:
+                    os.close(fd)
         fd = os.open(self.path(key), os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], done)
-                if n <= 0:
-                    raise OSError(f"NVMe file '{self.path(key)}' is shorter than expected")
-                done += n
+            _pread(fd, memoryview(out.view(torch.uint8).numpy()), 0, nbytes, nbytes, key)
         finally:
             os.close(fd)
         return out
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pread(fd: int, view: memoryview, start: int, end: int, nbytes: int, key: str) -> None:
+    """Read bytes [start, end) of the file into view[start:end]; the file ends at nbytes (a short read there is
+    the end of file, not an error)."""
+    done = start
+    while done < min(end, nbytes):
+        n = os.preadv(fd, [view[done:end]], done)
+        if n <= 0:
+            raise OSError(f"NVMe file for '{key}' is shorter than expected ({done} of {nbytes} bytes)")
+        done += n
 
 
 class StagingPool:
@@ -232,6 +290,31 @@ class StagingPool:
         self._free.put((buf, event))
 
 
+class DeviceBuffers:
+    """Where the copy engine's device copies of streamed layers come from. On CUDA, PyTorch's caching allocator.
+    Without CUDA the same role needs a cache too: a fresh CPU tensor of a layer's size is fresh pages from the
+    kernel, faulted in and zeroed on the first write (slower than the copy itself), so freed buffers are kept by
+    size and handed out again."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, numel: int) -> torch.Tensor:
+        if not self.target.cuda:
+            with self._lock:
+                free = self._free.get(numel)
+                if free:
+                    return free.pop()
+        return torch.empty(numel, dtype=self.target.weight_dtype, device=self.target.device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        if not self.target.cuda:
+            with self._lock:
+                self._free.setdefault(buf.numel(), []).append(buf)
+
+
 class TieredStore:
     """Each layer's weights on its tier; the device copies of streamed layers are made by the copy engine."""
 
@@ -242,6 +325,7 @@ class TieredStore:
         self.tiers = tiers
         self.host = HostMemory(pin=target.cuda)
         self.meter = DeviceMeter()
+        self.buffers = DeviceBuffers(target)
         self.empty = torch.empty(0, dtype=target.weight_dtype, device=target.device)
         self._resident: dict[int, torch.Tensor] = {}   # tier gpu
         self._pinned: dict[int, torch.Tensor] = {}     # tier cpu
@@ -281,8 +365,8 @@ class TieredStore:
             return self._resident[layer].to("cpu", copy=True)
         if tier == "cpu":
             return self._pinned[layer].clone()
-        return self.files.read(f"weights-L{layer}", torch.empty(self.layouts[layer].numel,
-                                                                dtype=self.target.weight_dtype))
+        return self.files.read(f"weights-L{layer}", aligned_empty(self.layouts[layer].numel,
+                                                                  self.target.weight_dtype))
 
     def resident(self, layer: int) -> torch.Tensor:
         return self._resident[layer]

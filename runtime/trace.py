@@ -47,20 +47,23 @@ class Tracer:
         ev.record(gpu)
         return ev
 
-    def end(self, op, token, gpu, nbytes: int) -> None:
+    def end(self, op, token, gpu, nbytes: int, ctx=None) -> None:
+        """`ctx`: (step, block) the op belongs to, when not the step running now (a next step's early read)."""
         if not self.enabled:
             return
+        ctx = ctx or self._ctx
         if gpu is None:
-            self._add(op, token, time.perf_counter(), nbytes, self._ctx)
+            self._add(op, token, time.perf_counter(), nbytes, ctx)
             return
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(gpu)
         with self._lock:
-            self._pending.append((op, token, ev, nbytes, self._ctx))
+            self._pending.append((op, token, ev, nbytes, ctx))
 
     def _add(self, op, start_s: float, end_s: float, nbytes: int, ctx) -> None:
-        span = {"name": op.name, "stream": op.stream, "start_s": start_s - self.origin_s, "end_s": end_s - self.origin_s,
-                "id": op.id, "kind": op.kind, "layer": op.layer, "bytes": nbytes, "step": ctx[0], "block": ctx[1]}
+        span = {"name": op.name, "stream": op.stream, "start_s": start_s - self.origin_s,
+                "end_s": end_s - self.origin_s, "id": op.id, "kind": op.kind, "layer": op.layer, "bytes": nbytes,
+                "step": ctx[0], "block": ctx[1]}
         with self._lock:
             self.spans.append(span)
 
@@ -97,12 +100,12 @@ class Tracer:
 
     def chrome_trace(self) -> dict:
         tid = {s: k for k, s in enumerate(STREAMS)}
-        events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "blockfit runtime"}}]
-        events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": k, "args": {"name": s}} for s, k in tid.items()]
-        events += [{"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": k, "args": {"sort_index": k}}
+        events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "blockfit runtime"}}]
+        events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": k, "args": {"name": s}} for s, k in tid.items()]
+        events += [{"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": k, "args": {"sort_index": k}}
                    for k in tid.values()]
         for sp in self.spans:
-            events.append({"name": sp["name"], "ph": "X", "pid": 0, "tid": tid[sp["stream"]],
+            events.append({"name": sp["name"], "ph": "X", "pid": 1, "tid": tid[sp["stream"]],
                            "ts": sp["start_s"] * 1e6, "dur": max(0.0, sp["end_s"] - sp["start_s"]) * 1e6,
                            "args": {k: sp[k] for k in ("id", "kind", "layer", "bytes", "step", "block")}})
         return {"traceEvents": events, "displayTimeUnit": "ms"}

@@ -6,6 +6,9 @@ then each layer's backward from the head down to the block's first layer, torch.
 handing the input's gradient to the layer below; then the block's AdamW step on the tier its state lives on.
 Frozen parameters have requires_grad=False and never a .grad; only the active block has optimizer state.
 
+Within a phase, the next step's first NVMe reads (frozen layers: nothing this step does changes them) are issued
+as soon as this step's last read is, so the drive never waits for a step boundary.
+
 Blocks are visited in the plan's order (ascending, descending, or a seeded random order per cycle),
 steps_per_block steps each; the switch policy decides what happens to the optimizer state at a switch. The
 learning rate warms up linearly and decays along a cosine to min_lr over the run's steps. Checkpoints hold the
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +33,7 @@ from runtime.activations import HostBuffers
 from runtime.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint, write_hf_config
 from runtime.data import TokenData
 from runtime.engine import Executor, PhaseOps, Streams
+from runtime.guards import check_same_plan, resume_signature
 from runtime.optim import AdamWConfig, BlockOptimizer
 from runtime.store import Target, TieredStore
 from runtime.trace import Tracer, write_json
@@ -72,14 +76,6 @@ def position(plan: Plan, step: int) -> dict:
     return {"cycle": cycle, "index": index, "block": plan.block_order(cycle)[index], "step_in_block": in_block}
 
 
-def _plan_signature(plan: Plan) -> dict:
-    """What must not change between a checkpoint and its resume (tiers may: the state is tier-agnostic)."""
-    return {"fingerprint": plan.fingerprint, "method": plan.method, "blocks": [asdict(b) for b in plan.blocks],
-            "order": plan.order, "seed": plan.seed, "steps_per_block": plan.steps_per_block,
-            "switch_state": plan.switch_state, "micro_batch": plan.shape.micro_batch,
-            "seq_len": plan.shape.seq_len, "grad_accum": plan.shape.grad_accum}
-
-
 class Trainer:
     def __init__(self, plan: Plan, data: TokenData, cfg: TrainConfig, *, resume: Checkpoint | None = None,
                  target: Target | None = None):
@@ -104,16 +100,22 @@ class Trainer:
         self.phase_peaks: dict[int, int] = {}
         self.history: list[dict] = []
         self._stop_signal: int | None = None
-        if resume is not None:
-            self._restore(resume)
-        elif cfg.init_from:
-            rmodel.init_from_hf(plan.model, self.layouts, self.store, cfg.init_from)
-        else:
-            rmodel.init_random(plan.model, self.layouts, self.store, seed=cfg.seed)
-        rmodel.materialise(self.layers, self.layouts, self.store)
-        self.store.meter.book("weights", alloc=self.store.resident_bytes())
-        if resume is not None and self.active is not None:
-            self._enter(self.active, switch=False)
+        self._carried: dict = {}                # the next step's reads, already issued
+        self.run_end = cfg.steps                # the last step of this invocation (run() sets it)
+        try:
+            if resume is not None:   # a checkpoint's weights win over --init-from
+                self._restore(resume)
+            elif cfg.init_from:
+                rmodel.init_from_hf(plan.model, self.layouts, self.store, cfg.init_from)
+            else:
+                rmodel.init_random(plan.model, self.layouts, self.store, seed=cfg.seed)
+            rmodel.materialise(self.layers, self.layouts, self.store)
+            self.store.meter.book("weights", alloc=self.store.resident_bytes())
+            if resume is not None and self.active is not None:
+                self._enter(self.active, switch=False)
+        except BaseException:
+            self.close()  # weights that do not fit, a damaged checkpoint: leave no NVMe scratch behind
+            raise
 
     # -- phases -------------------------------------------------------------------------------------------------
 
@@ -148,6 +150,7 @@ class Trainer:
         layers = self.plan.blocks[block].layers
         self.executor.run([op for op in phase.switch_ops if op.kind == "save_state"], self.ops)
         self.optim.end_phase(layers, switched=bool(phase.switch_ops))
+        self.ops.close()
         for cls, n in self._static(layers).items():
             self.store.meter.book(cls, free=n)
         for i in layers:
@@ -175,7 +178,12 @@ class Trainer:
         dev = self.target.device
         self.ops.begin_step([x.to(dev) for x, _ in batches], [y.to(dev) for _, y in batches], lr)
         start = self.tracer.begin_step(s, self.active)
-        self.executor.run(phase.ops, self.ops)
+        nxt = position(self.plan, s + 1)
+        same_phase = s + 1 < self.run_end and (nxt["step_in_block"] != 0 or len(self.plan.blocks) == 1)
+        ahead = self._early_reads(phase) if same_phase else ()
+        self._carried = self.executor.run(phase.ops, self.ops, carried=self._carried, ahead=ahead,
+                                          ahead_ctx=(s + 1, self.active))
+        self.ops.end_step()
         loss = self.ops.loss.item()
         grad_norm = self.optim.grad_norm.item() if self.optim.grad_norm is not None else 0.0
         seconds = self.tracer.end_step(s, self.active, start)
@@ -191,13 +199,19 @@ class Trainer:
         self.history.append(rec)
         return rec
 
+    def _early_reads(self, phase) -> list:
+        """The next step's first NVMe reads, issued at the end of this one: those that wait for nothing, of
+        layers this phase never writes (below or above the block: frozen)."""
+        block = self.plan.blocks[phase.block]
+        return [op for op in phase.ops if op.kind == "read_weights" and not op.deps and op.layer not in block.layers]
+
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save(self) -> str:
         weights = rmodel.state_dict(self.model_cfg, self.layouts, self.store)
         opt_tensors, opt_meta = self.optim.state_dict()
         s = self.step_index
-        meta = {"plan": _plan_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
+        meta = {"plan": resume_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
                 "optimizer": opt_meta, "data": self.data.state_dict(),
                 "rng": capture_rng(), "train": {"steps": self.cfg.steps, "lr": self.cfg.lr, "min_lr": self.cfg.min_lr,
                                                  "warmup": self.cfg.warmup, "seed": self.cfg.seed}}
@@ -211,12 +225,7 @@ class Trainer:
 
     def _restore(self, ck: Checkpoint) -> None:
         meta = ck.meta
-        want = _plan_signature(self.plan)
-        got = meta.get("plan", {})
-        diff = [k for k in want if got.get(k) != want[k]]
-        if diff:
-            raise UserError(f"checkpoint '{ck.path}' was trained under another plan ({', '.join(diff)} differ); "
-                            f"resume with the plan it was made with (placements may differ, these may not).")
+        check_same_plan(self.plan, ck)
         rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
         self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
         self.data.load_state_dict(meta["data"])
@@ -230,6 +239,7 @@ class Trainer:
         """Train to cfg.steps (or cfg.stop_after steps of this invocation); 0, or 130/143 after a signal."""
         cfg = self.cfg
         end = cfg.steps if cfg.stop_after is None else min(cfg.steps, self.step_index + cfg.stop_after)
+        self.run_end = end
         old = self._catch_signals()
         metrics = open(cfg.metrics_path, "a" if self.step_index else "w", encoding="utf-8") \
             if cfg.metrics_path else None
@@ -294,6 +304,8 @@ class Trainer:
 
     def close(self) -> None:
         self.streams.close()
+        if self.target.cuda:
+            torch.cuda.synchronize()  # no copy may still read a host buffer about to be unpinned
         self.store.close()
 
 

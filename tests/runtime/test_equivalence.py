@@ -29,7 +29,7 @@ from planner.profile import profile_model
 from runtime.data import TokenData
 from runtime.hf import hf_state_from_layers, load_layers_from_hf_state
 from runtime.optim import AdamWConfig
-from runtime.trainer import Trainer, TrainConfig, lr_at
+from runtime.trainer import TrainConfig, Trainer, lr_at
 
 TINY = CATALOG["tiny"]   # 4 decoder layers: plan layers 0 (embedding) .. 5 (head)
 
@@ -164,3 +164,44 @@ def test_switch_policies_differ_and_keeps_agree(tmp_path):
     assert runs["keep_cpu"] == runs["keep_nvme"]
     assert runs["reset"][:3] == runs["keep_cpu"][:3]   # the first return to block 0 is step 3
     assert runs["reset"][3:] != runs["keep_cpu"][3:]
+
+
+def test_a_transformers_llama_trains_under_a_plan(tmp_path):
+    """A tiny LlamaForCausalLM saved with save_pretrained starts a run with --init-from: the first step's loss is
+    transformers' own loss on the same batches, and the run trains."""
+    transformers = pytest.importorskip("transformers")
+    from planner.models import load_model_config
+    from planner.plan import write_atomic
+    from runtime.hf import build_hf_model
+    from tools.cli import run as cli
+
+    cfg = ModelConfig(name="hf-tiny", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=64)
+    torch.manual_seed(0)
+    hf = build_hf_model(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = load_model_config(str(tmp_path / "hf"))   # the shape as the checkpoint's config.json says
+    plan = tiny_plan([P(0, "gpu", "gpu", "gpu"), P(1, "nvme", "cpu", "recompute"), P(2, "cpu", "gpu", "cpu"),
+                      P(3, "gpu", "nvme", "gpu")], cfg=cfg, blocks=((0, 1), (2, 3)))
+    write_atomic(str(tmp_path / "plan.json"), plan.to_json())
+    data = write_tokens(tmp_path / "tokens.bin")
+    metrics = tmp_path / "m.jsonl"
+    assert cli(["train", "--plan", str(tmp_path / "plan.json"), "--data", data, "--steps", "4", "--cpu", "--quiet",
+                "--init-from", str(tmp_path / "hf"), "--nvme-dir", str(tmp_path / "nvme"), "--lr", "1e-2",
+                "--metrics", str(metrics), "--ckpt-dir", str(tmp_path / "ck")]) == 0
+    import json
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+    batches = TokenData.open(data, seq_len=plan.shape.seq_len, seed=0)
+    want = 0.0
+    with torch.no_grad():
+        for _ in range(plan.shape.grad_accum):
+            x, y = batches.next_batch(plan.shape.micro_batch)
+            logits = hf(input_ids=x).logits.float()
+            want += torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), y.reshape(-1)).item()
+    want /= plan.shape.grad_accum
+    assert abs(losses[0] - want) < 1e-5
+    assert len(losses) == 4 and losses[-1] != losses[0]
+    # the checkpoint it wrote loads back into transformers, trained
+    trained = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck" / "step-000004"),
+                                                                local_files_only=True)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import namedtuple
 
 import pytest
-from test_equivalence import CASES, P, tiny_plan, write_tokens
 
 from planner.models import ModelConfig
 from planner.plan import write_atomic
 from runtime import guards
 from runtime.hf import hf_config_dict
 from tools.cli import run as cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode
+from test_equivalence import CASES, P, tiny_plan, write_tokens  # noqa: E402
 
 Disk = namedtuple("Disk", "total used free percent")
 Mem = namedtuple("Mem", "total available")
@@ -61,7 +64,7 @@ def test_nvme_tier_without_a_directory(setup, capsys):
 
 
 def test_host_ram_below_the_plans_need(setup, capsys, monkeypatch):
-    monkeypatch.setattr(guards.psutil, "virtual_memory", lambda: Mem(1 << 30, 1 << 20))
+    monkeypatch.setattr(guards.psutil, "virtual_memory", lambda: Mem(1 << 30, 1024))
     _refused(capsys, _train(setup), "GiB of host RAM available, but the plan needs")
 
 
@@ -98,3 +101,12 @@ def test_a_good_start_writes_what_it_was_asked_to(setup, capsys):
     assert cli(_train(setup)) == 0
     assert {"ck", "m.jsonl", "t.json", "nvme"} <= set(os.listdir(setup))
     assert os.listdir(setup / "nvme") == []   # the NVMe scratch directory is removed at the end
+
+
+def test_a_checkpoint_of_another_plan(setup, capsys):
+    assert cli(_train(setup)) == 0
+    other = tiny_plan(**{**CASES["tiers-ascending-reset"], "steps_per_block": 3})
+    write_atomic(str(setup / "plan.json"), other.to_json())
+    before = set(os.listdir(setup / "ck"))
+    _refused(capsys, _train(setup, "--resume"), "was trained under another plan (steps_per_block differ)")
+    assert set(os.listdir(setup / "ck")) == before

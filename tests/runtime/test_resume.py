@@ -12,11 +12,13 @@ import time
 
 import pytest
 import torch
-from test_equivalence import P, tiny_plan, write_tokens
 
 from planner.plan import write_atomic
 from runtime.checkpoint import load_checkpoint
 from tools.cli import run as cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode
+from test_equivalence import P, tiny_plan, write_tokens  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 8
@@ -113,3 +115,39 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
     losses = _losses(tmp_path / "ck.jsonl")
     assert losses[:3] == want_losses[:3] and losses[3:] == want_losses[2:]
     assert not [n for n in os.listdir(tmp_path / "ck") if n.startswith(".tmp-")]  # the next save cleaned up
+
+
+def test_sigint_saves_and_stops_after_the_current_step(tmp_path, straight):
+    want_losses, want = straight
+    plan = _setup(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {REPO!r})
+        from runtime.trainer import Trainer
+        step = Trainer.step
+        def slow(self):
+            out = step(self)
+            time.sleep(0.3)   # time for the test to interrupt mid-run
+            return out
+        Trainer.step = slow
+        from tools.cli import run
+        sys.exit(run({_args(tmp_path, plan, "ck")!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        metrics = tmp_path / "ck.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "training ended before step 2"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = load_checkpoint(str(tmp_path / "ck")).step
+    assert 2 <= stopped < STEPS and len(_losses(tmp_path / "ck.jsonl")) == stopped
+    assert cli(_args(tmp_path, plan, "ck", "--resume")) == 0
+    got = load_checkpoint(str(tmp_path / "ck"))
+    assert _losses(tmp_path / "ck.jsonl") == want_losses
+    assert got.step == STEPS and _same(got.weights, want.weights) and _same(got.optimizer, want.optimizer)

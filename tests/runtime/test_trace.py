@@ -3,15 +3,18 @@ names it, with its args; a summary whose numbers add up."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections import Counter
-
-from test_equivalence import CASES, tiny_plan, write_tokens
 
 from planner.plan import write_atomic
 from planner.profile import profile_model
 from planner.schedule import build_schedule
 from runtime.engine import STREAMS
 from tools.cli import run as cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode
+from test_equivalence import CASES, tiny_plan, write_tokens  # noqa: E402
 
 STEPS = 6
 
