@@ -132,7 +132,8 @@ def _from_hf_config(path: str) -> ModelConfig:
     return ModelConfig(
         name=path, hidden=hidden, layers=field("num_hidden_layers"), heads=heads, kv_heads=kv,
         ffn=field("intermediate_size"), vocab=field("vocab_size"),
-        rope_theta=float(field("rope_theta", _rope_theta(raw), float)), norm_eps=float(field("rms_norm_eps", 1e-5, float)),
+        rope_theta=float(field("rope_theta", _rope_theta(raw), float)),
+        norm_eps=float(field("rms_norm_eps", 1e-5, float)),
         attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         max_seq=field("max_position_embeddings", 4096), arch=arch)
