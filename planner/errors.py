@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 
 
 class UserError(Exception):
@@ -26,3 +27,14 @@ def check_positive(flag: str, value, *, upper=None, integer=False):
     if upper is not None and value > upper:
         raise UserError(f"{flag} = {value} is absurd (more than {upper}); check the unit.")
     return value
+
+
+def read_json(path: str, what: str, missing_hint: str = ""):
+    """A user's JSON file, or a UserError that names it: '<what> '<path>' does not exist' or 'is not readable'."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist{missing_hint}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} '{path}' is not readable JSON ({e}).") from None

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from planner.errors import UserError, closest
+from planner.errors import UserError, closest, read_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,13 +92,7 @@ def _rope_theta(raw: dict) -> float:
 
 
 def _from_hf_config(path: str) -> ModelConfig:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"model config '{path}' does not exist.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"model config '{path}' is not readable JSON ({e}).") from None
+    raw = read_json(path, "model config")
     if not isinstance(raw, dict):
         raise UserError(f"model config '{path}' must hold a JSON object.")
     archs = raw.get("architectures") or ["LlamaForCausalLM"]

@@ -14,7 +14,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 
-from planner.errors import UserError
+from planner.errors import UserError, read_json
 from planner.hardware import Hardware
 from planner.models import ModelConfig
 
@@ -205,13 +205,7 @@ def check_fingerprint(plan: Plan, cfg: ModelConfig) -> None:
 
 
 def load_plan(path: str) -> Plan:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"plan file '{path}' does not exist; write one with `plan ... --out {path}`.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"plan file '{path}' is not readable JSON ({e}).") from None
+    raw = read_json(path, "plan file", f"; write one with `plan ... --out {path}`")
     if not isinstance(raw, dict) or "schema" not in raw:
         raise UserError(f"plan file '{path}' is not a Blockfit plan (no 'schema' field).")
     if raw["schema"] != SCHEMA_VERSION:

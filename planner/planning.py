@@ -94,6 +94,18 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     took, solved = 0.0, 0
     counts = [1] if req.method == "full" else list(range(1, min(n, req.max_blocks or n) + 1))
     problems = {mb: _problem(prof, hw, req, mb, cap) for mb in candidates(req)}
+
+    def record(sol, mb):
+        """Count a solved subproblem and keep it if it is the best so far."""
+        nonlocal best, took, solved
+        solved += 1
+        if sol is not None:
+            took += sol.solve_seconds
+            cost = sol.objective_s * (req.batch // mb)
+            if sol.status != "UNKNOWN" and (best is None or cost < best[0]):
+                best = (cost, mb, sol)
+        return sol
+
     tiers = ["gpu", "cpu"] + (["nvme"] if nvme else [])
     for mb, pb in problems.items():
         g = req.batch // mb
@@ -107,34 +119,21 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
             for u in counts[counts.index(lo_u):]:
                 if best is not None and ilp.lower_bound(pb, u, tier) * g >= best[0]:
                     break  # the bound grows with the block count: nothing further can win
-                sol = ilp.solve(pb, u, tier, time_limit_s=quick)
-                solved += 1
-                if sol is None:
-                    continue
-                took += sol.solve_seconds
-                if sol.status != "UNKNOWN" and (best is None or sol.objective_s * g < best[0]):
-                    best = (sol.objective_s * g, mb, sol)
-                if sol.status != "OPTIMAL":
+                sol = record(ilp.solve(pb, u, tier, time_limit_s=quick), mb)
+                if sol is not None and sol.status != "OPTIMAL":
                     pending.append((max(sol.bound_s, ilp.lower_bound(pb, u, tier)) * g, mb, u, tier, pb))
     pending.sort(key=lambda x: x[0])
     open_bounds = []
     for bound, mb, u, tier, pb in pending:
-        g = req.batch // mb
         left = req.time_limit_s - (time.perf_counter() - started)
         if best is not None and bound >= best[0] * (1 - 1e-9):
             continue
         if left <= 0.05:
             open_bounds.append(bound)
             continue
-        sol = ilp.solve(pb, u, tier, time_limit_s=left)
-        solved += 1
-        if sol is None:
-            continue
-        took += sol.solve_seconds
-        if sol.status != "UNKNOWN" and (best is None or sol.objective_s * g < best[0]):
-            best = (sol.objective_s * g, mb, sol)
-        if sol.status != "OPTIMAL":
-            open_bounds.append(max(bound, sol.bound_s * g))
+        sol = record(ilp.solve(pb, u, tier, time_limit_s=left), mb)
+        if sol is not None and sol.status != "OPTIMAL":
+            open_bounds.append(max(bound, sol.bound_s * (req.batch // mb)))
     if best is None:
         return None
     bound = min([best[0]] + open_bounds)

@@ -61,14 +61,8 @@ def write_trace(path: str, sim) -> None:
 
 def load_events(path: str) -> list[dict]:
     """The events of a Chrome trace file: either {"traceEvents": [...]} or a bare list."""
-    from planner.errors import UserError
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"trace '{path}' does not exist.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"trace '{path}' is not readable JSON ({e}).") from None
+    from planner.errors import UserError, read_json
+    raw = read_json(path, "trace")
     events = raw.get("traceEvents") if isinstance(raw, dict) else raw
     if not isinstance(events, list):
         raise UserError(f"'{path}' is not a Chrome trace (no traceEvents list).")

@@ -14,12 +14,11 @@ Summaries are JSON objects keyed by block: the runtime's and the simulator's bot
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 
 from planner.costs import STREAMS
-from planner.errors import UserError
+from planner.errors import UserError, read_json
 from simulator.chrome_trace import TIDS
 
 SWITCH_KINDS = ("load_state", "save_state")
@@ -39,13 +38,7 @@ class Side:
 
 
 def load(path: str) -> Side:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"'{path}' does not exist.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"'{path}' is not readable JSON ({e}).") from None
+    raw = read_json(path, "file")
     if isinstance(raw, list) or (isinstance(raw, dict) and "traceEvents" in raw):
         return _from_trace(path, raw["traceEvents"] if isinstance(raw, dict) else raw)
     if isinstance(raw, dict) and ("phases" in raw or "step_seconds_by_phase" in raw):

@@ -114,6 +114,12 @@ def plot_memory(path: str, sim) -> None:
     ax.set_title(f"{sim.plan.model.name} on {sim.hardware.gpu.name}: simulated device memory")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure as PNG and close it; an unwritable path is the user's error."""
+    import matplotlib.pyplot as plt
     try:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     except OSError as e:

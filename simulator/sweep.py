@@ -265,12 +265,8 @@ def plot(path: str, rows: list[Row]) -> None:
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(fontsize=7)
-    try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    except OSError as e:
-        raise UserError(f"cannot write '{path}': {e.strerror}.") from None
-    finally:
-        plt.close(fig)
+    from simulator.report import save_figure
+    save_figure(fig, path)
 
 
 def model_names() -> list[str]:
