@@ -34,7 +34,10 @@ class LayerSizes:
     bwd_input_flops: int
     saved_bytes: int          # weights trainable
     saved_frozen_bytes: int   # weights frozen
-    workspace_bytes: int
+    workspace_bytes: int          # the largest of the three below
+    fwd_workspace_bytes: int
+    nograd_workspace_bytes: int
+    bwd_workspace_bytes: int
     traffic_bytes: int
     out_bytes: int
 
@@ -53,7 +56,9 @@ def layer_sizes(lp: LayerProfile, micro_batch: int, seq_len: int) -> LayerSizes:
     return LayerSizes(index=lp.index, kind=lp.kind, params=lp.params, param_bytes=lp.param_bytes, tokens=b * s,
                       fwd_flops=at(lp.fwd_flops), bwd_flops=at(lp.bwd_flops), bwd_input_flops=at(lp.bwd_input_flops),
                       saved_bytes=at(lp.saved_bytes), saved_frozen_bytes=at(lp.saved_frozen_bytes),
-                      workspace_bytes=at(lp.workspace_bytes), traffic_bytes=at(lp.mem_traffic_bytes),
+                      workspace_bytes=at(lp.workspace_bytes), fwd_workspace_bytes=at(lp.fwd_workspace_bytes),
+                      nograd_workspace_bytes=at(lp.nograd_workspace_bytes),
+                      bwd_workspace_bytes=at(lp.bwd_workspace_bytes), traffic_bytes=at(lp.mem_traffic_bytes),
                       out_bytes=at(lp.out_bytes))
 
 

@@ -30,7 +30,7 @@ from planner.models import ModelConfig
 
 # (b, s) points of the fit; small on purpose: meta tensors cost per op, not per element.
 _POINTS = ((1, 32), (1, 64), (1, 128), (2, 32), (2, 64))
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +62,10 @@ class LayerProfile:
     bwd_input_flops: Poly       # weights frozen: input gradient only (0 for the embedding)
     saved_bytes: Poly           # saved for backward, weights trainable
     saved_frozen_bytes: Poly    # saved for backward, weights frozen
-    workspace_bytes: Poly       # transient peak above inputs, outputs and saved tensors (weight grads are
-                                # not workspace: the plan counts them as gradients)
+    workspace_bytes: Poly       # transient peak above inputs, outputs and saved tensors, the largest of:
+    fwd_workspace_bytes: Poly   #   a forward that saves for backward,
+    nograd_workspace_bytes: Poly  # a forward under no_grad (its intermediates live until it returns),
+    bwd_workspace_bytes: Poly   #   a backward (weight gradients are not workspace: the plan counts them)
     mem_traffic_bytes: Poly     # bytes read + written by non-matmul ops in forward
     out_bytes: Poly             # the layer's output (the activation handed to the next layer)
 
@@ -129,8 +131,12 @@ def _register_cpu_flash_flops() -> None:
 _MATMUL_OPS = None
 
 
-def _tracker_mode():
-    """A dispatch mode that tracks live storages (bytes), their peak, and non-matmul traffic."""
+def live_bytes_tracker():
+    """A dispatch mode that tracks the storages ops create (bytes alive now, their peak) and non-matmul traffic.
+
+    Outputs that share storage with an input (views, in-place and out= ops) create nothing: only new storages
+    count. The runtime uses the same tracker to measure kernel temporaries on the CPU, so the profile's
+    workspace and the runtime's ledger count alike."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -160,8 +166,12 @@ def _tracker_mode():
                                                      "aten::expand", "aten::detach", "aten::alias",
                                                      "aten::permute", "aten::unsqueeze", "aten::slice")):
                     self.traffic += sum(t.numel() * t.element_size() for t in ins + outs)
+            fresh = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                     if isinstance(t, torch.Tensor)}
             for t in outs:
                 key = t.untyped_storage()._cdata
+                if key in fresh and key not in self.counts:
+                    continue  # a view of, or a write into, something that existed before
                 if key not in self.counts:
                     self.counts[key] = 0
                     self.sizes[key] = t.untyped_storage().nbytes()
@@ -180,6 +190,7 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
 
     for p in layer.parameters():
         p.requires_grad_(trainable)
+        p.grad = None  # a gradient left from the last point would make this one's accumulate a temporary
     param_keys = {p.untyped_storage()._cdata for p in layer.parameters()}
     if kind == "embedding":
         x = torch.zeros(b, s, dtype=torch.long, device="meta")
@@ -194,7 +205,7 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
             saved[key] = t.untyped_storage().nbytes()
         return t
 
-    tracker = _tracker_mode()
+    tracker = live_bytes_tracker()
     flops = FlopCounterMode(display=False)
     with flops, tracker:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -204,17 +215,23 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
         out_bytes = y.numel() * y.element_size()
         fwd_peak = tracker.peak - tracker.live  # transient above what stays (output + saved)
         has_graph = y.requires_grad
+        grad = (torch.ones_like(y) if kind != "head" else None) if has_graph else None
+    # Backward with a tracker of its own, as the runtime measures an op: what it creates and frees again.
+    bwd_tracker = live_bytes_tracker()
+    bwd_flops = FlopCounterMode(display=False)
+    with bwd_flops, bwd_tracker:
         if has_graph:
-            tracker.peak = tracker.live
-            base = tracker.live
-            grad = torch.ones_like(y) if kind != "head" else None
             y.backward(grad)
-            bwd_peak = tracker.peak - base
-        else:
-            bwd_peak = 0
-        total_flops = flops.get_total_flops()
-    return dict(fwd_flops=fwd_flops, bwd_flops=total_flops - fwd_flops, saved=sum(saved.values()) if has_graph else 0,
-                workspace=max(fwd_peak, bwd_peak), traffic=fwd_traffic, out=0 if kind == "head" else out_bytes)
+    bwd_peak = bwd_tracker.peak - bwd_tracker.live
+    # A forward under no_grad (layers below the block) keeps no saved tensors, but its intermediates live until
+    # the layer returns: they are that pass's workspace.
+    nograd = live_bytes_tracker()
+    with nograd, torch.no_grad():
+        y = layer(x, labels) if kind == "head" else layer(x)
+        nograd_peak = nograd.peak - nograd.live
+    return dict(fwd_flops=fwd_flops, bwd_flops=bwd_flops.get_total_flops(), saved=sum(saved.values()) if has_graph else 0,
+                fwd_ws=fwd_peak, bwd_ws=bwd_peak, nograd_ws=nograd_peak, traffic=fwd_traffic,
+                out=0 if kind == "head" else out_bytes)
 
 
 def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfile:
@@ -231,10 +248,15 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
 
     def fit(rows, key):
         return Poly.fit([r[key] for r in rows])
+
+    def worst(*keys):  # the larger of the trainable and frozen runs, for each point
+        return Poly.fit([max(r[k] for r in (t, f) for k in keys) for t, f in zip(train, frozen)])
     return LayerProfile(
         index=index, kind=kind, params=params, param_bytes=params * 2, fwd_flops=fit(train, "fwd_flops"),
         bwd_flops=fit(train, "bwd_flops"), bwd_input_flops=fit(frozen, "bwd_flops"), saved_bytes=fit(train, "saved"),
-        saved_frozen_bytes=fit(frozen, "saved"), workspace_bytes=fit(frozen, "workspace"),
+        saved_frozen_bytes=fit(frozen, "saved"), workspace_bytes=worst("fwd_ws", "bwd_ws", "nograd_ws"),
+        fwd_workspace_bytes=worst("fwd_ws"), nograd_workspace_bytes=worst("nograd_ws"),
+        bwd_workspace_bytes=worst("bwd_ws"),
         mem_traffic_bytes=fit(train, "traffic"), out_bytes=fit(train, "out"))
 
 
