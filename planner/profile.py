@@ -230,7 +230,8 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
         y = layer(x, labels) if kind == "head" else layer(x)
         nograd_peak = nograd.peak - nograd.live
     return dict(fwd_flops=fwd_flops, bwd_flops=bwd_flops.get_total_flops(),
-                saved=sum(saved.values()) if has_graph else 0, fwd_ws=fwd_peak, bwd_ws=bwd_peak, nograd_ws=nograd_peak, traffic=fwd_traffic,
+                saved=sum(saved.values()) if has_graph else 0, fwd_ws=fwd_peak, bwd_ws=bwd_peak,
+                nograd_ws=nograd_peak, traffic=fwd_traffic,
                 out=0 if kind == "head" else out_bytes)
 
 
