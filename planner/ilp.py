@@ -130,17 +130,14 @@ def transient_bytes(sizes, tier: str) -> int:
 
 
 
-_COSTS: dict = {}
+_LAST: list = [None, None]   # (problem, its tables): the search solves one problem many times in a row
 
 
-def _costs(pb: Problem, nvme: bool):
+def _costs(pb: Problem):
     """Cost and byte tables per layer kind and combination, priced once (decoder layers are identical)."""
-    key = (id(pb), nvme)
-    if key in _COSTS and _COSTS[key][0] is pb:
-        return _COSTS[key][1]
-    _COSTS.clear()
-    _COSTS[key] = (pb, _price(pb, nvme))
-    return _COSTS[key][1]
+    if _LAST[0] is not pb:
+        _LAST[:] = [pb, _price(pb, pb.hw.host.nvme_gib > 0)]
+    return _LAST[1]
 
 
 def _price(pb: Problem, nvme: bool):
@@ -172,7 +169,7 @@ def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     placement; at most k of them can keep their weights on the device (k from the budget), the rest pay
     for streaming. Each is trained once, at its cheapest trained pass. Phases above the bottom block also
     run backward through the layers above them: at least U(U-1)/2 such layer-passes over a cycle."""
-    t, tiers = _costs(pb, pb.hw.host.nvme_gib > 0)
+    t, tiers = _costs(pb)
     d, e, h = t["decoder"], t["embedding"], t["head"]
     n = sum(1 for s in pb.sizes if s.kind == "decoder")
     active = min(d["active"][tier])
@@ -199,7 +196,7 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
 
     hw, sizes = pb.hw, pb.sizes
     nvme = hw.host.nvme_gib > 0
-    t, tiers = _costs(pb, nvme)
+    t, tiers = _costs(pb)
     full = pb.method == "full"
     n = sum(1 for s in sizes if s.kind == "decoder")
     U = 1 if full else blocks

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from planner.errors import UserError, check_positive
-from planner.hardware import GIB, make_hardware
+from planner.hardware import make_hardware
 from planner.models import load_model_config
 from planner.plan import ORDERS, SWITCH_POLICIES, Plan, write_atomic
 
@@ -101,7 +101,3 @@ def run(a) -> int:
     if a.out:
         print(f"plan written to {a.out}")
     return 0
-
-
-def gib(x: float) -> str:
-    return f"{x / GIB:.2f} GiB"

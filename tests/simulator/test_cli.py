@@ -5,22 +5,12 @@ import json
 
 import pytest
 
-from planner.hardware import make_hardware
-from planner.models import CATALOG
-from planner.plan import write_atomic
-from planner.planning import Request, make_plan
-from planner.profile import profile_model
 from tools.cli import run
 
 
 @pytest.fixture(scope="module")
-def plan_path(tmp_path_factory):
-    cfg = CATALOG["tiny"]
-    plan = make_plan(cfg, make_hardware(gpu="rtx4090"), Request(seq_len=256, batch=4, time_limit_s=2.0),
-                     profile_model(cfg))
-    path = tmp_path_factory.mktemp("cli") / "tiny.json"
-    write_atomic(str(path), plan.to_json())
-    return str(path)
+def plan_path(plan_file):
+    return plan_file("tiny", "rtx4090", seq_len=256, batch=4)[1]
 
 
 def _fails(argv, capsys, *words):

@@ -5,11 +5,7 @@ import json
 
 import pytest
 
-from planner.hardware import GIB, make_hardware
-from planner.models import CATALOG
-from planner.plan import write_atomic
-from planner.planning import Request, make_plan
-from planner.profile import profile_model
+from planner.hardware import GIB
 from simulator.engine import simulate
 from simulator.report import overflow_lines
 from simulator.whatif import Overrides, keep_plan, what_if
@@ -17,14 +13,9 @@ from tools.cli import run
 
 
 @pytest.fixture(scope="module")
-def a100_plan(tmp_path_factory):
+def a100_plan(plan_file):
     """7B on an A100 80GB: everything resident, about 76 GiB at the peak."""
-    cfg = CATALOG["7b"]
-    plan = make_plan(cfg, make_hardware(gpu="a100-80g"), Request(seq_len=2048, batch=8, time_limit_s=2.0),
-                     profile_model(cfg))
-    path = tmp_path_factory.mktemp("plans") / "a100.json"
-    write_atomic(str(path), plan.to_json())
-    return plan, str(path)
+    return plan_file("7b", "a100-80g", seq_len=2048, batch=8)
 
 
 def test_a_smaller_budget_names_the_phase_and_the_overflow(a100_plan):
