@@ -34,10 +34,12 @@ class LayerSizes:
     bwd_input_flops: int
     saved_bytes: int          # weights trainable
     saved_frozen_bytes: int   # weights frozen
-    workspace_bytes: int          # the largest of the three below
-    fwd_workspace_bytes: int
+    workspace_bytes: int          # the largest of the five below
+    fwd_workspace_bytes: int      # weights trainable
+    fwd_frozen_workspace_bytes: int
     nograd_workspace_bytes: int
-    bwd_workspace_bytes: int
+    bwd_workspace_bytes: int      # weights trainable
+    bwd_frozen_workspace_bytes: int
     traffic_bytes: int
     out_bytes: int
 
@@ -46,6 +48,14 @@ class LayerSizes:
 
     def bwd(self, role: str) -> int:
         return {"active": self.bwd_flops, "above": self.bwd_input_flops}.get(role, 0)
+
+    def fwd_workspace(self, role: str) -> int:
+        """Kernel temporaries of a forward in this role (with grad for active and above, no_grad below)."""
+        return {"active": self.fwd_workspace_bytes, "above": self.fwd_frozen_workspace_bytes}.get(
+            role, self.nograd_workspace_bytes)
+
+    def bwd_workspace(self, role: str) -> int:
+        return {"active": self.bwd_workspace_bytes, "above": self.bwd_frozen_workspace_bytes}.get(role, 0)
 
 
 def layer_sizes(lp: LayerProfile, micro_batch: int, seq_len: int) -> LayerSizes:
@@ -57,9 +67,11 @@ def layer_sizes(lp: LayerProfile, micro_batch: int, seq_len: int) -> LayerSizes:
                       fwd_flops=at(lp.fwd_flops), bwd_flops=at(lp.bwd_flops), bwd_input_flops=at(lp.bwd_input_flops),
                       saved_bytes=at(lp.saved_bytes), saved_frozen_bytes=at(lp.saved_frozen_bytes),
                       workspace_bytes=at(lp.workspace_bytes), fwd_workspace_bytes=at(lp.fwd_workspace_bytes),
+                      fwd_frozen_workspace_bytes=at(lp.fwd_frozen_workspace_bytes),
                       nograd_workspace_bytes=at(lp.nograd_workspace_bytes),
-                      bwd_workspace_bytes=at(lp.bwd_workspace_bytes), traffic_bytes=at(lp.mem_traffic_bytes),
-                      out_bytes=at(lp.out_bytes))
+                      bwd_workspace_bytes=at(lp.bwd_workspace_bytes),
+                      bwd_frozen_workspace_bytes=at(lp.bwd_frozen_workspace_bytes),
+                      traffic_bytes=at(lp.mem_traffic_bytes), out_bytes=at(lp.out_bytes))
 
 
 def op_seconds(op, hw: Hardware) -> float:

@@ -23,14 +23,13 @@ import dataclasses
 import json
 import os
 import tempfile
-import weakref
 from dataclasses import dataclass
 
 from planner.models import ModelConfig
 
 # (b, s) points of the fit; small on purpose: meta tensors cost per op, not per element.
 _POINTS = ((1, 32), (1, 64), (1, 128), (2, 32), (2, 64))
-PROFILE_VERSION = 3
+PROFILE_VERSION = 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +51,36 @@ class Poly:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Envelope:
+    """value(b, s) = the largest of several Polys: a transient peak, which is a maximum over the moments of a pass.
+
+    Which moment holds the most bytes changes with the shape (a weight-sized temporary at short sequences, a
+    logits-sized one at long ones), so one polynomial fitted to the peaks is wrong off the fit points. Every op of a
+    layer's pass runs at every shape, so the bytes alive after the k-th op are a Poly of their own, fitted exactly;
+    the peak is their maximum. Polys no larger than another anywhere (coefficient by coefficient: every basis term
+    is positive for b, s >= 1) are dropped."""
+    polys: tuple[Poly, ...]
+
+    def at(self, b: int, s: int) -> float:
+        return max((p.at(b, s) for p in self.polys), default=0.0)
+
+    @staticmethod
+    def fit(timelines: list[list[float]]) -> "Envelope":
+        """timelines[i][k]: the bytes above the pass's end state after op k, at fit point i."""
+        if len({len(t) for t in timelines}) != 1:  # the passes differ in their ops: fit the peaks alone
+            return Envelope(polys=(Poly.fit([max(t, default=0.0) for t in timelines]),))
+        return Envelope.union([Poly.fit(list(col)) for col in zip(*timelines)])
+
+    @staticmethod
+    def union(polys) -> "Envelope":
+        keep: list[Poly] = []
+        for p in sorted(set(polys), key=lambda q: q.c, reverse=True):
+            if not any(all(a >= b for a, b in zip(k.c, p.c)) for k in keep):
+                keep.append(p)
+        return Envelope(polys=tuple(keep))
+
+
+@dataclass(frozen=True, kw_only=True)
 class LayerProfile:
     index: int
     kind: str                   # embedding | decoder | head
@@ -62,10 +91,13 @@ class LayerProfile:
     bwd_input_flops: Poly       # weights frozen: input gradient only (0 for the embedding)
     saved_bytes: Poly           # saved for backward, weights trainable
     saved_frozen_bytes: Poly    # saved for backward, weights frozen
-    workspace_bytes: Poly       # transient peak above inputs, outputs and saved tensors, the largest of:
-    fwd_workspace_bytes: Poly   #   a forward that saves for backward,
-    nograd_workspace_bytes: Poly  # a forward under no_grad (its intermediates live until it returns),
-    bwd_workspace_bytes: Poly   #   a backward (weight gradients are not workspace: the plan counts them)
+    workspace_bytes: Envelope   # transient peak above inputs, outputs and saved tensors, the largest of:
+    fwd_workspace_bytes: Envelope  # a forward that saves for backward, weights trainable,
+    fwd_frozen_workspace_bytes: Envelope  # the same, weights frozen (the input still needs its gradient),
+    nograd_workspace_bytes: Envelope  # a forward under no_grad (its intermediates live until it returns),
+    bwd_workspace_bytes: Envelope  # a backward, weights trainable (weight gradients are not workspace: the plan
+                                   # counts them),
+    bwd_frozen_workspace_bytes: Envelope  # a backward, weights frozen
     mem_traffic_bytes: Poly     # bytes read + written by non-matmul ops in forward
     out_bytes: Poly             # the layer's output (the activation handed to the next layer)
 
@@ -101,8 +133,13 @@ class ModelProfile:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelProfile":
+        def value(v):
+            if isinstance(v, dict) and "polys" in v:
+                return Envelope(polys=tuple(Poly(c=tuple(p["c"])) for p in v["polys"]))
+            return Poly(c=tuple(v["c"])) if isinstance(v, dict) else v
+
         def lp(x):
-            return LayerProfile(**{k: (Poly(c=tuple(v["c"])) if isinstance(v, dict) else v) for k, v in x.items()})
+            return LayerProfile(**{k: value(v) for k, v in x.items()})
         return cls(version=d["version"], model=ModelConfig.from_dict(d["model"]), fingerprint=d["fingerprint"],
                    dtype=d["dtype"], layers=tuple(lp(x) for x in d["layers"]))
 
@@ -131,13 +168,17 @@ def _register_cpu_flash_flops() -> None:
 _MATMUL_OPS = None
 
 
-def live_bytes_tracker():
+def live_bytes_tracker(*, profiling: bool = True):
     """A dispatch mode that tracks the storages ops create (bytes alive now, their peak) and non-matmul traffic.
 
-    Outputs that share storage with an input (views, in-place and out= ops) create nothing: only new storages
-    count. The runtime uses the same tracker to measure kernel temporaries on the CPU, so the profile's
-    workspace and the runtime's ledger count alike."""
+    Outputs that share storage with an input (views, in-place and out= ops, set_ onto an existing storage) create
+    nothing: only new storages count. Liveness is the storage's, not a tensor's (a storage outlives the tensor
+    that made it when a view or a saved-tensor hook holds it): each storage is held by a weak reference and
+    checked before every op and when `settle()` is called, so the peak seen at an allocation is exact. The
+    runtime uses the same tracker to measure kernel temporaries on the CPU, so the profile's workspace and the
+    runtime's ledger count alike (it passes profiling=False: the traffic count and the timeline are the profile's alone)."""
     import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
     from torch.utils.flop_counter import flop_registry
@@ -145,46 +186,53 @@ def live_bytes_tracker():
     class Tracker(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.counts: dict[int, int] = {}
-            self.sizes: dict[int, int] = {}
+            self.refs: dict[int, tuple[StorageWeakRef, int]] = {}  # storage key -> (weak ref, bytes)
             self.live = 0
             self.peak = 0
             self.traffic = 0
+            self.timeline: list[int] = []  # bytes alive after each op (the profile's Envelope fits them)
 
-        def _release(self, key: int) -> None:
-            self.counts[key] -= 1
-            if self.counts[key] == 0:
-                self.live -= self.sizes.pop(key)
-                del self.counts[key]
+        def settle(self) -> int:
+            """Forget the storages that have been freed; the bytes alive now."""
+            for key in [k for k, (ref, _) in self.refs.items() if ref.expired()]:
+                self.live -= self.refs.pop(key)[1]
+            return self.live
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            flat_in = tree_flatten((args, kwargs))[0]
+            ins = [t for t in flat_in if isinstance(t, torch.Tensor)]
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            if func.overloadpacket not in flop_registry:
-                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if profiling and func.overloadpacket not in flop_registry:
                 if not func._schema.name.startswith(("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose",
                                                      "aten::expand", "aten::detach", "aten::alias",
                                                      "aten::permute", "aten::unsqueeze", "aten::slice")):
                     self.traffic += sum(t.numel() * t.element_size() for t in ins + outs)
-            fresh = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
-                     if isinstance(t, torch.Tensor)}
+            existing = {t.untyped_storage()._cdata for t in ins}
+            existing |= {s._cdata for s in flat_in if isinstance(s, torch.UntypedStorage)}
+            self.settle()
             for t in outs:
-                key = t.untyped_storage()._cdata
-                if key in fresh and key not in self.counts:
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key in existing or key in self.refs:
                     continue  # a view of, or a write into, something that existed before
-                if key not in self.counts:
-                    self.counts[key] = 0
-                    self.sizes[key] = t.untyped_storage().nbytes()
-                    self.live += self.sizes[key]
-                    self.peak = max(self.peak, self.live)
-                self.counts[key] += 1
-                weakref.finalize(t, self._release, key)
+                self.refs[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            if profiling:
+                self.timeline.append(self.live)
             return out
+
+        def above_end(self) -> list[int]:
+            """The timeline less the bytes alive now (the pass's end state): the pass's temporaries, op by op."""
+            end = self.settle()
+            return [x - end for x in self.timeline] or [0]
 
     return Tracker()
 
 
-def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: bool, dtype) -> dict:
+def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: bool, dtype, device="meta") -> dict:
+    """One layer's FLOPs, saved bytes, per-pass workspace and traffic at (b, s), on `device` (the layer's)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -193,10 +241,10 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
         p.grad = None  # a gradient left from the last point would make this one's accumulate a temporary
     param_keys = {p.untyped_storage()._cdata for p in layer.parameters()}
     if kind == "embedding":
-        x = torch.zeros(b, s, dtype=torch.long, device="meta")
+        x = torch.zeros(b, s, dtype=torch.long, device=device)
     else:
-        x = torch.empty(b, s, cfg.hidden, dtype=dtype, device="meta", requires_grad=True)
-    labels = torch.zeros(b, s, dtype=torch.long, device="meta")
+        x = torch.randn(b, s, cfg.hidden, device=device).to(dtype).requires_grad_(True)
+    labels = torch.zeros(b, s, dtype=torch.long, device=device)
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -213,7 +261,7 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
         fwd_flops = flops.get_total_flops()
         fwd_traffic = tracker.traffic
         out_bytes = y.numel() * y.element_size()
-        fwd_peak = tracker.peak - tracker.live  # transient above what stays (output + saved)
+        fwd_ws = tracker.above_end()  # transient above what stays (output + saved)
         has_graph = y.requires_grad
         grad = (torch.ones_like(y) if kind != "head" else None) if has_graph else None
     # Backward with a tracker of its own, as the runtime measures an op: what it creates and frees again.
@@ -222,16 +270,16 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
     with bwd_flops, bwd_tracker:
         if has_graph:
             y.backward(grad)
-    bwd_peak = bwd_tracker.peak - bwd_tracker.live
+    bwd_ws = bwd_tracker.above_end()
     # A forward under no_grad (layers below the block) keeps no saved tensors, but its intermediates live until
     # the layer returns: they are that pass's workspace.
     nograd = live_bytes_tracker()
     with nograd, torch.no_grad():
         y = layer(x, labels) if kind == "head" else layer(x)
-        nograd_peak = nograd.peak - nograd.live
+        nograd_ws = nograd.above_end()
     return dict(fwd_flops=fwd_flops, bwd_flops=bwd_flops.get_total_flops(),
-                saved=sum(saved.values()) if has_graph else 0, fwd_ws=fwd_peak, bwd_ws=bwd_peak,
-                nograd_ws=nograd_peak, traffic=fwd_traffic,
+                saved=sum(saved.values()) if has_graph else 0, fwd_ws=fwd_ws, bwd_ws=bwd_ws,
+                nograd_ws=nograd_ws, traffic=fwd_traffic,
                 out=0 if kind == "head" else out_bytes)
 
 
@@ -250,14 +298,18 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
     def fit(rows, key):
         return Poly.fit([r[key] for r in rows])
 
-    def worst(*keys):  # the larger of the trainable and frozen runs, for each point
-        return Poly.fit([max(r[k] for r in (t, f) for k in keys) for t, f in zip(train, frozen)])
+    def ws(rows, key):
+        return Envelope.fit([r[key] for r in rows])
+    fwd, fwd_frozen, bwd = ws(train, "fwd_ws"), ws(frozen, "fwd_ws"), ws(train, "bwd_ws")
+    bwd_frozen = ws(frozen, "bwd_ws")
+    nograd = Envelope.union(ws(train, "nograd_ws").polys + ws(frozen, "nograd_ws").polys)
     return LayerProfile(
         index=index, kind=kind, params=params, param_bytes=params * 2, fwd_flops=fit(train, "fwd_flops"),
         bwd_flops=fit(train, "bwd_flops"), bwd_input_flops=fit(frozen, "bwd_flops"), saved_bytes=fit(train, "saved"),
-        saved_frozen_bytes=fit(frozen, "saved"), workspace_bytes=worst("fwd_ws", "bwd_ws", "nograd_ws"),
-        fwd_workspace_bytes=worst("fwd_ws"), nograd_workspace_bytes=worst("nograd_ws"),
-        bwd_workspace_bytes=worst("bwd_ws"),
+        saved_frozen_bytes=fit(frozen, "saved"),
+        workspace_bytes=Envelope.union(sum((e.polys for e in (fwd, fwd_frozen, bwd, bwd_frozen, nograd)), ())),
+        fwd_workspace_bytes=fwd, fwd_frozen_workspace_bytes=fwd_frozen, nograd_workspace_bytes=nograd,
+        bwd_workspace_bytes=bwd, bwd_frozen_workspace_bytes=bwd_frozen,
         mem_traffic_bytes=fit(train, "traffic"), out_bytes=fit(train, "out"))
 
 

@@ -136,8 +136,7 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
         c = b.emit(name=f"fwd {tag}", kind="forward", stream="compute", layer=sz.index, micro_batch=mb,
                    flops=sz.fwd_flops, tokens=sz.tokens, traffic_bytes=sz.traffic_bytes,
                    alloc_bytes=sz.out_bytes + kept, free_bytes=0 if recompute else in_bytes,
-                   transient_bytes=sz.nograd_workspace_bytes if not kept and (role_ == "below" or recompute)
-                   else sz.fwd_workspace_bytes,
+                   transient_bytes=sz.nograd_workspace_bytes if recompute else sz.fwd_workspace(role_),
                    mem_class="activations", deps=tuple(deps))
         if kept and pl.activations == "cpu":
             b.offloads[(sz.index, mb)] = b.emit(
@@ -153,17 +152,17 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
         if recompute:
             deps = [b.emit(name=f"recompute {tag}", kind="recompute", stream="compute", layer=sz.index,
                            micro_batch=mb, flops=sz.fwd_flops, tokens=sz.tokens, traffic_bytes=sz.traffic_bytes,
-                           alloc_bytes=saved, transient_bytes=sz.fwd_workspace_bytes, mem_class="activations",
+                           alloc_bytes=saved, transient_bytes=sz.fwd_workspace(role_), mem_class="activations",
                            deps=tuple(deps))]
         grads_off = role_ == "active" and pl.grads == "cpu"
-        accumulates = role_ == "active" and pl.grads == "gpu"
+        accumulates = role_ == "active" and pl.grads == "gpu" and mb > 0  # the first micro-batch's is the .grad
         grad_bytes = sz.params * GRAD_BYTES if grads_off else 0
         c = b.emit(name=f"bwd {tag}", kind="backward", stream="compute", layer=sz.index, micro_batch=mb,
                    flops=sz.bwd(role_), tokens=sz.tokens, traffic_bytes=2 * sz.traffic_bytes,
                    alloc_bytes=(0 if lowest else in_bytes) + grad_bytes,
                    free_bytes=saved + sz.out_bytes + (in_bytes if recompute else 0),
                    # a gradient added into the block's existing one is a temporary first (AccumulateGrad)
-                   transient_bytes=sz.bwd_workspace_bytes + (sz.params * GRAD_BYTES if accumulates else 0),
+                   transient_bytes=sz.bwd_workspace(role_) + (sz.params * GRAD_BYTES if accumulates else 0),
                    mem_class="activations", deps=tuple(deps))
         if grads_off:
             b.grads.setdefault(sz.index, []).append(b.emit(

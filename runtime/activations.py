@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from planner.profile import live_bytes_tracker
 from runtime.store import HostMemory
 
 _PARAM = "param"
@@ -143,7 +144,24 @@ class ComputeOps:
     forward: the layer on a detached input, under no_grad below the block (nothing saved), else with its saved
     tensors kept, offloaded, or not made at all (recompute); recompute: the forward again, with grad, from the
     kept input; backward: torch.autograd.backward(output, gradient of the output), handing the input's gradient
-    to the layer below. Each records the device bytes it allocates and frees (mem), measured."""
+    to the layer below. Each records the device bytes it allocates, holds only while it runs, and frees (mem),
+    measured. What it holds only while it runs (kernel temporaries: intermediates of a no_grad forward, a
+    gradient added into an existing one) is measured on the CPU stand-in with the profile's storage tracker,
+    the same measurement the plan's workspace comes from, at the op's first run in the phase: every step of a
+    phase runs the same ops on the same shapes, and the tracker's Python work per kernel would slow the step by
+    about a fifth. On CUDA the allocator's max_memory_allocated is the measured peak and the tracker stays off."""
+
+    @contextlib.contextmanager
+    def _temporaries(self, op):
+        """Measure the storages the enclosed kernels create and free again: booked as the op's transient bytes."""
+        if not self.track_temporaries or op.id in self.transient:
+            self.transient.setdefault(op.id, 0)
+            yield
+            return
+        tracker = live_bytes_tracker(profiling=False)
+        with tracker:
+            yield
+        self.transient[op.id] = tracker.peak - tracker.settle()
 
     def _saved_set(self, i: int, offload: bool) -> SavedSet:
         return SavedSet(weights=lambda: self.bound[i], offload=offload)
@@ -160,12 +178,14 @@ class ComputeOps:
         self._bind(op)
         kept, mode = 0, self.plan.placement(i).activations
         if self.roles[i] == "below":
-            y = self._run(i, mb, x, grad=False, saved=None)
+            with self._temporaries(op):
+                y = self._run(i, mb, x, grad=False, saved=None)
         else:
             if i > 0:
                 x = x.detach().requires_grad_(i > self.first)
             saved = None if mode == "recompute" else self._saved_set(i, offload=(mode == "cpu"))
-            y = self._run(i, mb, x, grad=saved is not None, saved=saved)
+            with self._temporaries(op):
+                y = self._run(i, mb, x, grad=saved is not None, saved=saved)
             self.recs[(i, mb)] = Rec(x=x, y=None if saved is None else y, saved=saved, in_bytes=in_bytes)
             if saved is not None:
                 kept = saved.nbytes
@@ -177,22 +197,24 @@ class ComputeOps:
             self.outs[(i, mb)] = y.detach() if y.requires_grad else y
             out_bytes = y.nbytes
         recomputed = mode == "recompute" and self.roles[i] != "below"
-        self.mem[op.id] = (out_bytes + kept, 0, 0 if recomputed else in_bytes)
+        self.mem[op.id] = (out_bytes + kept, self.transient[op.id], 0 if recomputed else in_bytes)
 
     def _recompute(self, op, gpu) -> None:
         i, mb = op.layer, op.micro_batch
         self._bind(op)
         rec = self.recs[(i, mb)]
         rec.saved = self._saved_set(i, offload=False)
-        rec.y = self._run(i, mb, rec.x, grad=True, saved=rec.saved)
+        with self._temporaries(op):
+            rec.y = self._run(i, mb, rec.x, grad=True, saved=rec.saved)
         self.saved_tensors[i] += rec.saved.count
-        self.mem[op.id] = (rec.saved.nbytes, 0, 0)
+        self.mem[op.id] = (rec.saved.nbytes, self.transient[op.id], 0)
 
     def _backward(self, op, gpu) -> None:
         i, mb = op.layer, op.micro_batch
         self._bind(op)
         rec = self.recs.pop((i, mb))
-        backward(rec.y, None if i == self.head else self.grad_out.pop((i, mb)))
+        with self._temporaries(op):
+            backward(rec.y, None if i == self.head else self.grad_out.pop((i, mb)))
         lowest = i == self.first
         if not lowest:
             self.grad_out[(i - 1, mb)] = rec.x.grad
@@ -206,7 +228,7 @@ class ComputeOps:
         rec.saved.release(gpu)
         out_bytes = 0 if i == self.head else rec.y.nbytes
         recomputed = self.plan.placement(i).activations == "recompute"
-        self.mem[op.id] = ((0 if lowest else rec.in_bytes) + grad_bytes, 0,
+        self.mem[op.id] = ((0 if lowest else rec.in_bytes) + grad_bytes, self.transient[op.id],
                            rec.saved.nbytes + out_bytes + (rec.in_bytes if recomputed else 0))
 
     def _offload_act(self, op, gpu) -> None:

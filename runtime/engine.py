@@ -177,11 +177,13 @@ class PhaseOps(ComputeOps):
     The compute ops (forward, recompute, backward) and the activation transfers are ComputeOps's."""
 
     def __init__(self, *, plan, phase, layers, layouts: list[FlatLayout], store: TieredStore, optim: BlockOptimizer,
-                 act_buffers: HostBuffers, streams: Streams):
+                 act_buffers: HostBuffers, streams: Streams, track_temporaries: bool = True):
         self.plan, self.phase = plan, phase
         self.layers, self.layouts, self.store, self.optim = layers, layouts, store, optim
         self.act_buffers, self.streams = act_buffers, streams
         self.target: Target = store.target
+        self.track_temporaries = track_temporaries and not self.target.cuda
+        self.transient: dict[int, int] = {}                # compute op id -> kernel temporaries (first step)
         self.roles = [role(plan, phase.block, i) for i in range(plan.n_layers)]
         self.first = plan.blocks[phase.block].first
         self.head = plan.n_layers - 1

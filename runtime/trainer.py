@@ -57,6 +57,7 @@ class TrainConfig:
     summary_path: str | None = None
     quiet: bool = False
     force_cpu: bool = False             # run on the CPU even when CUDA is there (tests)
+    track_temporaries: bool = True      # CPU stand-in: measure kernel temporaries into the device ledger
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -135,7 +136,8 @@ class Trainer:
             for p in self.layers[i].parameters():
                 p.requires_grad_(True)
         self.ops = PhaseOps(plan=self.plan, phase=phase, layers=self.layers, layouts=self.layouts, store=self.store,
-                            optim=self.optim, act_buffers=self.act_buffers, streams=self.streams)
+                            optim=self.optim, act_buffers=self.act_buffers, streams=self.streams,
+                            track_temporaries=self.cfg.track_temporaries)
         self.optim.begin_phase(layers, switched=switch and bool(phase.switch_ops))
         if switch:
             self.executor.run([op for op in phase.switch_ops if op.kind == "load_state"], self.ops)

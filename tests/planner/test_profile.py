@@ -207,3 +207,49 @@ def test_head_workspace_covers_the_fp32_logits(fresh):
     head = fresh["8b"].layers[-1]
     assert head.kind == "head"
     assert head.workspace_bytes.at(1, 4096) >= 1 * 4096 * 128256 * 4
+
+
+@pytest.mark.parametrize("kind", ["decoder", "head"])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_per_pass_workspace_on_meta_equals_a_real_cpu_layer(kind, trainable):
+    """What the profile measures on the meta device (saved bytes, the workspace of each pass) is what the same
+    tracker sees on a real CPU layer with real data, at shapes off the fit grid; and the fitted envelopes give
+    the measured peaks there (what the runtime's ledger books per op, tests/runtime/test_bcd.py)."""
+    from planner.llama import DecoderLayer, Head
+    from planner.profile import _measure
+    cfg = CATALOG["tiny"]
+    cls = {"decoder": DecoderLayer, "head": Head}[kind]
+    with torch.device("meta"):
+        meta_layer = cls(cfg)
+    torch.manual_seed(0)
+    cpu_layer = cls(cfg)
+    prof = profile_model(cfg, dtype="float32", cache=False).layers[1 if kind == "decoder" else -1]
+    fields = {"saved": "saved_bytes" if trainable else "saved_frozen_bytes",
+              "fwd_ws": "fwd_workspace_bytes" if trainable else "fwd_frozen_workspace_bytes",
+              "bwd_ws": "bwd_workspace_bytes" if trainable else "bwd_frozen_workspace_bytes",
+              "nograd_ws": "nograd_workspace_bytes"}
+    for b, s in OFF_GRID:
+        on_meta = _measure(meta_layer, kind, cfg, b, s, trainable=trainable, dtype=torch.float32)
+        on_cpu = _measure(cpu_layer, kind, cfg, b, s, trainable=trainable, dtype=torch.float32, device="cpu")
+        assert {k: on_cpu[k] for k in fields} == {k: on_meta[k] for k in fields}  # op by op, every pass
+        peaks = {k: max(v) if isinstance(v, list) else v for k, v in on_meta.items() if k in fields}
+        assert {k: round(getattr(prof, f).at(b, s)) for k, f in fields.items()} == peaks
+
+
+@pytest.mark.parametrize("kind", ["decoder", "head"])
+def test_shipped_workspace_extrapolates_to_training_shapes(kind):
+    """Fitted at sequences up to 128, used at thousands: the shipped 1B profile's workspace of every pass equals a
+    measurement at (1, 2048) and (4, 1024). (One polynomial fitted to the peaks gave a third of the trainable
+    head's backward there: its peak moves from a weight-sized temporary to a logits-sized one.)"""
+    from planner.llama import DecoderLayer, Head
+    from planner.profile import _measure
+    cfg = CATALOG["1b"]
+    with torch.device("meta"):
+        layer = {"decoder": DecoderLayer, "head": Head}[kind](cfg).to(torch.bfloat16)
+    lp = profile_model(cfg).layers[1 if kind == "decoder" else -1]
+    for b, s in ((1, 2048), (4, 1024)):
+        for trainable, suffix in ((True, ""), (False, "_frozen")):
+            got = _measure(layer, kind, cfg, b, s, trainable=trainable, dtype=torch.bfloat16)
+            for key, field in (("fwd_ws", f"fwd{suffix}_workspace_bytes"), ("bwd_ws", f"bwd{suffix}_workspace_bytes"),
+                               ("nograd_ws", "nograd_workspace_bytes")):
+                assert round(getattr(lp, field).at(b, s)) == max(got[key]), (b, s, trainable, key)
