@@ -194,10 +194,11 @@ def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
     return dataclasses.replace(draft, predicted=predict(draft, prof))
 
 
-def predict(plan: Plan, prof: ModelProfile) -> Prediction:
-    """The planner's predictions for a plan: memory from the schedule's replay, time from the ILP's costs."""
+def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Prediction:
+    """The planner's predictions for a plan: memory from the schedule's replay, time from the ILP's costs.
+    `window`: as in build_schedule."""
     hw = plan.hardware
-    sched = build_schedule(plan, prof)
+    sched = build_schedule(plan, prof, window=window)
     sizes = sched.sizes
     g = plan.shape.grad_accum
     phases = []

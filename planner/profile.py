@@ -85,7 +85,7 @@ class LayerProfile:
     index: int
     kind: str                   # embedding | decoder | head
     params: int
-    param_bytes: int            # bf16
+    param_bytes: int            # in the profile's dtype (bf16 for planning); gradients take as much
     fwd_flops: Poly
     bwd_flops: Poly             # weights trainable: input and weight gradients
     bwd_input_flops: Poly       # weights frozen: input gradient only (0 for the embedding)
@@ -176,7 +176,8 @@ def live_bytes_tracker(*, profiling: bool = True):
     that made it when a view or a saved-tensor hook holds it): each storage is held by a weak reference and
     checked before every op and when `settle()` is called, so the peak seen at an allocation is exact. The
     runtime uses the same tracker to measure kernel temporaries on the CPU, so the profile's workspace and the
-    runtime's ledger count alike (it passes profiling=False: the traffic count and the timeline are the profile's alone)."""
+    runtime's ledger count alike (it passes profiling=False: the traffic count and the timeline are the profile's
+    alone)."""
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -304,7 +305,7 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
     bwd_frozen = ws(frozen, "bwd_ws")
     nograd = Envelope.union(ws(train, "nograd_ws").polys + ws(frozen, "nograd_ws").polys)
     return LayerProfile(
-        index=index, kind=kind, params=params, param_bytes=params * 2, fwd_flops=fit(train, "fwd_flops"),
+        index=index, kind=kind, params=params, param_bytes=params * dtype.itemsize, fwd_flops=fit(train, "fwd_flops"),
         bwd_flops=fit(train, "bwd_flops"), bwd_input_flops=fit(frozen, "bwd_flops"), saved_bytes=fit(train, "saved"),
         saved_frozen_bytes=fit(frozen, "saved"),
         workspace_bytes=Envelope.union(sum((e.polys for e in (fwd, fwd_frozen, bwd, bwd_frozen, nograd)), ())),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from planner.costs import GRAD_BYTES, MASTER_BYTES, MOMENT_BYTES, STATE_BYTES, LayerSizes, layer_sizes
+from planner.costs import MASTER_BYTES, MOMENT_BYTES, STATE_BYTES, LayerSizes, layer_sizes
 from planner.plan import Placement, Plan
 from planner.profile import ModelProfile
 
@@ -156,13 +156,13 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                            deps=tuple(deps))]
         grads_off = role_ == "active" and pl.grads == "cpu"
         accumulates = role_ == "active" and pl.grads == "gpu" and mb > 0  # the first micro-batch's is the .grad
-        grad_bytes = sz.params * GRAD_BYTES if grads_off else 0
+        grad_bytes = sz.param_bytes if grads_off else 0  # gradients have the weights' dtype
         c = b.emit(name=f"bwd {tag}", kind="backward", stream="compute", layer=sz.index, micro_batch=mb,
                    flops=sz.bwd(role_), tokens=sz.tokens, traffic_bytes=2 * sz.traffic_bytes,
                    alloc_bytes=(0 if lowest else in_bytes) + grad_bytes,
                    free_bytes=saved + sz.out_bytes + (in_bytes if recompute else 0),
                    # a gradient added into the block's existing one is a temporary first (AccumulateGrad)
-                   transient_bytes=sz.bwd_workspace(role_) + (sz.params * GRAD_BYTES if accumulates else 0),
+                   transient_bytes=sz.bwd_workspace(role_) + (sz.param_bytes if accumulates else 0),
                    mem_class="activations", deps=tuple(deps))
         if grads_off:
             b.grads.setdefault(sz.index, []).append(b.emit(
@@ -208,7 +208,7 @@ def _static_bytes(plan: Plan, sizes, layers) -> dict:
         pl, p = plan.placement(i), sizes[i].params
         static["master"] += p * MASTER_BYTES if pl.master == "gpu" else 0
         static["moments"] += p * MOMENT_BYTES if pl.moments == "gpu" else 0
-        static["grads"] += p * GRAD_BYTES if pl.grads == "gpu" else 0
+        static["grads"] += sizes[i].param_bytes if pl.grads == "gpu" else 0
     return static
 
 
@@ -273,10 +273,12 @@ def _issue_order(ops: list[Op]) -> tuple[Op, ...]:
     return tuple(replace(op, id=renum[op.id], deps=tuple(sorted(renum[d] for d in op.deps))) for op in order)
 
 
-def build_schedule(plan: Plan, profile: ModelProfile) -> Schedule:
+def build_schedule(plan: Plan, profile: ModelProfile, *, window: int | None = None) -> Schedule:
+    """The plan's ops, sized by `profile`. `window`: streamed layers resident at once, when it must be another
+    schedule's (the runtime sizes a float32 run with the float32 profile, on the plan's bf16 window)."""
     s = plan.shape
     sizes = tuple(layer_sizes(lp, s.micro_batch, s.seq_len) for lp in profile.layers)
-    wl = window_layers(plan, sizes)
+    wl = window_layers(plan, sizes) if window is None else window
     phases = tuple(build_phase(plan, sizes, k, wl) for k in range(len(plan.blocks)))
     return Schedule(phases=phases, sizes=sizes, window_layers=wl)
 

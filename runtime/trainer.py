@@ -284,8 +284,19 @@ class Trainer:
                 pass  # not the main thread: signals stay as they were
         return old
 
+    def predicted_peaks(self) -> dict[int, int]:
+        """Each phase's predicted device peak at the precision this run holds its weights in: the plan's own
+        figures for bf16 (CUDA); on the CPU stand-in (float32 weights and gradients) the same schedule, with the
+        plan's prefetch window, sized by the float32 profile, so the ledger compares like with like."""
+        if self.target.weight_dtype == torch.bfloat16:
+            return {p.block: p.peak_vram_bytes for p in self.plan.predicted.phases}
+        from planner.planning import predict
+        name = str(self.target.weight_dtype).replace("torch.", "")
+        pred = predict(self.plan, profile_model(self.plan.model, dtype=name), window=self.schedule.window_layers)
+        return {p.block: p.peak_vram_bytes for p in pred.phases}
+
     def summary(self) -> dict:
-        predicted = {p.block: p.peak_vram_bytes for p in self.plan.predicted.phases}
+        predicted = self.predicted_peaks()
         mma = torch.cuda.max_memory_allocated(self.target.device) if self.target.cuda else None
         out = self.tracer.summary(peak_device_bytes=max(self.phase_peaks.values(), default=0),
                                   phase_peak_bytes=self.phase_peaks, predicted_peak_bytes=predicted,
