@@ -102,19 +102,16 @@ def wait_quiet(limit_s: float = 120.0) -> float | None:
 
 
 def measured_steps(trace_path: str) -> dict[int, list[float]]:
-    """block -> the step times of a runtime trace, each phase's first step left out (it pays warm-up)."""
+    """block -> the step times of a runtime trace (its steps track: the trainer's own step spans; op extents
+    overlap from step to step, the next step's first NVMe reads run inside this one), each phase's first step
+    left out (it pays warm-up)."""
     with open(trace_path, encoding="utf-8") as f:
         events = json.load(f)["traceEvents"]
-    spans: dict[tuple[int, int], list[float]] = {}
+    by_block: dict[int, list[tuple[int, float]]] = {}
     for e in events:
         a = e.get("args") or {}
-        if e.get("ph") == "X" and a.get("step", -1) >= 0:
-            s = spans.setdefault((a["block"], a["step"]), [float("inf"), 0.0])
-            s[0] = min(s[0], e["ts"])
-            s[1] = max(s[1], e["ts"] + e["dur"])
-    by_block: dict[int, list[tuple[int, float]]] = {}
-    for (block, step), (a, b) in spans.items():
-        by_block.setdefault(block, []).append((step, (b - a) * 1e-6))
+        if e.get("ph") == "X" and a.get("kind") == "step":
+            by_block.setdefault(a["block"], []).append((a["step"], e["dur"] * 1e-6))
     return {block: [s for _, s in sorted(steps)[1:]] or [s for _, s in steps] for block, steps in by_block.items()}
 
 

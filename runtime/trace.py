@@ -2,7 +2,8 @@
 
 One track (tid) per schedule stream (compute, h2d, d2h, nvme_read, nvme_write, cpu_opt), named with thread_name
 metadata events; each op is an "X" event named exactly as the schedule names it ("fwd L3 mb0"), so the runtime's
-trace and the simulator's line up, with args {id, kind, layer, bytes, step, block}. Open it in chrome://tracing or
+trace and the simulator's line up, with args {id, kind, layer, bytes, step, block}; a last "steps" track holds each
+step's wall span as the trainer timed it (args.kind "step"). Open it in chrome://tracing or
 https://ui.perfetto.dev.
 
 Host work is timed with perf_counter on the thread that does it. Work on CUDA streams is timed with CUDA events
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from planner.tracefmt import step_track
 from runtime.engine import STREAMS
 
 LINKS = ("h2d", "d2h", "nvme_read", "nvme_write")
@@ -108,6 +110,8 @@ class Tracer:
             events.append({"name": sp["name"], "ph": "X", "pid": 1, "tid": tid[sp["stream"]],
                            "ts": sp["start_s"] * 1e6, "dur": max(0.0, sp["end_s"] - sp["start_s"]) * 1e6,
                            "args": {k: sp[k] for k in ("id", "kind", "layer", "bytes", "step", "block")}})
+        # the steps as the trainer timed them: the next step's early NVMe reads run inside this one's span
+        events += step_track(len(STREAMS), [(s, b, a, e - a) for s, b, a, e in self.steps])
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def summary(self, *, peak_device_bytes: int, phase_peak_bytes: dict, predicted_peak_bytes: dict,

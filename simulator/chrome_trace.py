@@ -4,8 +4,9 @@ chrome://tracing and `blockfit compare` can match them op by op.
 Layout (shared with runtime/'s measured trace): pid 1; one tid per stream, named by "thread_name" metadata
 events compute, h2d, d2h, nvme_read, nvme_write, cpu_opt; one "X" (complete) event per op, named exactly
 op.name, ts and dur in microseconds, args {id, kind, layer, bytes} and, as the runtime adds them, {step, block}
-(step -1 for a block switch). The simulated trace holds one step of every phase, in the order the first cycle
-trains the blocks, each phase after its block switch.
+(step -1 for a block switch); a last "steps" track (planner/tracefmt.py) holds each step's span. The simulated
+trace holds one step of every phase, in the order the first cycle trains the blocks, each phase after its block
+switch.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 
 from planner.costs import STREAMS, op_seconds
 from planner.plan import write_atomic
+from planner.tracefmt import step_track
 
 PID = 1
 TIDS = {s: k + 1 for k, s in enumerate(STREAMS)}   # compute=1, h2d=2, ...
@@ -35,6 +37,7 @@ def trace_events(sim) -> list[dict]:
     by_block = {p.block: p for p in sim.phases}
     sched = {ph.block: ph for ph in sim.schedule.phases}
     t0 = 0.0
+    steps = []
     for step, k in enumerate(sim.plan.block_order(0)):
         res, ph = by_block[k], sched[k]
         free = dict.fromkeys(STREAMS, t0)
@@ -45,8 +48,9 @@ def trace_events(sim) -> list[dict]:
         t0 += res.switch_seconds
         for op, a, b in zip(ph.ops, res.start, res.finish):
             events.append(_event(op, t0 + a, b - a, step, k))
+        steps.append((step, k, t0, res.step_seconds))
         t0 += res.step_seconds
-    return events
+    return events + step_track(max(TIDS.values()) + 1, steps)
 
 
 def to_json(sim) -> str:

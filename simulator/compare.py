@@ -5,8 +5,9 @@ op's index in its phase's schedule and args.step / args.block where the writer k
 simulator both do; step -1 marks a block switch, left out). Without args.step a trace is cut into steps where
 an op with id 0 starts. A step's phase is recognised by the lowest layer its backward reaches, which is the
 first layer of the block it trains ("L5"), so two traces match phase by phase without knowing the plan. Per
-phase we take the median over its steps (a warm-up step does not skew it), per op the median duration by
-(phase, name), per stream the busy seconds per step.
+phase we take the median over its steps (a warm-up step does not skew it) of the step's wall time, from the
+steps track where the trace has one (planner/tracefmt.py), else from its ops' extent; per op the median duration
+by (phase, name), per stream the busy seconds per step.
 
 Summaries are JSON objects keyed by block: the runtime's and the simulator's both carry
 "step_seconds_by_phase" {"0": seconds, ...} and "device_peak_bytes_by_phase"; a "phases" list of {"block",
@@ -56,16 +57,21 @@ def _from_trace(path: str, events: list) -> Side:
         if isinstance(ev, dict) and ev.get("ph") == "M" and ev.get("name") == "thread_name":
             names[ev.get("tid")] = (ev.get("args") or {}).get("name")
     xs = []
+    walls: dict[int, float] = {}
     for ev in events:
         if not (isinstance(ev, dict) and ev.get("ph") == "X"):
             continue
         args = ev.get("args") or {}
+        step = args.get("step")
+        if args.get("kind") == "step":  # the steps track (planner/tracefmt.py): a step's wall span
+            if isinstance(step, int) and isinstance(ev.get("dur"), (int, float)):
+                walls[step] = float(ev["dur"]) * 1e-6
+            continue
         try:
             ts, dur = float(ev["ts"]) * 1e-6, float(ev.get("dur", 0.0)) * 1e-6
             op_id = int(args["id"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"trace '{path}': an X event lacks ts or args.id ({ev!r:.120}).") from None
-        step = args.get("step")
         if args.get("kind") in SWITCH_KINDS or (isinstance(step, int) and step < 0):
             continue
         stream = names.get(ev.get("tid")) or _stream(ev)
@@ -92,7 +98,8 @@ def _from_trace(path: str, events: list) -> Side:
         key = f"L{min(bwd)}" if bwd else "fwd-only"
         per_phase.setdefault(key, []).append(st)
     for key, sts in per_phase.items():
-        side.phases[key] = statistics.median(max(x[0] + x[2] for x in st) - min(x[0] for x in st) for st in sts)
+        side.phases[key] = statistics.median(walls.get(st[0][7], max(x[0] + x[2] for x in st) - min(x[0] for x in st))
+                                             for st in sts)
         side.steps[key] = len(sts)
         busy = {s: 0.0 for s in STREAMS}
         durs: dict[str, list] = {}

@@ -29,8 +29,10 @@ def test_trace_and_summary(tmp_path):
                 "--summary", str(summary), "--quiet"]) == 0
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
-    assert sorted(names.values()) == sorted(STREAMS)
-    xs = [e for e in events if e["ph"] == "X"]
+    assert sorted(names.values()) == sorted(STREAMS + ("steps",))
+    walls = [e for e in events if e["ph"] == "X" and e["args"]["kind"] == "step"]
+    assert [e["args"]["step"] for e in walls] == list(range(STEPS)) and all(e["dur"] > 0 for e in walls)
+    xs = [e for e in events if e["ph"] == "X" and e["args"]["kind"] != "step"]
     assert all(names[e["tid"]] in STREAMS and e["dur"] >= 0 and e["ts"] >= 0 for e in xs)
     assert all(set(e["args"]) >= {"id", "kind", "layer", "bytes"} for e in xs)
 

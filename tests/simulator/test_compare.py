@@ -83,3 +83,20 @@ def test_summaries_and_the_command(sim, tmp_path, capsys):
     assert "two traces or two summaries" in capsys.readouterr().err
     assert run(["compare", str(t), str(t)]) == 0
     assert "Per phase" in capsys.readouterr().out
+
+
+def test_step_time_comes_from_the_steps_track(sim, tmp_path):
+    """An op of a step issued early, inside the step before (the runtime's early NVMe reads), widens the ops'
+    extent but not the step: the steps track's span is the step time. Without the track, the extent is used."""
+    events = trace_events(sim)
+    moved = json.loads(json.dumps(events))
+    first_op = min((e for e in moved if e["ph"] == "X" and e["args"].get("kind") != "step"
+                    and e["args"]["step"] == 1), key=lambda e: e["ts"])
+    first_op["ts"] -= 50_000.0   # 50 ms earlier
+    p, q = tmp_path / "moved.json", tmp_path / "no-steps.json"
+    p.write_text(json.dumps({"traceEvents": moved}))
+    q.write_text(json.dumps({"traceEvents": [e for e in moved if (e.get("args") or {}).get("kind") != "step"]}))
+    key = f"L{sim.plan.blocks[sim.plan.block_order(0)[1]].first}"
+    want = next(r.step_seconds for r in sim.phases if r.block == sim.plan.block_order(0)[1])
+    assert load(str(p)).phases[key] == pytest.approx(want, rel=1e-6)
+    assert load(str(q)).phases[key] == pytest.approx(want + 0.05, rel=1e-6)

@@ -32,8 +32,10 @@ def test_trace_is_chrome_json_with_the_schedules_tracks_and_ops(sim):
     events = doc["traceEvents"]
     assert all({"name", "ph", "pid"} <= set(e) for e in events)
     tracks = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
-    assert set(tracks.values()) == STREAM_NAMES and len(tracks) == 6
-    xs = [e for e in events if e["ph"] == "X"]
+    assert set(tracks.values()) == STREAM_NAMES | {"steps"} and len(tracks) == 7
+    steps = [e for e in events if e["ph"] == "X" and e["args"]["kind"] == "step"]
+    assert [tracks[e["tid"]] for e in steps] == ["steps"] * len(sim.phases)
+    xs = [e for e in events if e["ph"] == "X" and e["args"]["kind"] != "step"]
     assert all(e["pid"] == PID and e["dur"] >= 0 and e["ts"] >= 0 for e in xs)
     for ph in sim.schedule.phases:
         mine = [e for e in xs if e["args"]["block"] == ph.block and e["args"]["step"] >= 0]
@@ -49,11 +51,16 @@ def test_trace_is_chrome_json_with_the_schedules_tracks_and_ops(sim):
 
 
 def test_trace_times_are_the_simulated_times(sim):
-    xs = [e for e in json.loads(to_json(sim))["traceEvents"] if e["ph"] == "X" and e["args"]["step"] >= 0]
+    events = [e for e in json.loads(to_json(sim))["traceEvents"] if e["ph"] == "X" and e["args"]["step"] >= 0]
+    xs = [e for e in events if e["args"]["kind"] != "step"]
+    walls = {e["args"]["block"]: e for e in events if e["args"]["kind"] == "step"}
     for res in sim.phases:
         mine = [e for e in xs if e["args"]["block"] == res.block]
         span = (max(e["ts"] + e["dur"] for e in mine) - min(e["ts"] for e in mine)) * 1e-6
         assert span == pytest.approx(res.step_seconds, rel=1e-6)
+        # the steps track holds the same span
+        assert walls[res.block]["dur"] * 1e-6 == pytest.approx(res.step_seconds, rel=1e-6)
+        assert walls[res.block]["ts"] == pytest.approx(min(e["ts"] for e in mine), abs=1e-3)
         first = min(mine, key=lambda e: e["ts"])
         i = first["args"]["id"]
         assert first["dur"] * 1e-6 == pytest.approx(res.finish[i] - res.start[i], abs=1e-8)
