@@ -85,7 +85,8 @@ class LayerProfile:
     index: int
     kind: str                   # embedding | decoder | head
     params: int
-    param_bytes: int            # in the profile's dtype (bf16 for planning); gradients take as much
+    param_bytes: int            # its weights where it runs, in the profile's dtype (bf16 for planning; a tied
+                                # head's copy of the embedding included); gradients take as much
     fwd_flops: Poly
     bwd_flops: Poly             # weights trainable: input and weight gradients
     bwd_input_flops: Poly       # weights frozen: input gradient only (0 for the embedding)
@@ -290,9 +291,10 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
     from planner.llama import DecoderLayer, Embedding, Head
     with torch.device("meta"):
         layer = {"embedding": Embedding, "decoder": DecoderLayer, "head": Head}[kind](cfg).to(dtype)
-    params = sum(p.numel() for p in layer.parameters())
+    held = params = sum(p.numel() for p in layer.parameters())
     if kind == "head" and cfg.tie_embeddings:
-        params -= cfg.vocab * cfg.hidden  # shares the embedding's matrix
+        params -= cfg.vocab * cfg.hidden  # shares the embedding's matrix: one parameter of the model, but the
+        # head holds a copy where it runs (the runtime streams the two layers independently)
     train = [_measure(layer, kind, cfg, b, s, trainable=True, dtype=dtype) for b, s in _POINTS]
     frozen = [_measure(layer, kind, cfg, b, s, trainable=False, dtype=dtype) for b, s in _POINTS]
 
@@ -305,7 +307,7 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
     bwd_frozen = ws(frozen, "bwd_ws")
     nograd = Envelope.union(ws(train, "nograd_ws").polys + ws(frozen, "nograd_ws").polys)
     return LayerProfile(
-        index=index, kind=kind, params=params, param_bytes=params * dtype.itemsize, fwd_flops=fit(train, "fwd_flops"),
+        index=index, kind=kind, params=params, param_bytes=held * dtype.itemsize, fwd_flops=fit(train, "fwd_flops"),
         bwd_flops=fit(train, "bwd_flops"), bwd_input_flops=fit(frozen, "bwd_flops"), saved_bytes=fit(train, "saved"),
         saved_frozen_bytes=fit(frozen, "saved"),
         workspace_bytes=Envelope.union(sum((e.polys for e in (fwd, fwd_frozen, bwd, bwd_frozen, nograd)), ())),

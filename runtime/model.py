@@ -5,6 +5,10 @@ alike (the plan carries the ModelConfig). No layer is ever materialised whole-mo
 (or read from a safetensors checkpoint) on the CPU, flattened, and put on the tier the plan chose, so a model
 bigger than host RAM can start from NVMe. The modules keep meta-free, 0-element parameters until the runtime
 binds them to a flat buffer: resident layers now, streamed layers whenever the copy engine loads them.
+
+Tied embeddings: the head holds its own copy of the embedding matrix (the plan sizes the head with it: it must be
+where the head runs), so the embedding and the head stream independently. That is exact while both are frozen,
+as in BCD, where blocks hold decoder layers; a plan that trains either is refused (runtime/guards.py).
 """
 from __future__ import annotations
 
@@ -57,11 +61,17 @@ def _cpu_layer(cfg: ModelConfig, index: int) -> nn.Module:
 
 def init_random(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, *, seed: int) -> None:
     """Random weights, one layer at a time, in layer order from one generator: the same numbers as
-    init_weights over a whole LlamaModel's layers with torch.Generator().manual_seed(seed)."""
+    init_weights over a whole LlamaModel's layers with torch.Generator().manual_seed(seed). A tied head's
+    lm_head takes the embedding's matrix (its own draws are made and dropped)."""
     g = torch.Generator().manual_seed(seed)
+    embedding = None
     for i, lay in enumerate(layouts):
         layer = _cpu_layer(cfg, i)
         init_weights(layer, std=INIT_STD, generator=g)
+        if cfg.tie_embeddings and i == 0:
+            embedding = layer.embed_tokens.weight.detach().clone()
+        elif cfg.tie_embeddings and i == len(layouts) - 1:
+            layer.lm_head.weight.data.copy_(embedding)
         store.put(i, lay.flatten([p.detach() for p in layer.parameters()], torch.zeros(lay.numel)))
         del layer
 
@@ -78,8 +88,14 @@ def load_state(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, 
     """Put a state dict under Hugging Face names on the tiers (checkpoints and --init-from)."""
     for i, lay in enumerate(layouts):
         flat = torch.zeros(lay.numel, dtype=torch.float32)
-        lay.flatten([sd[hf_name(i, cfg.layers, local)] for local in lay.names], flat)
+        lay.flatten([sd[_source_name(cfg, i, local)] for local in lay.names], flat)
         store.put(i, flat)
+
+
+def _source_name(cfg: ModelConfig, i: int, local: str) -> str:
+    """The Hugging Face name a parameter is read from: a tied lm_head reads the embedding (HF saves it once)."""
+    name = hf_name(i, cfg.layers, local)
+    return "model.embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
 
 
 def state_dict(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore) -> dict[str, torch.Tensor]:
@@ -88,5 +104,6 @@ def state_dict(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore) 
     for i, lay in enumerate(layouts):
         flat = store.get(i)
         for local, view in zip(lay.names, lay.views(flat)):
-            out[hf_name(i, cfg.layers, local)] = view.clone()
+            if _source_name(cfg, i, local) == hf_name(i, cfg.layers, local):  # a tied lm_head is saved once
+                out[hf_name(i, cfg.layers, local)] = view.clone()
     return out
