@@ -29,6 +29,7 @@ class Request:
     switch_state: str = "reset"
     time_limit_s: float = 10.0
     max_blocks: int | None = None
+    min_blocks: int | None = None        # bcd: at least this many blocks (--blocks N sets both to N)
 
 
 def candidates(req: Request) -> list[int]:
@@ -43,6 +44,12 @@ def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfil
         raise UserError(f"--seq {req.seq_len} is longer than the model allows ({cfg.max_seq}).")
     if req.micro_batch and req.batch % req.micro_batch:
         raise UserError(f"--micro-batch {req.micro_batch} does not divide --batch {req.batch}.")
+    if req.min_blocks and req.method == "full":
+        raise UserError("--blocks / --min-blocks apply to --method bcd; full-parameter training is one block.")
+    if req.min_blocks and req.min_blocks > min(cfg.layers, req.max_blocks or cfg.layers):
+        raise UserError(f"at least {req.min_blocks} blocks asked for, but {cfg.name} has {cfg.layers} decoder "
+                        f"layers" + (f" and --max-blocks is {req.max_blocks}" if req.max_blocks else "") +
+                        ": a block holds one layer or more.")
     budget = int((req.vram_gib if req.vram_gib is not None else hw.gpu.vram_gib) * GIB)
     reserve = int(req.reserve_gib * GIB)
     if reserve >= budget:
@@ -92,7 +99,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     best = None                       # (cost, mb, solution)
     pending = []                      # (bound, mb, u, tier, problem) not yet proven
     took, solved = 0.0, 0
-    counts = [1] if req.method == "full" else list(range(1, min(n, req.max_blocks or n) + 1))
+    counts = [1] if req.method == "full" else list(range(req.min_blocks or 1, min(n, req.max_blocks or n) + 1))
     problems = {mb: _problem(prof, hw, req, mb, cap) for mb in candidates(req)}
 
     def record(sol, mb):

@@ -226,7 +226,7 @@ def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tup
         counts = [min(blocks, n)]
     else:  # the fewest blocks for each bottom-block size: memory depends on u only through that size
         counts, seen = [], set()
-        for u in range(1, min(n, req.max_blocks or n) + 1):
+        for u in range(req.min_blocks or 1, min(n, req.max_blocks or n) + 1):
             if -(-n // u) not in seen:
                 seen.add(-(-n // u))
                 counts.append(u)

@@ -49,7 +49,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--switch-state", choices=SWITCH_POLICIES, default="reset",
                    help="optimizer state of a block when training moves on")
-    p.add_argument("--max-blocks", type=int, default=None)
+    p.add_argument("--max-blocks", type=int, default=None, help="bcd: at most this many blocks")
+    p.add_argument("--min-blocks", type=int, default=None,
+                   help="bcd: at least this many blocks (the planner otherwise prefers the fewest that fit)")
+    p.add_argument("--blocks", type=int, default=None, help="bcd: exactly this many blocks")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds the solver may take")
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.add_argument("--json", action="store_true", help="print machine-readable output")
@@ -64,10 +67,17 @@ def request_from_args(a, method: str):
     check_positive("--micro-batch", a.micro_batch, integer=True, upper=1 << 16)
     check_positive("--steps-per-block", a.steps_per_block, integer=True, upper=10**7)
     check_positive("--max-blocks", a.max_blocks, integer=True, upper=10**4)
+    check_positive("--min-blocks", a.min_blocks, integer=True, upper=10**4)
+    check_positive("--blocks", a.blocks, integer=True, upper=10**4)
+    if a.blocks and (a.min_blocks or a.max_blocks):
+        raise UserError("--blocks N fixes the block count: give it alone, or --min-blocks / --max-blocks.")
+    lo, hi = (a.blocks, a.blocks) if a.blocks else (a.min_blocks, a.max_blocks)
+    if lo and hi and lo > hi:
+        raise UserError(f"--min-blocks {lo} is more than --max-blocks {hi}.")
     check_positive("--time-limit", a.time_limit, upper=86400)
     return Request(method=method, vram_gib=a.vram, reserve_gib=a.reserve, seq_len=a.seq, batch=a.batch,
                    micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
-                   switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=a.max_blocks)
+                   switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo)
 
 
 def run(a) -> int:

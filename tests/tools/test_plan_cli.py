@@ -79,6 +79,11 @@ def test_the_console_script_is_the_plan_command():
     (["--model", "7b", "--hardware", "/nonexistent/hw.json"], "hardware profile '/nonexistent/hw.json' does not"),
     (["--model", "7b", "--out", "/nonexistent/dir/p.json", "--gpu", "h200"], "cannot write '/nonexistent/dir"),
     (["--model", "7b", "--vram", "abc"], "invalid float value: 'abc'"),
+    (["--model", "7b", "--blocks", "4", "--max-blocks", "6"], "--blocks N fixes the block count"),
+    (["--model", "7b", "--min-blocks", "5", "--max-blocks", "4"], "--min-blocks 5 is more than --max-blocks 4"),
+    (["--model", "7b", "--blocks", "33"], "at least 33 blocks asked for, but 7b has 32 decoder layers"),
+    (["--model", "7b", "--blocks", "0"], "--blocks must be a positive integer"),
+    (["--model", "7b", "--blocks", "4", "--method", "full"], "apply to --method bcd"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(capsys, args, message):
     code, out, err = plan(capsys, *args)
@@ -136,3 +141,17 @@ def test_out_is_written_atomically_and_only_on_success(tmp_path, capsys):
     code, _, _ = plan(capsys, "--model", "tiny", "--gpu", "rtx4090", "--seq", "128", "--out", str(out))
     assert code == 0 and out.exists()
     assert [f for f in os.listdir(tmp_path)] == ["p.json"]  # no temporary left behind
+
+
+def test_a_fixed_or_minimum_block_count_is_kept(capsys):
+    """By default the planner prefers the fewest blocks that fit (one, when memory allows); --blocks N fixes the
+    count, --min-blocks raises the floor."""
+    def blocks(*extra):
+        code, text, _ = plan(capsys, "--model", "1b", "--gpu", "a100-80g", "--seq", "512", "--json", *extra)
+        assert code == 0
+        return [b for b in json.loads(text)["blocks"]]
+    assert len(blocks()) == 1
+    fixed = blocks("--blocks", "4")
+    assert len(fixed) == 4 and fixed[0]["first"] == 1 and fixed[-1]["last"] == 22   # every decoder layer, once
+    assert all(a["last"] + 1 == b["first"] for a, b in zip(fixed, fixed[1:]))
+    assert len(blocks("--min-blocks", "3")) >= 3
