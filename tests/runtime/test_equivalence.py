@@ -166,22 +166,37 @@ def test_switch_policies_differ_and_keeps_agree(tmp_path):
     assert runs["reset"][3:] != runs["keep_cpu"][3:]
 
 
-def test_a_transformers_llama_trains_under_a_plan(tmp_path):
-    """A tiny LlamaForCausalLM saved with save_pretrained starts a run with --init-from: the first step's loss is
-    transformers' own loss on the same batches, and the run trains."""
+HF_CASES = {
+    # every tier in the blocks, embedding and head trained too
+    "llama": (dict(arch="llama"), [P(0, "gpu", "gpu", "gpu"), P(1, "nvme", "cpu", "recompute"),
+                                   P(2, "cpu", "gpu", "cpu"), P(3, "gpu", "nvme", "gpu")], ((0, 1), (2, 3))),
+    # tied embeddings (Qwen2 0.5B-3B): the embedding and the head frozen, their two copies on different tiers
+    "qwen2-tied": (dict(arch="qwen2", attention_bias=True, tie_embeddings=True),
+                   [P(0, "cpu", "gpu", "gpu"), P(1, "nvme", "cpu", "recompute"), P(2, "gpu", "gpu", "cpu"),
+                    P(3, "gpu", "gpu", "gpu")], ((1, 1), (2, 2))),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_a_transformers_model_trains_under_a_plan(tmp_path, case):
+    """A tiny transformers model saved with save_pretrained starts a run with --init-from: the first step's loss
+    is transformers' own loss on the same batches, the run trains, and its checkpoint loads back in transformers
+    (a tied matrix still tied, and unchanged: frozen)."""
     transformers = pytest.importorskip("transformers")
     from planner.models import load_model_config
     from planner.plan import write_atomic
     from runtime.hf import build_hf_model
     from tools.cli import run as cli
 
-    cfg = ModelConfig(name="hf-tiny", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=64)
+    extra, placements, blocks = HF_CASES[case]
+    cfg = ModelConfig(name="hf-tiny", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=64,
+                      **extra)
     torch.manual_seed(0)
     hf = build_hf_model(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     cfg = load_model_config(str(tmp_path / "hf"))   # the shape as the checkpoint's config.json says
-    plan = tiny_plan([P(0, "gpu", "gpu", "gpu"), P(1, "nvme", "cpu", "recompute"), P(2, "cpu", "gpu", "cpu"),
-                      P(3, "gpu", "nvme", "gpu")], cfg=cfg, blocks=((0, 1), (2, 3)))
+    assert cfg.tie_embeddings == extra.get("tie_embeddings", False)
+    plan = tiny_plan(placements, cfg=cfg, blocks=blocks)
     write_atomic(str(tmp_path / "plan.json"), plan.to_json())
     data = write_tokens(tmp_path / "tokens.bin")
     metrics = tmp_path / "m.jsonl"
@@ -205,3 +220,6 @@ def test_a_transformers_llama_trains_under_a_plan(tmp_path):
     trained = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck" / "step-000004"),
                                                                 local_files_only=True)
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)
+    if cfg.tie_embeddings:
+        assert trained.lm_head.weight.data_ptr() == trained.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(trained.model.embed_tokens.weight, hf.model.embed_tokens.weight)

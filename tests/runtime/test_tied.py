@@ -1,4 +1,5 @@
-"""Tied embeddings (lm_head shares the embedding matrix: Qwen2 0.5B-3B, Llama 3.2 1B/3B).
+"""Tied embeddings (lm_head shares the embedding matrix: Qwen2 0.5B-3B, Llama 3.2 1B/3B). A tied transformers
+model trained from its save_pretrained directory: tests/runtime/test_equivalence.py (HF_CASES).
 
 The runtime gives the head its own copy of the matrix, so the embedding and the head stream independently; that is
 exact while both stay frozen, as in BCD's blocks of decoder layers, and a plan that trains either is refused.
@@ -6,7 +7,6 @@ exact while both stay frozen, as in BCD's blocks of decoder layers, and a plan t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -66,43 +66,3 @@ def test_training_a_tied_embedding_or_head_is_refused(blocks, method, what):
         check_supported(plan)
     assert what in str(e.value)
     check_supported(tiny_plan(PLACEMENTS, cfg=TIED, blocks=((1, 4),)))  # decoder layers only: fine
-
-
-def test_a_tied_transformers_model_trains_and_saves_loadable(tmp_path):
-    """A tied Qwen2ForCausalLM from save_pretrained: the first loss is transformers' own, and the checkpoint the
-    run writes loads back in transformers with the matrix still tied."""
-    transformers = pytest.importorskip("transformers")
-    from planner.models import ModelConfig, load_model_config
-    from planner.plan import write_atomic
-    from runtime.hf import build_hf_model
-    from tools.cli import run as cli
-
-    cfg = ModelConfig(name="hf-tied", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=64,
-                      arch="qwen2", attention_bias=True, tie_embeddings=True)
-    torch.manual_seed(0)
-    hf = build_hf_model(cfg).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    cfg = load_model_config(str(tmp_path / "hf"))
-    assert cfg.tie_embeddings
-    plan = tiny_plan([P(0, "cpu", "gpu", "gpu"), P(1, "nvme", "cpu", "recompute"), P(2, "gpu", "gpu", "cpu"),
-                      P(3, "gpu", "gpu", "gpu")], cfg=cfg, blocks=((1, 1), (2, 2)))
-    write_atomic(str(tmp_path / "plan.json"), plan.to_json())
-    data = write_tokens(tmp_path / "tokens.bin")
-    metrics = tmp_path / "m.jsonl"
-    assert cli(["train", "--plan", str(tmp_path / "plan.json"), "--data", data, "--steps", "4", "--cpu", "--quiet",
-                "--init-from", str(tmp_path / "hf"), "--nvme-dir", str(tmp_path / "nvme"), "--lr", "1e-2",
-                "--metrics", str(metrics), "--ckpt-dir", str(tmp_path / "ck")]) == 0
-    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-    batches = TokenData.open(data, seq_len=plan.shape.seq_len, seed=0)
-    want = 0.0
-    with torch.no_grad():
-        for _ in range(plan.shape.grad_accum):
-            x, y = batches.next_batch(plan.shape.micro_batch)
-            logits = hf(input_ids=x).logits.float()
-            want += torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), y.reshape(-1)).item()
-    assert abs(losses[0] - want / plan.shape.grad_accum) < 1e-5
-    trained = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck" / "step-000004"),
-                                                                local_files_only=True)
-    assert trained.lm_head.weight.data_ptr() == trained.model.embed_tokens.weight.data_ptr()
-    assert torch.equal(trained.model.embed_tokens.weight, hf.model.embed_tokens.weight)  # frozen
-    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)
