@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import time
 from dataclasses import dataclass
 
@@ -89,9 +90,10 @@ class Search:
 def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search | None:
     """Every micro-batch candidate x every block count, as separate CP-SAT problems, best first.
 
-    Pass 1 solves each briefly, block counts in ascending order, until a simple lower bound shows that no
-    larger count can beat the incumbent. Pass 2 gives more time to the problems whose proven bound is still
-    below the incumbent, lowest bound first. The reported bound is valid for everything not closed."""
+    Pass 1 solves each briefly, best-first by a simple lower bound (which grows with the block count), until the
+    smallest bound left cannot beat the incumbent or the time limit is reached with a plan in hand. Pass 2 gives
+    more time to the problems whose proven bound is still below the incumbent, lowest bound first. The reported
+    bound is valid for everything not closed."""
     nvme = hw.host.nvme_gib > 0
     n = prof.n_decoder
     started = time.perf_counter()
@@ -113,24 +115,35 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
                 best = (cost, mb, sol)
         return sol
 
+    def out_of_time() -> bool:  # only once there is a plan to return
+        return best is not None and time.perf_counter() - started >= req.time_limit_s
+
+    open_bounds = []
+    frontier = []                     # (bound, mb, tier, index into counts): best-first over all subproblems
     tiers = ["gpu", "cpu"] + (["nvme"] if nvme else [])
     for mb, pb in problems.items():
-        g = req.batch // mb
         for tier in tiers:
             # Finer partitions never need more memory (smaller block state, more activations at frozen
             # sizes), so feasibility is monotone in the block count: bisect for the fewest blocks that fit.
-            lo_u = _fewest_blocks(pb, counts, tier, 10 * quick)
-            solved += 1
-            if lo_u is None:
-                continue
-            for u in counts[counts.index(lo_u):]:
-                if best is not None and ilp.lower_bound(pb, u, tier) * g >= best[0]:
-                    break  # the bound grows with the block count: nothing further can win
-                sol = record(ilp.solve(pb, u, tier, time_limit_s=quick), mb)
-                if sol is not None and sol.status != "OPTIMAL":
-                    pending.append((max(sol.bound_s, ilp.lower_bound(pb, u, tier)) * g, mb, u, tier, pb))
+            lo_u = counts[0] if len(counts) == 1 else _fewest_blocks(pb, counts, tier, 10 * quick)
+            solved += len(counts) > 1
+            if lo_u is not None:
+                k = counts.index(lo_u)
+                heapq.heappush(frontier, (ilp.lower_bound(pb, lo_u, tier) * (req.batch // mb), mb, tier, k))
+    while frontier:
+        lb, mb, tier, k = heapq.heappop(frontier)
+        if best is not None and lb >= best[0]:
+            break  # every subproblem left is bounded at least as high
+        if out_of_time():
+            open_bounds.append(lb)  # the smallest bound of everything left
+            break
+        pb, g, u = problems[mb], req.batch // mb, counts[k]
+        sol = record(ilp.solve(pb, u, tier, time_limit_s=quick), mb)
+        if sol is not None and sol.status != "OPTIMAL":
+            pending.append((max(sol.bound_s * g, lb), mb, u, tier, pb))
+        if k + 1 < len(counts):  # the bound grows with the block count
+            heapq.heappush(frontier, (ilp.lower_bound(pb, counts[k + 1], tier) * g, mb, tier, k + 1))
     pending.sort(key=lambda x: x[0])
-    open_bounds = []
     for bound, mb, u, tier, pb in pending:
         left = req.time_limit_s - (time.perf_counter() - started)
         if best is not None and bound >= best[0] * (1 - 1e-9):
