@@ -17,7 +17,7 @@ STREAMS = ("compute", "h2d", "d2h", "nvme_read", "nvme_write", "cpu_opt")
 # Bytes per trained parameter beside the bf16 weight (ZeRO paper's accounting, hardware.md).
 MASTER_BYTES = 4
 MOMENT_BYTES = 8          # m and v, fp32
-GRAD_BYTES = 2            # bf16 gradients on the device or streamed off it
+# gradients have the weights' dtype: LayerSizes.param_bytes (bf16 in a planning profile)
 STATE_BYTES = MASTER_BYTES + MOMENT_BYTES
 
 

@@ -35,7 +35,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from planner.costs import GRAD_BYTES, MASTER_BYTES, STATE_BYTES, LayerSizes, overlapped_seconds
+from planner.costs import MASTER_BYTES, STATE_BYTES, LayerSizes, overlapped_seconds
 from planner.hardware import GIB, Hardware
 from planner.plan import Placement
 from planner.schedule import Builder, optimizer_ops, pass_ops
@@ -49,12 +49,10 @@ class Problem:
     sizes: tuple[LayerSizes, ...]   # embedding, decoders, head at this micro-batch
     hw: Hardware
     method: str                     # bcd | full
-    micro_batch: int
     grad_accum: int
     cap_bytes: int                  # budget - reserve
     steps_per_block: int
     switch_state: str
-    max_blocks: int | None = None   # optional user limit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +64,6 @@ class Solution:
     starts: tuple[int, ...]   # decoder layers where blocks start (bcd) or (0,) for full
     placements: tuple[Placement, ...]
     window_bytes: int
-    state_tier: str
 
 
 def combos(kind: str, nvme: bool) -> list[tuple[str, str]]:
@@ -124,20 +121,24 @@ def transient_bytes(sizes, tier: str) -> int:
     big = max(sizes, key=lambda s: s.params)
     ws = max(s.workspace_bytes for s in sizes)
     inflight = 2 * max(s.saved_bytes for s in dec) if dec else 0
-    temp = big.params * (MASTER_BYTES if tier == "gpu" else 2 * GRAD_BYTES)  # two gradient copies in flight
+    temp = big.params * MASTER_BYTES if tier == "gpu" else 2 * big.param_bytes  # two gradient copies in flight
     hidden = 2 * max(s.out_bytes for s in sizes)
     return ws + inflight + temp + hidden
 
 
 
-_LAST: list = [None, None]   # (problem, its tables): the search solves one problem many times in a row
+_TABLES: dict[int, tuple] = {}   # id(problem) -> (problem, its tables): a search's few problems, each solved often
 
 
 def _costs(pb: Problem):
-    """Cost and byte tables per layer kind and combination, priced once (decoder layers are identical)."""
-    if _LAST[0] is not pb:
-        _LAST[:] = [pb, _price(pb, pb.hw.host.nvme_gib > 0)]
-    return _LAST[1]
+    """Cost and byte tables per layer kind and combination, priced once per problem (decoder layers are
+    identical)."""
+    hit = _TABLES.get(id(pb))
+    if hit is None or hit[0] is not pb:
+        if len(_TABLES) > 32:
+            _TABLES.clear()
+        hit = _TABLES[id(pb)] = (pb, _price(pb, pb.hw.host.nvme_gib > 0))
+    return hit[1]
 
 
 def _price(pb: Problem, nvme: bool):
@@ -256,10 +257,10 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     m.add(win >= 2 * kib(se.param_bytes) * (1 - count("gpu", 0)[1]))
     m.add(win >= 2 * kib(sh.param_bytes) * (1 - count("gpu", 0)[2]))
     head_act = sum(kib(act_bytes(sh, H["combos"][c][1], "active" if full else "above")) * h[c] for c in range(nh))
-    state = kib(sd.params * (STATE_BYTES + GRAD_BYTES)) if tier == "gpu" else 0
+    state = kib(sd.params * STATE_BYTES + sd.param_bytes) if tier == "gpu" else 0  # gradients: the weights' size
     fixed = win + w_gpu + head_act + kib(transient_bytes(sizes, tier))
     if full and tier == "gpu":
-        fixed += kib((se.params + sh.params) * (STATE_BYTES + GRAD_BYTES))
+        fixed += kib((se.params + sh.params) * STATE_BYTES + se.param_bytes + sh.param_bytes)
     peak = m.new_int_var(0, 1 << 50, "peak") if min_memory else None
     above = 0  # activations of the blocks above block j, built up as j descends
     for j in range(U):
@@ -303,7 +304,7 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     if status == cp_model.UNKNOWN:
         return Solution(status="UNKNOWN", objective_s=float("inf"),
                         bound_s=max(0.0, solver.best_objective_bound) * scale,
-                        solve_seconds=took, starts=(), placements=(), window_bytes=0, state_tier=tier)
+                        solve_seconds=took, starts=(), placements=(), window_bytes=0)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     # Blocks are numbered from the top; layers are laid out bottom-up, each block's combos in sorted order.
@@ -319,4 +320,4 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     return Solution(status=solver.status_name(status), objective_s=solver.objective_value * scale,
                     bound_s=solver.best_objective_bound * scale, solve_seconds=took,
                     starts=(0,) if full else tuple(starts), placements=tuple(pls),
-                    window_bytes=solver.value(win) * 1024, state_tier=tier)
+                    window_bytes=solver.value(win) * 1024)

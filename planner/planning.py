@@ -180,9 +180,8 @@ def _fewest_blocks(pb, counts: list[int], tier: str, limit_s: float) -> int | No
 
 def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) -> ilp.Problem:
     sizes = tuple(layer_sizes(lp, mb, req.seq_len) for lp in prof.layers)
-    return ilp.Problem(sizes=sizes, hw=hw, method=req.method, micro_batch=mb, grad_accum=req.batch // mb,
-                       cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
-                       max_blocks=req.max_blocks)
+    return ilp.Problem(sizes=sizes, hw=hw, method=req.method, grad_accum=req.batch // mb,
+                       cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state)
 
 
 def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:

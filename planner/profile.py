@@ -233,8 +233,10 @@ def live_bytes_tracker(*, profiling: bool = True):
     return Tracker()
 
 
-def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: bool, dtype, device="meta") -> dict:
-    """One layer's FLOPs, saved bytes, per-pass workspace and traffic at (b, s), on `device` (the layer's)."""
+def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: bool, dtype, device="meta",
+             nograd: bool = True) -> dict:
+    """One layer's FLOPs, saved bytes, per-pass workspace and traffic at (b, s), on `device` (the layer's).
+    `nograd=False` skips the no_grad forward (whether the weights are trainable makes no difference to it)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -275,10 +277,12 @@ def _measure(layer, kind: str, cfg: ModelConfig, b: int, s: int, *, trainable: b
     bwd_ws = bwd_tracker.above_end()
     # A forward under no_grad (layers below the block) keeps no saved tensors, but its intermediates live until
     # the layer returns: they are that pass's workspace.
-    nograd = live_bytes_tracker()
-    with nograd, torch.no_grad():
-        y = layer(x, labels) if kind == "head" else layer(x)
-        nograd_ws = nograd.above_end()
+    nograd_ws = None
+    if nograd:
+        tracker = live_bytes_tracker()
+        with tracker, torch.no_grad():
+            y = layer(x, labels) if kind == "head" else layer(x)
+            nograd_ws = tracker.above_end()
     return dict(fwd_flops=fwd_flops, bwd_flops=bwd_flops.get_total_flops(),
                 saved=sum(saved.values()) if has_graph else 0, fwd_ws=fwd_ws, bwd_ws=bwd_ws,
                 nograd_ws=nograd_ws, traffic=fwd_traffic,
@@ -296,7 +300,7 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
         params -= cfg.vocab * cfg.hidden  # shares the embedding's matrix: one parameter of the model, but the
         # head holds a copy where it runs (the runtime streams the two layers independently)
     train = [_measure(layer, kind, cfg, b, s, trainable=True, dtype=dtype) for b, s in _POINTS]
-    frozen = [_measure(layer, kind, cfg, b, s, trainable=False, dtype=dtype) for b, s in _POINTS]
+    frozen = [_measure(layer, kind, cfg, b, s, trainable=False, dtype=dtype, nograd=False) for b, s in _POINTS]
 
     def fit(rows, key):
         return Poly.fit([r[key] for r in rows])
@@ -305,7 +309,7 @@ def _profile_layer(index: int, kind: str, cfg: ModelConfig, dtype) -> LayerProfi
         return Envelope.fit([r[key] for r in rows])
     fwd, fwd_frozen, bwd = ws(train, "fwd_ws"), ws(frozen, "fwd_ws"), ws(train, "bwd_ws")
     bwd_frozen = ws(frozen, "bwd_ws")
-    nograd = Envelope.union(ws(train, "nograd_ws").polys + ws(frozen, "nograd_ws").polys)
+    nograd = ws(train, "nograd_ws")
     return LayerProfile(
         index=index, kind=kind, params=params, param_bytes=held * dtype.itemsize, fwd_flops=fit(train, "fwd_flops"),
         bwd_flops=fit(train, "bwd_flops"), bwd_input_flops=fit(frozen, "bwd_flops"), saved_bytes=fit(train, "saved"),

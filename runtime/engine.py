@@ -25,12 +25,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from planner.costs import STREAMS
 from planner.schedule import role
 from runtime.activations import ComputeOps, HostBuffers, Rec
 from runtime.optim import BlockOptimizer
 from runtime.store import FlatLayout, Target, TieredStore, bind
-
-STREAMS = ("compute", "h2d", "d2h", "nvme_read", "nvme_write", "cpu_opt")
 
 
 class Streams:

@@ -14,7 +14,7 @@ import psutil
 from planner.errors import UserError
 from planner.models import load_model_config
 from planner.plan import Plan, check_fingerprint
-from runtime.checkpoint import Checkpoint, load_checkpoint, resolve_step_dir
+from runtime.checkpoint import Checkpoint, load_checkpoint
 from runtime.data import TokenData
 
 GIB = 1 << 30
@@ -122,7 +122,7 @@ def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkp
     path = resume or ckpt_dir
     if not path:
         raise UserError("--resume needs a checkpoint: give its path, or --ckpt-dir holding one.")
-    ck = load_checkpoint(resolve_step_dir(path))
+    ck = load_checkpoint(path)
     missing = [k for k in RESUME_KEYS if k not in ck.meta]
     if missing:
         raise UserError(f"checkpoint '{ck.path}' was not written by `blockfit train` (its meta.json lacks "

@@ -22,6 +22,12 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed, never trained
 
 
+def source_name(cfg: ModelConfig, layer_index: int, local: str) -> str:
+    """The Hugging Face name a parameter is stored under: a tied lm_head is the embedding (HF saves it once)."""
+    name = hf_name(layer_index, cfg.layers, local)
+    return "model.embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
+
+
 def _named(model_layers, cfg: ModelConfig):
     """(HF name, parameter) for every parameter, the tied lm_head once (as the embedding), never twice."""
     if len(model_layers) != cfg.layers + 2:
@@ -30,7 +36,7 @@ def _named(model_layers, cfg: ModelConfig):
     for i, layer in enumerate(model_layers):
         for local, p in layer.named_parameters():
             name = hf_name(i, cfg.layers, local)
-            if not (cfg.tie_embeddings and name == "lm_head.weight"):
+            if source_name(cfg, i, local) == name:
                 yield name, p
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from planner.llama import DecoderLayer, Embedding, Head, LlamaModel, hf_name, init_weights
 from planner.models import ModelConfig
-from runtime.hf import load_layers_from_hf_state, read_safetensors_dir
+from runtime.hf import load_layers_from_hf_state, read_safetensors_dir, source_name
 from runtime.store import FlatLayout, TieredStore, bind
 
 INIT_STD = 0.02
@@ -88,14 +88,8 @@ def load_state(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, 
     """Put a state dict under Hugging Face names on the tiers (checkpoints and --init-from)."""
     for i, lay in enumerate(layouts):
         flat = torch.zeros(lay.numel, dtype=torch.float32)
-        lay.flatten([sd[_source_name(cfg, i, local)] for local in lay.names], flat)
+        lay.flatten([sd[source_name(cfg, i, local)] for local in lay.names], flat)
         store.put(i, flat)
-
-
-def _source_name(cfg: ModelConfig, i: int, local: str) -> str:
-    """The Hugging Face name a parameter is read from: a tied lm_head reads the embedding (HF saves it once)."""
-    name = hf_name(i, cfg.layers, local)
-    return "model.embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
 
 
 def state_dict(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore) -> dict[str, torch.Tensor]:
@@ -104,6 +98,7 @@ def state_dict(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore) 
     for i, lay in enumerate(layouts):
         flat = store.get(i)
         for local, view in zip(lay.names, lay.views(flat)):
-            if _source_name(cfg, i, local) == hf_name(i, cfg.layers, local):  # a tied lm_head is saved once
-                out[hf_name(i, cfg.layers, local)] = view.clone()
+            name = source_name(cfg, i, local)
+            if name == hf_name(i, cfg.layers, local):  # a tied lm_head is saved once, as the embedding
+                out[name] = view.clone()
     return out

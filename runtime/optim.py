@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from planner.costs import STATE_BYTES
 from runtime.store import FlatLayout, TieredStore, aligned_empty
 
 
@@ -86,7 +87,7 @@ class BlockOptimizer:
         return lay.views(buf[:n]), lay.views(buf[n:2 * n]), lay.views(buf[2 * n:])
 
     def state_bytes(self, layer: int) -> int:
-        return 3 * self.layouts[layer].numel * 4
+        return self.layouts[layer].numel * STATE_BYTES  # master | exp_avg | exp_avg_sq, fp32
 
     def _keeps_in_place(self, layer: int) -> bool:
         """The state already lives where the policy keeps it: no switch op moves it."""
@@ -232,14 +233,14 @@ class BlockOptimizer:
         on the state's device, bytes of temporaries held on that device)."""
         st = self.states[layer]
         dev = st.buf.device
-        grads = [g.to(dev, torch.float32) for g in grads]
         master, m, v = self.split(layer, st.buf)
         st.step += 1
         if self.target.cuda and dev.type == "cuda":
             # one parameter at a time bounds the temporaries (the sqrt and the fp32 gradient) to the largest
-            transient = max(adamw_([p], [g], [a], [b], step=st.step, lr=lr, cfg=self.cfg) * 2
+            transient = max(adamw_([p], [g.to(dev, torch.float32)], [a], [b], step=st.step, lr=lr, cfg=self.cfg) * 2
                             for p, g, a, b in zip(master, grads, m, v))
         else:
+            grads = [g.to(dev, torch.float32) for g in grads]
             transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg)
         n = self.layouts[layer].numel
         return st.buf[:n].to(self.target.weight_dtype), transient

@@ -107,7 +107,6 @@ class DeviceMeter:
         self._lock = threading.Lock()
         self.live: dict[str, int] = {}
         self.peak_bytes = 0
-        self.peak_breakdown: dict[str, int] = {}
 
     @property
     def live_bytes(self) -> int:
@@ -117,19 +116,13 @@ class DeviceMeter:
         with self._lock:
             if alloc:
                 self.live[cls] = self.live.get(cls, 0) + alloc
-            total = self.live_bytes + transient
-            if total > self.peak_bytes:
-                self.peak_bytes = total
-                self.peak_breakdown = dict(self.live)
-                if transient:
-                    self.peak_breakdown["workspace"] = self.peak_breakdown.get("workspace", 0) + transient
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes + transient)
             if free:
                 self.live[cls] = self.live.get(cls, 0) - free
 
     def reset_peak(self) -> None:
         with self._lock:
             self.peak_bytes = self.live_bytes
-            self.peak_breakdown = dict(self.live)
 
 
 BLOCK = 4096   # O_DIRECT alignment of buffers, offsets and lengths
@@ -202,9 +195,6 @@ class NvmeFiles:
 
     def path(self, key: str) -> str:
         return os.path.join(self.root, f"{key}.bin")
-
-    def exists(self, key: str) -> bool:
-        return os.path.exists(self.path(key))
 
     def write(self, key: str, src: torch.Tensor) -> None:
         """Write all of src, make it durable, then drop it from the page cache."""

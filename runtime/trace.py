@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from planner.tracefmt import step_track
-from runtime.engine import STREAMS
+from planner.costs import STREAMS
+from planner.tracefmt import PID, TIDS, header, step_track
 
 LINKS = ("h2d", "d2h", "nvme_read", "nvme_write")
 
@@ -101,17 +101,13 @@ class Tracer:
     # -- output -------------------------------------------------------------------------------------------------
 
     def chrome_trace(self) -> dict:
-        tid = {s: k for k, s in enumerate(STREAMS)}
-        events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "blockfit runtime"}}]
-        events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": k, "args": {"name": s}} for s, k in tid.items()]
-        events += [{"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": k, "args": {"sort_index": k}}
-                   for k in tid.values()]
+        events = header("blockfit runtime")
         for sp in self.spans:
-            events.append({"name": sp["name"], "ph": "X", "pid": 1, "tid": tid[sp["stream"]],
+            events.append({"name": sp["name"], "ph": "X", "pid": PID, "tid": TIDS[sp["stream"]],
                            "ts": sp["start_s"] * 1e6, "dur": max(0.0, sp["end_s"] - sp["start_s"]) * 1e6,
                            "args": {k: sp[k] for k in ("id", "kind", "layer", "bytes", "step", "block")}})
         # the steps as the trainer timed them: the next step's early NVMe reads run inside this one's span
-        events += step_track(len(STREAMS), [(s, b, a, e - a) for s, b, a, e in self.steps])
+        events += step_track([(s, b, a, e - a) for s, b, a, e in self.steps])
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def summary(self, *, peak_device_bytes: int, phase_peak_bytes: dict, predicted_peak_bytes: dict,

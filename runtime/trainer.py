@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from planner.costs import MASTER_BYTES, MOMENT_BYTES
 from planner.errors import UserError
 from planner.plan import Plan
 from planner.profile import profile_model
@@ -124,8 +125,8 @@ class Trainer:
         out = {"master": 0, "moments": 0, "grads": 0}
         for i in layers:
             n, pl = self.layouts[i].numel, self.plan.placement(i)
-            out["master"] += 4 * n if pl.master == "gpu" else 0
-            out["moments"] += 8 * n if pl.moments == "gpu" else 0
+            out["master"] += MASTER_BYTES * n if pl.master == "gpu" else 0
+            out["moments"] += MOMENT_BYTES * n if pl.moments == "gpu" else 0
             out["grads"] += n * self.target.weight_dtype.itemsize if pl.grads == "gpu" else 0
         return out
 

@@ -14,10 +14,7 @@ import json
 
 from planner.costs import STREAMS, op_seconds
 from planner.plan import write_atomic
-from planner.tracefmt import step_track
-
-PID = 1
-TIDS = {s: k + 1 for k, s in enumerate(STREAMS)}   # compute=1, h2d=2, ...
+from planner.tracefmt import PID, TIDS, header, step_track
 
 
 def _event(op, ts_s: float, dur_s: float, step: int, block: int) -> dict:
@@ -29,11 +26,7 @@ def _event(op, ts_s: float, dur_s: float, step: int, block: int) -> dict:
 
 def trace_events(sim) -> list[dict]:
     """Metadata events naming the process and the tracks, then every op of one step of every phase."""
-    events = [{"name": "process_name", "ph": "M", "pid": PID, "tid": 0, "args": {"name": "blockfit"}}]
-    for s in STREAMS:
-        events.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": TIDS[s], "args": {"name": s}})
-        events.append({"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": TIDS[s],
-                       "args": {"sort_index": TIDS[s]}})
+    events = header("blockfit")
     by_block = {p.block: p for p in sim.phases}
     sched = {ph.block: ph for ph in sim.schedule.phases}
     t0 = 0.0
@@ -50,7 +43,7 @@ def trace_events(sim) -> list[dict]:
             events.append(_event(op, t0 + a, b - a, step, k))
         steps.append((step, k, t0, res.step_seconds))
         t0 += res.step_seconds
-    return events + step_track(max(TIDS.values()) + 1, steps)
+    return events + step_track(steps)
 
 
 def to_json(sim) -> str:
@@ -62,12 +55,3 @@ def to_json(sim) -> str:
 def write_trace(path: str, sim) -> None:
     write_atomic(path, to_json(sim))
 
-
-def load_events(path: str) -> list[dict]:
-    """The events of a Chrome trace file: either {"traceEvents": [...]} or a bare list."""
-    from planner.errors import UserError, read_json
-    raw = read_json(path, "trace")
-    events = raw.get("traceEvents") if isinstance(raw, dict) else raw
-    if not isinstance(events, list):
-        raise UserError(f"'{path}' is not a Chrome trace (no traceEvents list).")
-    return events

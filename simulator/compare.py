@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from planner.costs import STREAMS
 from planner.errors import UserError, read_json
-from simulator.chrome_trace import TIDS
+from planner.tracefmt import TIDS
 
 SWITCH_KINDS = ("load_state", "save_state")
 STEP_KEYS = ("step_seconds", "mean_step_seconds", "median_step_seconds", "step_s")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.costs import STREAMS, op_seconds
+from planner.costs import STREAMS, op_seconds, overlapped_seconds
 from planner.hardware import Hardware
 from planner.plan import Plan
 from planner.profile import ModelProfile, profile_model
@@ -171,10 +171,7 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
 
 def switch_seconds(phase: PhaseSchedule, hw: Hardware) -> float:
     """The block switch: state loads and saves have no dependencies, so each stream runs its own back to back."""
-    per = dict.fromkeys(STREAMS, 0.0)
-    for op in phase.switch_ops:
-        per[op.stream] += op_seconds(op, hw)
-    return max(per.values()) if phase.switch_ops else 0.0
+    return overlapped_seconds(phase.switch_ops, hw)
 
 
 def _critical_path(finish: list[float], why: list[int]) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.costs import GRAD_BYTES, STATE_BYTES, LayerSizes, layer_sizes
+from planner.costs import STATE_BYTES, LayerSizes, layer_sizes
 from planner.hardware import GIB, Hardware
 from planner.ilp import HOST_RAM_USABLE, act_bytes, layer_cost, step_cost, switch_cost, transient_bytes
 from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Placement, Plan, Prediction, Shape, SolverReport
@@ -115,12 +115,12 @@ def _resident(t: _Tables, p: Policy, cap: int, host_cap: int, switch_state: str)
     sd, se, sh = sizes[1], sizes[0], sizes[-1]
     full = p.method == "full"
     top = n if full else -(-n // p.blocks)   # the bottom block's size
-    state = sd.params * (STATE_BYTES + GRAD_BYTES) if p.tier == "gpu" else 0
+    state = sd.params * STATE_BYTES + sd.param_bytes if p.tier == "gpu" else 0
     lag = int(t.backlog * ((n - top) * sd.saved_frozen_bytes + top * sd.saved_bytes)) if p.act == "cpu" else 0
     base = ((n - top) * t.act[(p.act, "above")] + top * (t.act[(p.act, "active")] + state) + lag
             + t.head_act[(p.head_act, "active" if full else "above")] + t.transient[p.tier])
     if full and p.tier == "gpu":
-        base += (se.params + sh.params) * (STATE_BYTES + GRAD_BYTES)
+        base += (se.params + sh.params) * STATE_BYTES + se.param_bytes + sh.param_bytes
     fixed = (se.param_bytes if p.emb_w == "gpu" else 0) + (sh.param_bytes if p.head_w == "gpu" else 0)
     edge = max(se.param_bytes if p.emb_w == "cpu" else 0, sh.param_bytes if p.head_w == "cpu" else 0)
     if fixed + n * sd.param_bytes + 2 * edge + base <= cap:

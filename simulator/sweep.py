@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from planner.errors import UserError, closest
 from planner.hardware import GIB, Hardware, gpu_names, make_hardware
-from planner.models import CATALOG, load_model_config
+from planner.models import load_model_config
 from planner.plan import METHODS, write_atomic
 from planner.planning import Request, make_plan
 from planner.profile import ModelProfile, profile_model
@@ -268,6 +268,3 @@ def plot(path: str, rows: list[Row]) -> None:
     from simulator.report import save_figure
     save_figure(fig, path)
 
-
-def model_names() -> list[str]:
-    return list(CATALOG)

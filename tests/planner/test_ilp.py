@@ -10,7 +10,7 @@ import itertools
 import pytest
 
 from planner import ilp
-from planner.costs import GRAD_BYTES, STATE_BYTES, layer_sizes
+from planner.costs import STATE_BYTES, layer_sizes
 from planner.hardware import GIB, make_hardware
 from planner.models import ModelConfig
 from planner.planning import Request, candidates, make_plan, search
@@ -69,9 +69,9 @@ def configurations(prof, hw, req: Request):
             streamed = [kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] != "gpu"]
             fixed = (w_gpu + (2 * max(streamed) if streamed else 0) + kib(ilp.transient_bytes(sizes, tier))
                      + kib(ilp.act_bytes(sh, h[1], "active" if full else "above")))
-            state = kib(sd.params * (STATE_BYTES + GRAD_BYTES)) if tier == "gpu" else 0
+            state = kib(sd.params * STATE_BYTES + sd.param_bytes) if tier == "gpu" else 0
             if full and tier == "gpu":
-                fixed += kib((se.params + sh.params) * (STATE_BYTES + GRAD_BYTES))
+                fixed += kib((se.params + sh.params) * STATE_BYTES + se.param_bytes + sh.param_bytes)
             need = 0
             for first, end in blocks:
                 acts = sum(kib(ilp.act_bytes(sizes[i], combos_[i][1], "above")) for i in range(end, n + 1))

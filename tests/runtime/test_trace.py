@@ -7,10 +7,10 @@ import os
 import sys
 from collections import Counter
 
+from planner.costs import STREAMS
 from planner.plan import write_atomic
 from planner.profile import profile_model
 from planner.schedule import build_schedule
-from runtime.engine import STREAMS
 from tools.cli import run as cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode
