@@ -83,6 +83,14 @@ class Prediction:
         return max(p.peak_vram_bytes for p in self.phases)
 
 
+def cycle_rate(phases, *, steps_per_block: int, tokens_per_step: int) -> tuple[float, float]:
+    """(cycle seconds, tokens/s over it) of phases with step_seconds and switch_seconds: every block trained
+    steps_per_block steps, its switch included. The planner, the simulator and the fast planner all use it."""
+    cycle = sum(steps_per_block * p.step_seconds + p.switch_seconds for p in phases)
+    tokens = tokens_per_step * steps_per_block * len(phases)
+    return cycle, tokens / cycle if cycle > 0 else 0.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class SolverReport:
     status: str                   # OPTIMAL | FEASIBLE | ...

@@ -11,7 +11,7 @@ from planner.costs import STATE_BYTES, layer_sizes
 from planner.errors import UserError
 from planner.hardware import GIB, Hardware
 from planner.models import ModelConfig
-from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Plan, Prediction, Shape, SolverReport
+from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Plan, Prediction, Shape, SolverReport, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import build_schedule, memory_timeline, role
 
@@ -231,10 +231,9 @@ def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Pre
         sw = sum(ilp.switch_cost(sizes[i], plan.placement(i).master, plan.switch_state, hw) for i in bl.layers)
         phases.append(PhasePrediction(block=k, peak_vram_bytes=int(peak), breakdown=breakdown,
                                       step_seconds=g * per_mb + opt, switch_seconds=sw))
-    cycle = sum(plan.steps_per_block * p.step_seconds + p.switch_seconds for p in phases)
-    tokens = plan.shape.tokens_per_step * plan.steps_per_block * len(phases)
+    cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     return Prediction(phases=tuple(phases), host_ram_bytes=host_bytes(plan, sizes), nvme_bytes=nvme_bytes(plan, sizes),
-                      cycle_seconds=cycle, tokens_per_s=tokens / cycle if cycle > 0 else 0.0)
+                      cycle_seconds=cycle, tokens_per_s=rate)
 
 
 def host_bytes(plan: Plan, sizes) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 
 from planner.costs import STREAMS, op_seconds, overlapped_seconds
 from planner.hardware import Hardware
-from planner.plan import Plan
+from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, Schedule, build_schedule
 
@@ -244,7 +244,6 @@ def simulate(plan: Plan, hw: Hardware | None = None, *, profile: ModelProfile | 
         schedule = build_schedule(plan, profile or profile_model(plan.model))
     memo: dict = {}
     phases = tuple(simulate_phase(ph, hw, memo=memo, keep_timeline=keep_timeline) for ph in schedule.phases)
-    cycle = sum(plan.steps_per_block * p.step_seconds + p.switch_seconds for p in phases)
-    tokens = plan.shape.tokens_per_step * plan.steps_per_block * len(phases)
+    cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     return Simulation(plan=plan, hardware=hw, schedule=schedule, phases=phases, cycle_seconds=cycle,
-                      tokens_per_s=tokens / cycle if cycle > 0 else 0.0)
+                      tokens_per_s=rate)

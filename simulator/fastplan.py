@@ -25,7 +25,17 @@ from dataclasses import dataclass
 from planner.costs import STATE_BYTES, LayerSizes, layer_sizes
 from planner.hardware import GIB, Hardware
 from planner.ilp import HOST_RAM_USABLE, act_bytes, layer_cost, step_cost, switch_cost, transient_bytes
-from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Placement, Plan, Prediction, Shape, SolverReport
+from planner.plan import (
+    SCHEMA_VERSION,
+    Block,
+    PhasePrediction,
+    Placement,
+    Plan,
+    Prediction,
+    Shape,
+    SolverReport,
+    cycle_rate,
+)
 from planner.planning import Request, candidates
 from planner.profile import ModelProfile
 
@@ -294,12 +304,10 @@ def _to_plan(prof, hw, req, budget, reserve, cache, mb, p: Policy, win: int) -> 
     pls = ((_pl(0, p.emb_w, "gpu", p.tier),)
            + tuple(_pl(i, "gpu" if i > n - p.resident else "cpu", p.act, p.tier) for i in range(1, n + 1))
            + (_pl(n + 1, p.head_w, p.head_act, p.tier),))
-    cycle = sum(req.steps_per_block * s + w for s, w in zip(steps, switches))
     phases = tuple(PhasePrediction(block=k, peak_vram_bytes=0, step_seconds=s, switch_seconds=w)
                    for k, (s, w) in enumerate(zip(steps, switches)))
-    tokens = shape.tokens_per_step * req.steps_per_block * len(phases)
-    pred = Prediction(phases=phases, host_ram_bytes=0, nvme_bytes=0, cycle_seconds=cycle,
-                      tokens_per_s=tokens / cycle if cycle > 0 else 0.0)
+    cycle, rate = cycle_rate(phases, steps_per_block=req.steps_per_block, tokens_per_step=shape.tokens_per_step)
+    pred = Prediction(phases=phases, host_ram_bytes=0, nvme_bytes=0, cycle_seconds=cycle, tokens_per_s=rate)
     solver = SolverReport(status="HEURISTIC", objective=cycle / shape.tokens_per_step, bound=0.0, gap=0.0,
                           solve_seconds=0.0, time_limit_s=0.0)
     return Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,

@@ -20,7 +20,7 @@ import dataclasses
 
 from planner.costs import STREAMS
 from planner.hardware import Hardware
-from planner.plan import Plan
+from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, build_schedule
 from simulator.engine import PhaseResult, Simulation, describe_bottleneck, durations, simulate, simulate_phase
@@ -85,7 +85,6 @@ def simulate_repeating(plan: Plan, hw: Hardware | None = None, *,
         if r is None:
             return simulate(plan, hw, profile=prof, keep_timeline=False)
         phases.append(r)
-    cycle = sum(plan.steps_per_block * p.step_seconds + p.switch_seconds for p in phases)
-    tokens = plan.shape.tokens_per_step * plan.steps_per_block * len(phases)
+    cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     return Simulation(plan=plan, hardware=hw, schedule=sched, phases=tuple(phases), cycle_seconds=cycle,
-                      tokens_per_s=tokens / cycle if cycle > 0 else 0.0)
+                      tokens_per_s=rate)
