@@ -141,6 +141,17 @@ def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, v
                   pcie_gbps: float | None = None, nvme_read_gbps: float | None = None,
                   nvme_write_gbps: float | None = None, cpu_adam_params_per_s: float | None = None) -> Hardware:
     """Catalog GPU or a calibrated profile, with the command line's overrides applied (validated here)."""
+    hw = load_hardware_file(hardware_file) if hardware_file else Hardware(gpu=load_gpu(gpu or "rtx4090"))
+    return with_overrides(hw, vram_gib=vram_gib, host_ram_gib=host_ram_gib, nvme_gib=nvme_gib, pcie_gbps=pcie_gbps,
+                          nvme_read_gbps=nvme_read_gbps, nvme_write_gbps=nvme_write_gbps,
+                          cpu_adam_params_per_s=cpu_adam_params_per_s)
+
+
+def with_overrides(hw: Hardware, *, vram_gib: float | None = None, host_ram_gib: float | None = None,
+                   nvme_gib: float | None = None, pcie_gbps: float | None = None,
+                   nvme_read_gbps: float | None = None, nvme_write_gbps: float | None = None,
+                   cpu_adam_params_per_s: float | None = None) -> Hardware:
+    """`hw` with the command line's overrides applied (validated here); None leaves a figure as it is."""
     check_positive("--vram", vram_gib, upper=4096)
     check_positive("--host-ram", host_ram_gib, upper=65536)
     if nvme_gib is not None and (not isinstance(nvme_gib, (int, float)) or nvme_gib < 0 or nvme_gib > 10**6):
@@ -149,10 +160,6 @@ def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, v
     check_positive("--nvme-read-gbps", nvme_read_gbps, upper=1000)
     check_positive("--nvme-write-gbps", nvme_write_gbps, upper=1000)
     check_positive("--cpu-adam", cpu_adam_params_per_s, upper=1e12)
-    if hardware_file:
-        hw = load_hardware_file(hardware_file)
-    else:
-        hw = Hardware(gpu=load_gpu(gpu or "rtx4090"))
     g, h = hw.gpu, hw.host
     if vram_gib is not None:
         g = dataclasses.replace(g, vram_gib=vram_gib)

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from planner.errors import UserError, check_positive
-from planner.hardware import GIB, Hardware, load_gpu, load_hardware_file
+from planner.hardware import GIB, Hardware, load_gpu, load_hardware_file, with_overrides
 from planner.plan import Plan, Shape
 from planner.planning import Request, make_plan
 from planner.profile import ModelProfile, profile_model
@@ -39,10 +39,7 @@ class Overrides:
 
 def hardware(plan: Plan, ov: Overrides) -> Hardware:
     """The plan's hardware with the overrides applied (validated here, at the edge)."""
-    check_positive("--vram", ov.vram_gib, upper=4096)
-    check_positive("--pcie-gbps", ov.pcie_gbps, upper=1000)
     check_positive("--nvme-gbps", ov.nvme_gbps, upper=1000)
-    check_positive("--host-ram", ov.host_ram_gib, upper=65536)
     if ov.gpu and ov.hardware_file:
         raise UserError("give either --gpu or --hardware, not both.")
     hw = plan.hardware
@@ -50,16 +47,8 @@ def hardware(plan: Plan, ov: Overrides) -> Hardware:
         hw = load_hardware_file(ov.hardware_file)
     elif ov.gpu:
         hw = dataclasses.replace(hw, gpu=load_gpu(ov.gpu), calibrated=False)
-    g, h = hw.gpu, hw.host
-    if ov.vram_gib is not None:
-        g = dataclasses.replace(g, vram_gib=ov.vram_gib)
-    if ov.pcie_gbps is not None:
-        g = dataclasses.replace(g, h2d_gbps=ov.pcie_gbps, d2h_gbps=ov.pcie_gbps)
-    if ov.nvme_gbps is not None:
-        h = dataclasses.replace(h, nvme_read_gbps=ov.nvme_gbps, nvme_write_gbps=ov.nvme_gbps)
-    if ov.host_ram_gib is not None:
-        h = dataclasses.replace(h, ram_gib=ov.host_ram_gib)
-    return dataclasses.replace(hw, gpu=g, host=h)
+    return with_overrides(hw, vram_gib=ov.vram_gib, pcie_gbps=ov.pcie_gbps, nvme_read_gbps=ov.nvme_gbps,
+                          nvme_write_gbps=ov.nvme_gbps, host_ram_gib=ov.host_ram_gib)
 
 
 def _budget_gib(plan: Plan, hw: Hardware, ov: Overrides) -> float:
