@@ -14,12 +14,7 @@ from planner.profile import LayerProfile
 
 STREAMS = ("compute", "h2d", "d2h", "nvme_read", "nvme_write", "cpu_opt")
 
-# Bytes per trained parameter beside the bf16 weight (ZeRO paper's accounting, hardware.md).
-MASTER_BYTES = 4
-MOMENT_BYTES = 8          # m and v, fp32
-# gradients have the weights' dtype: LayerSizes.param_bytes (bf16 in a planning profile)
-STATE_BYTES = MASTER_BYTES + MOMENT_BYTES
-
+# Bytes per tensor class live in planner.memory, with every other memory rule.
 
 @dataclass(frozen=True, kw_only=True)
 class LayerSizes:

@@ -35,13 +35,12 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from planner.costs import MASTER_BYTES, STATE_BYTES, LayerSizes, overlapped_seconds
-from planner.hardware import GIB, Hardware
+from planner import memory
+from planner.costs import LayerSizes, overlapped_seconds
+from planner.hardware import Hardware
+from planner.memory import RECOMPUTE, STATE_BYTES, Tier, act_bytes, transient_bytes
 from planner.plan import Placement
 from planner.schedule import Builder, optimizer_ops, pass_ops
-
-HOST_RAM_USABLE = 0.85    # of host RAM, the rest for the OS, the process and page cache
-NVME_USABLE = 0.95
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,15 +65,15 @@ class Solution:
     window_bytes: int
 
 
-def combos(kind: str, nvme: bool) -> list[tuple[str, str]]:
-    ws = ["gpu", "cpu"] + (["nvme"] if nvme else [])
-    acts = ["gpu"] if kind == "embedding" else ["gpu", "cpu", "recompute"]
+def combos(kind: str, ws: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(weights tier, activation placement) pairs a layer of this kind may take, weights on the tiers `ws`."""
+    acts = [Tier.GPU] if kind == "embedding" else [Tier.GPU, Tier.CPU, RECOMPUTE]
     return list(itertools.product(ws, acts))
 
 
 def _placement(i: int, c: tuple[str, str], tier: str) -> Placement:
     return Placement(layer=i, weights=c[0], activations=c[1], master=tier, moments=tier,
-                     grads="gpu" if tier == "gpu" else "cpu")
+                     grads=Tier.GPU if tier == Tier.GPU else Tier.CPU)
 
 
 def layer_cost(sz: LayerSizes, pl: Placement, role: str, hw: Hardware, *, lowest: bool = False) -> float:
@@ -100,31 +99,13 @@ def switch_cost(sz: LayerSizes, tier: str, policy: str, hw: Hardware) -> float:
     """Moving one layer's optimizer state in and the previous block's out at a block switch."""
     if policy == "reset":
         return 0.0
-    keep = "cpu" if policy == "keep_cpu" else "nvme"
+    keep = Tier.CPU if policy == "keep_cpu" else Tier.NVME
     if tier == keep:
         return 0.0
     nbytes = sz.params * STATE_BYTES
-    if keep == "nvme":
+    if keep == Tier.NVME:
         return max(hw.link("nvme_read").io_seconds(nbytes), hw.link("nvme_write").io_seconds(nbytes))
     return max(hw.link("h2d").io_seconds(nbytes), hw.link("d2h").io_seconds(nbytes))
-
-
-def act_bytes(sz: LayerSizes, act: str, role: str) -> int:
-    """Device bytes a layer holds for backward while the rest of the pass runs."""
-    if role == "below":
-        return 0
-    return {"gpu": sz.saved(role), "cpu": 0, "recompute": sz.out_bytes}[act]
-
-
-def transient_bytes(sizes, tier: str) -> int:
-    dec = [s for s in sizes if s.kind == "decoder"]
-    big = max(sizes, key=lambda s: s.params)
-    ws = max(s.workspace_bytes for s in sizes)
-    inflight = 2 * max(s.saved_bytes for s in dec) if dec else 0
-    temp = big.params * MASTER_BYTES if tier == "gpu" else 2 * big.param_bytes  # two gradient copies in flight
-    hidden = 2 * max(s.out_bytes for s in sizes)
-    return ws + inflight + temp + hidden
-
 
 
 _TABLES: dict[int, tuple] = {}   # id(problem) -> (problem, its tables): a search's few problems, each solved often
@@ -137,22 +118,21 @@ def _costs(pb: Problem):
     if hit is None or hit[0] is not pb:
         if len(_TABLES) > 32:
             _TABLES.clear()
-        hit = _TABLES[id(pb)] = (pb, _price(pb, pb.hw.host.nvme_gib > 0))
+        hit = _TABLES[id(pb)] = (pb, _price(pb, memory.tiers(pb.hw)))
     return hit[1]
 
 
-def _price(pb: Problem, nvme: bool):
+def _price(pb: Problem, tiers: tuple[Tier, ...]):
     hw, sizes, g = pb.hw, pb.sizes, pb.grad_accum
-    tiers = ["gpu", "cpu"] + (["nvme"] if nvme else [])
     kmul = max(1, pb.steps_per_block)
     t = {}
     for i in (0, 1, len(sizes) - 1):
         sz = sizes[i]
-        cs = combos(sz.kind, nvme)
+        cs = combos(sz.kind, tiers)
         t[sz.kind] = {
             "combos": cs,
-            "below": [layer_cost(sz, _placement(i, c, "gpu"), "below", hw) for c in cs],
-            "above": [layer_cost(sz, _placement(i, c, "gpu"), "above", hw) for c in cs],
+            "below": [layer_cost(sz, _placement(i, c, Tier.GPU), "below", hw) for c in cs],
+            "above": [layer_cost(sz, _placement(i, c, Tier.GPU), "above", hw) for c in cs],
             "active": {tier: [layer_cost(sz, _placement(i, c, tier), "active", hw)
                               + step_cost(sz, _placement(i, c, tier), hw) / g
                               + switch_cost(sz, tier, pb.switch_state, hw) / (g * kmul) for c in cs]
@@ -177,8 +157,8 @@ def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     if pb.method == "full":
         return n * active + min(e["active"][tier]) + min(h["active"][tier])
     pass_cost = [min(b, a) for b, a in zip(d["below"], d["above"])]
-    on_gpu = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] == "gpu")
-    off = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] != "gpu")
+    on_gpu = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] == Tier.GPU)
+    off = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] != Tier.GPU)
     room = pb.cap_bytes - transient_bytes(pb.sizes, tier)
     k = min(n, max(0, room // max(1, pb.sizes[1].param_bytes)))
     forward = k * min(on_gpu, off) + (n - k) * off
@@ -196,8 +176,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     from ortools.sat.python import cp_model
 
     hw, sizes = pb.hw, pb.sizes
-    nvme = hw.host.nvme_gib > 0
     t, tiers = _costs(pb)
+    nvme = Tier.NVME in tiers
     full = pb.method == "full"
     n = sum(1 for s in sizes if s.kind == "decoder")
     U = 1 if full else blocks
@@ -249,18 +229,18 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
         nd, ee, hh = count(where, 0)
         return kib(sd.param_bytes) * nd + kib(se.param_bytes) * ee + kib(sh.param_bytes) * hh
 
-    w_gpu = weight_kib("gpu")
+    w_gpu = weight_kib(Tier.GPU)
     streamed = m.new_bool_var("dec_streamed")
-    m.add(n - count("gpu", 0)[0] <= n * streamed)
+    m.add(n - count(Tier.GPU, 0)[0] <= n * streamed)
     win = m.new_int_var(0, 2 * max(kib(x.param_bytes) for x in (sd, se, sh)), "win")
     m.add(win >= 2 * kib(sd.param_bytes) * streamed)
-    m.add(win >= 2 * kib(se.param_bytes) * (1 - count("gpu", 0)[1]))
-    m.add(win >= 2 * kib(sh.param_bytes) * (1 - count("gpu", 0)[2]))
+    m.add(win >= 2 * kib(se.param_bytes) * (1 - count(Tier.GPU, 0)[1]))
+    m.add(win >= 2 * kib(sh.param_bytes) * (1 - count(Tier.GPU, 0)[2]))
     head_act = sum(kib(act_bytes(sh, H["combos"][c][1], "active" if full else "above")) * h[c] for c in range(nh))
-    state = kib(sd.params * STATE_BYTES + sd.param_bytes) if tier == "gpu" else 0  # gradients: the weights' size
+    state = kib(memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier))
     fixed = win + w_gpu + head_act + kib(transient_bytes(sizes, tier))
-    if full and tier == "gpu":
-        fixed += kib((se.params + sh.params) * STATE_BYTES + se.param_bytes + sh.param_bytes)
+    if full:
+        fixed += kib(sum(memory.trained_layer_device_bytes(x.params, x.param_bytes, tier) for x in (se, sh)))
     peak = m.new_int_var(0, 1 << 50, "peak") if min_memory else None
     above = 0  # activations of the blocks above block j, built up as j descends
     for j in range(U):
@@ -271,24 +251,29 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
         m.add(nxt == above + sum(kib(d["act_above"][c]) * mc[j][c] for c in range(nc)))
         above = nxt
 
-    # --- host RAM and NVMe, KiB
+    # --- host RAM and NVMe, KiB: planner.memory's rules over the counts. lmax, the largest block, holds the
+    # most trained-layer bytes; a layer's weights tier is not known per block, so the costliest one counts.
     lmax = m.new_int_var(1, n, "lmax")
     for j in range(U):
         m.add(lmax >= size[j])
-    act_cpu = (kib(sd.saved_bytes) * count("cpu", 1)[0] + kib(sh.saved_bytes) * count("cpu", 1)[2])
-    trained = n * sd.params + ((se.params + sh.params) if full else 0)
-    extra = (se.params + sh.params) if full else 0
-    keep_all = kib(trained * STATE_BYTES)
-    staging = 2 * max(kib(x.param_bytes) for x in (sd, se, sh)) if nvme else 0
-    per = {"gpu": 0, "cpu": STATE_BYTES + 4, "nvme": 4}[tier]  # + fp32 gradient accumulation on the host
-    host = (weight_kib("cpu") + act_cpu + staging + (keep_all if pb.switch_state == "keep_cpu" else 0)
-            + kib(sd.params * per) * lmax + kib(extra * per))
-    m.add(host <= int(hw.host.ram_gib * GIB * HOST_RAM_USABLE // 1024))
+    act_cpu = (kib(sd.saved_bytes) * count(Tier.CPU, 1)[0] + kib(sh.saved_bytes) * count(Tier.CPU, 1)[2])
+    edges = (se, sh) if full else ()
+
+    def layer_host(x) -> int:
+        return max(memory.trained_layer_host_bytes(x.params, x.param_bytes, tier, w) for w in tiers)
+    keep_all = kib((n * sd.params + sum(x.params for x in edges)) * STATE_BYTES)
+    big = max((sd,) + edges, key=lambda x: x.params)
+    window = memory.step_host_bytes(big.params, big.param_bytes, tier, nvme_weights=nvme)
+    # the prefetch window (win) is at most two of the largest layers, so is the NVMe staging that follows it
+    staging = memory.nvme_staging_bytes(2, max(x.param_bytes for x in (sd, se, sh))) if nvme else 0
+    host = (weight_kib(Tier.CPU) + act_cpu + kib(staging) + (keep_all if pb.switch_state == "keep_cpu" else 0)
+            + kib(layer_host(sd)) * lmax + kib(sum(layer_host(x) for x in edges)) + kib(window))
+    m.add(host <= memory.host_usable_bytes(hw) // 1024)
     if nvme:
-        nv = weight_kib("nvme") + (keep_all if pb.switch_state == "keep_nvme" else 0)
-        if tier == "nvme":
-            nv += kib(sd.params * STATE_BYTES) * lmax + kib(extra * STATE_BYTES)
-        m.add(nv <= int(hw.host.nvme_gib * GIB * NVME_USABLE // 1024))
+        nv = weight_kib(Tier.NVME) + (keep_all if pb.switch_state == "keep_nvme" else 0)
+        if tier == Tier.NVME:
+            nv += kib(sd.params * STATE_BYTES) * lmax + kib(sum(x.params for x in edges) * STATE_BYTES)
+        m.add(nv <= memory.nvme_usable_bytes(hw) // 1024)
 
     if not feasibility:  # a feasibility check stops at the first solution
         m.minimize(peak if min_memory else sum(terms))

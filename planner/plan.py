@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 
 from planner.errors import UserError, read_json
 from planner.hardware import Hardware
+from planner.memory import ACT_PLACES, GRAD_TIERS, STATE_TIERS, WEIGHT_TIERS
 from planner.models import ModelConfig
 
 SCHEMA_VERSION = 1
-WEIGHT_TIERS = ("gpu", "cpu", "nvme")
-STATE_TIERS = ("gpu", "cpu", "nvme")
-GRAD_TIERS = ("gpu", "cpu")
-ACT_TIERS = ("gpu", "cpu", "recompute")
 ORDERS = ("ascending", "descending", "random")
 SWITCH_POLICIES = ("reset", "keep_cpu", "keep_nvme")
 METHODS = ("bcd", "full")
@@ -185,7 +182,7 @@ def validate(plan: Plan) -> None:
         bad(f"placements must list layers 0..{n - 1} in order")
     for p in plan.placements:
         for cls_, tiers in (("weights", WEIGHT_TIERS), ("master", STATE_TIERS), ("moments", STATE_TIERS),
-                            ("grads", GRAD_TIERS), ("activations", ACT_TIERS)):
+                            ("grads", GRAD_TIERS), ("activations", ACT_PLACES)):
             if getattr(p, cls_) not in tiers:
                 bad(f"layer {p.layer} {cls_} tier '{getattr(p, cls_)}' is not one of {', '.join(tiers)}")
     if not plan.blocks:

@@ -6,8 +6,8 @@ import heapq
 import time
 from dataclasses import dataclass
 
-from planner import ilp
-from planner.costs import STATE_BYTES, layer_sizes
+from planner import ilp, memory
+from planner.costs import layer_sizes
 from planner.errors import UserError
 from planner.hardware import GIB, Hardware
 from planner.models import ModelConfig
@@ -56,8 +56,8 @@ def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfil
     if reserve >= budget:
         raise UserError(f"--reserve ({req.reserve_gib} GiB) must be smaller than the VRAM budget "
                         f"({budget / GIB:g} GiB).")
-    cap = budget - reserve
-    room = cap + hw.host.ram_gib * GIB * ilp.HOST_RAM_USABLE + hw.host.nvme_gib * GIB * ilp.NVME_USABLE
+    cap = memory.device_cap_bytes(budget, reserve)
+    room = cap + memory.host_usable_bytes(hw) + memory.nvme_usable_bytes(hw)
     weights = sum(lp.param_bytes for lp in prof.layers)
     if weights > room:
         raise UserError(
@@ -94,7 +94,6 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     smallest bound left cannot beat the incumbent or the time limit is reached with a plan in hand. Pass 2 gives
     more time to the problems whose proven bound is still below the incumbent, lowest bound first. The reported
     bound is valid for everything not closed."""
-    nvme = hw.host.nvme_gib > 0
     n = prof.n_decoder
     started = time.perf_counter()
     quick = max(0.02, min(0.1, req.time_limit_s / 100))
@@ -120,7 +119,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
 
     open_bounds = []
     frontier = []                     # (bound, mb, tier, index into counts): best-first over all subproblems
-    tiers = ["gpu", "cpu"] + (["nvme"] if nvme else [])
+    tiers = memory.tiers(hw)
     for mb, pb in problems.items():
         for tier in tiers:
             # Finer partitions never need more memory (smaller block state, more activations at frozen
@@ -232,30 +231,9 @@ def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Pre
         phases.append(PhasePrediction(block=k, peak_vram_bytes=int(peak), breakdown=breakdown,
                                       step_seconds=g * per_mb + opt, switch_seconds=sw))
     cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
-    return Prediction(phases=tuple(phases), host_ram_bytes=host_bytes(plan, sizes), nvme_bytes=nvme_bytes(plan, sizes),
+    return Prediction(phases=tuple(phases), host_ram_bytes=memory.host_bytes(plan, sizes, window=sched.window_layers),
+                      nvme_bytes=memory.nvme_bytes(plan, sizes),
                       cycle_seconds=cycle, tokens_per_s=rate)
-
-
-def host_bytes(plan: Plan, sizes) -> int:
-    pin = sum(sizes[p.layer].param_bytes for p in plan.placements if p.weights == "cpu")
-    acts = sum(sizes[p.layer].saved_bytes for p in plan.placements if p.activations == "cpu")
-    biggest = max(sum(sizes[i].params for i in b.layers) for b in plan.blocks)
-    tier = plan.placement(plan.blocks[0].first).master
-    state = biggest * (STATE_BYTES + 4) if tier == "cpu" else biggest * 4 if tier == "nvme" else 0
-    if plan.switch_state == "keep_cpu":
-        state += sum(sizes[i].params for b in plan.blocks for i in b.layers) * STATE_BYTES
-    staging = 2 * max(s.param_bytes for s in sizes) if any(p.weights == "nvme" for p in plan.placements) else 0
-    return pin + acts + state + staging
-
-
-def nvme_bytes(plan: Plan, sizes) -> int:
-    w = sum(sizes[p.layer].param_bytes for p in plan.placements if p.weights == "nvme")
-    biggest = max(sum(sizes[i].params for i in b.layers) for b in plan.blocks)
-    tier = plan.placement(plan.blocks[0].first).master
-    state = biggest * STATE_BYTES if tier == "nvme" else 0
-    if plan.switch_state == "keep_nvme":
-        state = sum(sizes[i].params for b in plan.blocks for i in b.layers) * STATE_BYTES
-    return w + state
 
 
 def _infeasible(prof, hw, req, budget, reserve) -> UserError:
@@ -265,7 +243,7 @@ def _infeasible(prof, hw, req, budget, reserve) -> UserError:
     pb = _problem(prof, hw, req, mb, 1 << 62)
     # more blocks never need more memory per phase: the finest partition gives the smallest peak
     u = 1 if req.method == "full" else min(prof.n_decoder, req.max_blocks or prof.n_decoder)
-    for tier in ["gpu", "cpu"] + (["nvme"] if hw.host.nvme_gib > 0 else []):
+    for tier in memory.tiers(hw):
         sol = ilp.solve(pb, u, tier, time_limit_s=min(2.0, req.time_limit_s), min_memory=True)
         if sol is not None and sol.status != "UNKNOWN":
             best = sol.objective_s if best is None else min(best, sol.objective_s)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from planner.costs import MASTER_BYTES, MOMENT_BYTES, STATE_BYTES, LayerSizes, layer_sizes
+from planner.costs import LayerSizes, layer_sizes
+from planner.memory import MASTER_BYTES, RECOMPUTE, STATE_BYTES, STATE_WINDOW, Tier, static_device_bytes, window_layers
 from planner.plan import Placement, Plan
 from planner.profile import ModelProfile
 
@@ -74,13 +75,6 @@ def role(plan: Plan, block: int, layer: int) -> str:
     return "above"
 
 
-def window_layers(plan: Plan, sizes) -> int:
-    streamed = [sizes[p.layer].param_bytes for p in plan.placements if p.weights != "gpu"]
-    if not streamed:
-        return 0
-    return max(2, plan.prefetch_window_bytes // max(streamed))
-
-
 class Builder:
     """Appends ops with ids; `emit` returns the new op's id. Tracks the prefetch window across the phase."""
 
@@ -120,17 +114,17 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
     gradient and allocates the gradient for the layer below (not for the lowest layer of the pass)."""
     tag = f"L{sz.index} mb{mb}"
     deps: list[int] = [] if prev is None else [prev]
-    streamed = pl.weights != "gpu"
+    streamed = pl.weights != Tier.GPU
     if streamed:
         wdeps = b.window_deps()
-        if pl.weights == "nvme":
+        if pl.weights == Tier.NVME:
             wdeps = (b.emit(name=f"read {tag} {pass_}", kind="read_weights", stream="nvme_read", layer=sz.index,
-                            micro_batch=mb, bytes=sz.param_bytes, tier="nvme", deps=wdeps),)
+                            micro_batch=mb, bytes=sz.param_bytes, tier=Tier.NVME, deps=wdeps),)
         deps.append(b.emit(name=f"load {tag} {pass_}", kind="load_weights", stream="h2d", layer=sz.index,
                            micro_batch=mb, bytes=sz.param_bytes, tier=pl.weights, alloc_bytes=sz.param_bytes,
                            mem_class="prefetch", deps=wdeps))
     saved = sz.saved(role_)
-    recompute = pl.activations == "recompute" and role_ != "below"
+    recompute = pl.activations == RECOMPUTE and role_ != "below"
     if pass_ == "fwd":
         kept = 0 if role_ == "below" or recompute else saved
         c = b.emit(name=f"fwd {tag}", kind="forward", stream="compute", layer=sz.index, micro_batch=mb,
@@ -138,24 +132,24 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                    alloc_bytes=sz.out_bytes + kept, free_bytes=0 if recompute else in_bytes,
                    transient_bytes=sz.nograd_workspace_bytes if recompute else sz.fwd_workspace(role_),
                    mem_class="activations", deps=tuple(deps))
-        if kept and pl.activations == "cpu":
+        if kept and pl.activations == Tier.CPU:
             b.offloads[(sz.index, mb)] = b.emit(
                    name=f"offload {tag}", kind="offload_act", stream="d2h", layer=sz.index, micro_batch=mb,
-                   bytes=saved, tier="cpu", free_bytes=saved, mem_class="activations", deps=(c,))
+                   bytes=saved, tier=Tier.CPU, free_bytes=saved, mem_class="activations", deps=(c,))
     else:
-        if pl.activations == "cpu" and saved:
+        if pl.activations == Tier.CPU and saved:
             # Fetched back one layer ahead of its backward, once it has been offloaded.
             ahead = tuple(b.computes[-2:-1]) + (b.offloads[(sz.index, mb)],)
             deps.append(b.emit(name=f"fetch {tag}", kind="fetch_act", stream="h2d", layer=sz.index,
-                               micro_batch=mb, bytes=saved, tier="cpu", alloc_bytes=saved,
+                               micro_batch=mb, bytes=saved, tier=Tier.CPU, alloc_bytes=saved,
                                mem_class="activations", deps=ahead))
         if recompute:
             deps = [b.emit(name=f"recompute {tag}", kind="recompute", stream="compute", layer=sz.index,
                            micro_batch=mb, flops=sz.fwd_flops, tokens=sz.tokens, traffic_bytes=sz.traffic_bytes,
                            alloc_bytes=saved, transient_bytes=sz.fwd_workspace(role_), mem_class="activations",
                            deps=tuple(deps))]
-        grads_off = role_ == "active" and pl.grads == "cpu"
-        accumulates = role_ == "active" and pl.grads == "gpu" and mb > 0  # the first micro-batch's is the .grad
+        grads_off = role_ == "active" and pl.grads == Tier.CPU
+        accumulates = role_ == "active" and pl.grads == Tier.GPU and mb > 0  # the first micro-batch's is the .grad
         grad_bytes = sz.param_bytes if grads_off else 0  # gradients have the weights' dtype
         c = b.emit(name=f"bwd {tag}", kind="backward", stream="compute", layer=sz.index, micro_batch=mb,
                    flops=sz.bwd(role_), tokens=sz.tokens, traffic_bytes=2 * sz.traffic_bytes,
@@ -167,7 +161,7 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
         if grads_off:
             b.grads.setdefault(sz.index, []).append(b.emit(
                    name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
-                   bytes=grad_bytes, tier="cpu", free_bytes=grad_bytes, mem_class="activations", deps=(c,)))
+                   bytes=grad_bytes, tier=Tier.CPU, free_bytes=grad_bytes, mem_class="activations", deps=(c,)))
     b.computes.append(c)
     if streamed:
         b.evicts.append(b.emit(name=f"evict {tag} {pass_}", kind="evict", stream="compute", layer=sz.index,
@@ -175,41 +169,35 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
     return c
 
 
-def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ...]) -> None:
+def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ...]) -> tuple[int, ...]:
+    """Emit one layer's optimizer step and the transfers around it; returns the ids of the ops after which the
+    layer's host copies (its NVMe state read into host RAM, its updated weights) are no longer read."""
     tier = pl.master
     p = sz.params
     tag = f"L{sz.index}"
     d = deps
-    if tier == "nvme":
+    if tier == Tier.NVME:
         d = (b.emit(name=f"read state {tag}", kind="read_state", stream="nvme_read", layer=sz.index,
-                    bytes=p * STATE_BYTES, tier="nvme", deps=deps),)
-    stream = "compute" if tier == "gpu" else "cpu_opt"
+                    bytes=p * STATE_BYTES, tier=Tier.NVME, deps=deps),)
+    stream = "compute" if tier == Tier.GPU else "cpu_opt"
     step = b.emit(name=f"adam {tag}", kind="optimizer_step", stream=stream, layer=sz.index, params=p, tier=tier,
-                  transient_bytes=p * MASTER_BYTES if tier == "gpu" else 0, mem_class="workspace", deps=d)
-    if tier == "nvme":
-        b.emit(name=f"write state {tag}", kind="write_state", stream="nvme_write", layer=sz.index,
-               bytes=p * STATE_BYTES, tier="nvme", deps=(step,))
-    if tier != "gpu" and pl.weights == "gpu":
-        b.emit(name=f"upload {tag}", kind="upload_weights", stream="h2d", layer=sz.index, bytes=sz.param_bytes,
-               tier="cpu", deps=(step,))
+                  transient_bytes=p * MASTER_BYTES if tier == Tier.GPU else 0, mem_class="workspace", deps=d)
+    done = [step]
+    if tier == Tier.NVME:
+        done.append(b.emit(name=f"write state {tag}", kind="write_state", stream="nvme_write", layer=sz.index,
+                           bytes=p * STATE_BYTES, tier=Tier.NVME, deps=(step,)))
+    if tier != Tier.GPU and pl.weights == Tier.GPU:
+        done.append(b.emit(name=f"upload {tag}", kind="upload_weights", stream="h2d", layer=sz.index,
+                           bytes=sz.param_bytes, tier=Tier.CPU, deps=(step,)))
     last = step
-    if tier == "gpu" and pl.weights != "gpu":
+    if tier == Tier.GPU and pl.weights != Tier.GPU:
         last = b.emit(name=f"writeback {tag}", kind="write_weights", stream="d2h", layer=sz.index,
-                      bytes=sz.param_bytes, tier="cpu", deps=(step,))
-    if pl.weights == "nvme":
-        b.emit(name=f"writeback nvme {tag}", kind="write_weights", stream="nvme_write", layer=sz.index,
-               bytes=sz.param_bytes, tier="nvme", deps=(last,))
-
-
-def _static_bytes(plan: Plan, sizes, layers) -> dict:
-    static = {"weights": sum(sizes[p.layer].param_bytes for p in plan.placements if p.weights == "gpu"),
-              "master": 0, "moments": 0, "grads": 0}
-    for i in layers:
-        pl, p = plan.placement(i), sizes[i].params
-        static["master"] += p * MASTER_BYTES if pl.master == "gpu" else 0
-        static["moments"] += p * MOMENT_BYTES if pl.moments == "gpu" else 0
-        static["grads"] += sizes[i].param_bytes if pl.grads == "gpu" else 0
-    return static
+                      bytes=sz.param_bytes, tier=Tier.CPU, deps=(step,))
+        done.append(last)
+    if pl.weights == Tier.NVME:
+        done.append(b.emit(name=f"writeback nvme {tag}", kind="write_weights", stream="nvme_write", layer=sz.index,
+                           bytes=sz.param_bytes, tier=Tier.NVME, deps=(last,)))
+    return tuple(done)
 
 
 def _switch_ops(plan: Plan, sizes, layers) -> tuple[Op, ...]:
@@ -218,13 +206,13 @@ def _switch_ops(plan: Plan, sizes, layers) -> tuple[Op, ...]:
     b = Builder(0)
     if plan.switch_state == "reset" or len(plan.blocks) == 1:
         return ()
-    keep = "cpu" if plan.switch_state == "keep_cpu" else "nvme"
+    keep = Tier.CPU if plan.switch_state == "keep_cpu" else Tier.NVME
     for i in layers:
         pl, nbytes = plan.placement(i), sizes[i].params * STATE_BYTES
         if pl.master == keep:
             continue  # the state already lives where it is kept
-        src = "nvme_read" if keep == "nvme" else "h2d"
-        dst = "nvme_write" if keep == "nvme" else "d2h"
+        src = "nvme_read" if keep == Tier.NVME else "h2d"
+        dst = "nvme_write" if keep == Tier.NVME else "d2h"
         b.emit(name=f"load state L{i}", kind="load_state", stream=src, layer=i, bytes=nbytes, tier=keep)
         b.emit(name=f"save state L{i}", kind="save_state", stream=dst, layer=i, bytes=nbytes, tier=keep)
     return tuple(b.ops)
@@ -243,9 +231,22 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
         for i in range(n - 1, bl.first - 1, -1):
             in_bytes = sizes[i - 1].out_bytes if i else 0
             prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "bwd", mb, prev, in_bytes, i == bl.first)
-    for i in bl.layers:  # a layer's step waits for the last backward and for its gradients to reach the host
-        optimizer_ops(b, plan.placement(i), sizes[i], (prev,) + tuple(b.grads.get(i, ())))
-    return PhaseSchedule(block=block, layers=tuple(bl.layers), static=_static_bytes(plan, sizes, bl.layers),
+    # Every step waits for the last backward and for every gradient of the block to reach the host: the first step
+    # clips by the block's global gradient norm. A host-stepped layer starts (its NVMe state read, or its step)
+    # only once the one STATE_WINDOW host-stepped layers before is done (state written back, new weights sent
+    # on): host RAM holds that many layers' optimizer buffers at once (planner.memory.step_host_bytes).
+    grads = tuple(g for i in bl.layers for g in b.grads.get(i, ()))
+    released: list[tuple[int, ...]] = []
+    for i in bl.layers:
+        pl = plan.placement(i)
+        host = pl.master != Tier.GPU
+        window = released[-STATE_WINDOW] if host and len(released) >= STATE_WINDOW else ()
+        done = optimizer_ops(b, pl, sizes[i], (prev,) + grads + window)
+        if host:
+            released.append(done)
+    static = static_device_bytes(plan.placements, bl.layers, [s.params for s in sizes],
+                                 [s.param_bytes for s in sizes])
+    return PhaseSchedule(block=block, layers=tuple(bl.layers), static=static,
                          ops=_issue_order(b.ops), switch_ops=_switch_ops(plan, sizes, bl.layers))
 
 

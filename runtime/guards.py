@@ -11,14 +11,16 @@ import os
 
 import psutil
 
+from planner import memory
+from planner.costs import layer_sizes
 from planner.errors import UserError
 from planner.models import load_model_config
 from planner.plan import Plan, check_fingerprint
+from planner.profile import profile_model
 from runtime.checkpoint import Checkpoint, load_checkpoint
 from runtime.data import TokenData
 
 GIB = 1 << 30
-PLAN_BYTES_PER_WEIGHT = 2   # the plan sizes weights in bf16
 
 
 def check_supported(plan: Plan) -> None:
@@ -53,19 +55,21 @@ def check_data(data: TokenData, plan: Plan) -> None:
     data.check_vocab(plan.model.vocab)
 
 
-def _params_where(plan: Plan, layer_params: list[int], tier: str) -> int:
-    return sum(n for p, n in zip(plan.placements, layer_params) if p.weights == tier)
+def runtime_sizes(plan: Plan, weight_dtype: str) -> list:
+    """The plan's layers at its shape, with weights in the runtime's dtype (fp32 on a CPU-only machine)."""
+    prof = profile_model(plan.model, dtype=weight_dtype)
+    return [layer_sizes(lp, plan.shape.micro_batch, plan.shape.seq_len) for lp in prof.layers]
 
 
-def nvme_need_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
-    """The plan's NVMe bytes with weights at the runtime's element size (fp32 on a CPU-only machine)."""
-    extra = weight_bytes - PLAN_BYTES_PER_WEIGHT
-    return plan.predicted.nvme_bytes + _params_where(plan, layer_params, "nvme") * extra
+def nvme_need_bytes(plan: Plan, weight_dtype: str) -> int:
+    """The plan's NVMe bytes (planner.memory) with weights at the runtime's dtype."""
+    return memory.nvme_bytes(plan, runtime_sizes(plan, weight_dtype))
 
 
-def host_need_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
-    extra = weight_bytes - PLAN_BYTES_PER_WEIGHT
-    return plan.predicted.host_ram_bytes + _params_where(plan, layer_params, "cpu") * extra
+def host_need_bytes(plan: Plan, weight_dtype: str, *, cuda: bool) -> int:
+    """The plan's host RAM (planner.memory) at the runtime's dtype, with the plan's own prefetch window."""
+    window = memory.window_layers(plan, runtime_sizes(plan, "bfloat16"))
+    return memory.host_bytes(plan, runtime_sizes(plan, weight_dtype), cuda=cuda, window=window)
 
 
 def _existing(path: str) -> str:
@@ -76,7 +80,8 @@ def _existing(path: str) -> str:
 
 
 def check_nvme(plan: Plan, nvme_dir: str | None, need_bytes: int) -> None:
-    uses = any(p.weights == "nvme" or p.master == "nvme" for p in plan.placements) or plan.switch_state == "keep_nvme"
+    uses = (any(memory.Tier.NVME in (p.weights, p.master) for p in plan.placements)
+            or plan.switch_state == "keep_nvme")
     if not uses:
         return
     if not nvme_dir:

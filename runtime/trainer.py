@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from planner.costs import MASTER_BYTES, MOMENT_BYTES
+from planner import memory
 from planner.errors import UserError
 from planner.plan import Plan
 from planner.profile import profile_model
@@ -34,7 +34,7 @@ from runtime.activations import HostBuffers
 from runtime.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint, write_hf_config
 from runtime.data import TokenData
 from runtime.engine import Executor, PhaseOps, Streams
-from runtime.guards import check_same_plan, resume_signature
+from runtime.guards import check_same_plan, host_need_bytes, resume_signature
 from runtime.optim import AdamWConfig, BlockOptimizer
 from runtime.store import Target, TieredStore
 from runtime.trace import Tracer, write_json
@@ -122,13 +122,10 @@ class Trainer:
     # -- phases -------------------------------------------------------------------------------------------------
 
     def _static(self, layers) -> dict[str, int]:
-        out = {"master": 0, "moments": 0, "grads": 0}
-        for i in layers:
-            n, pl = self.layouts[i].numel, self.plan.placement(i)
-            out["master"] += MASTER_BYTES * n if pl.master == "gpu" else 0
-            out["moments"] += MOMENT_BYTES * n if pl.moments == "gpu" else 0
-            out["grads"] += n * self.target.weight_dtype.itemsize if pl.grads == "gpu" else 0
-        return out
+        """The phase's device bytes besides the weights (planner.memory's rule, at the runtime's sizes)."""
+        numel = [lay.numel for lay in self.layouts]
+        return memory.state_device_bytes(self.plan.placements, layers, numel,
+                                         [n * self.target.weight_dtype.itemsize for n in numel])
 
     def _enter(self, block: int, *, switch: bool) -> None:
         phase = self.schedule.phases[block]
@@ -296,12 +293,20 @@ class Trainer:
         pred = predict(self.plan, profile_model(self.plan.model, dtype=name), window=self.schedule.window_layers)
         return {p.block: p.peak_vram_bytes for p in pred.phases}
 
+    def predicted_host_bytes(self) -> int:
+        """The plan's host RAM (planner.memory) at the precision this run holds its weights in, the figure the
+        host ledger (store.host.peak_bytes) is held to."""
+        name = str(self.target.weight_dtype).replace("torch.", "")
+        return host_need_bytes(self.plan, name, cuda=self.target.cuda)
+
     def summary(self) -> dict:
         predicted = self.predicted_peaks()
         mma = torch.cuda.max_memory_allocated(self.target.device) if self.target.cuda else None
         out = self.tracer.summary(peak_device_bytes=max(self.phase_peaks.values(), default=0),
                                   phase_peak_bytes=self.phase_peaks, predicted_peak_bytes=predicted,
                                   max_memory_allocated_bytes=mma)
+        out["host_peak_bytes"] = self.store.host.peak_bytes
+        out["predicted_host_bytes"] = self.predicted_host_bytes()
         out["device"] = str(self.target.device)
         out["weight_dtype"] = str(self.target.weight_dtype).replace("torch.", "")
         return out

@@ -24,6 +24,7 @@ import numpy as np
 
 from planner.costs import STREAMS, op_seconds, overlapped_seconds
 from planner.hardware import Hardware
+from planner.memory import plan_cap_bytes
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, Schedule, build_schedule
@@ -88,7 +89,7 @@ class Simulation:
     @property
     def cap_bytes(self) -> int:
         """What the schedule may use: the plan's VRAM budget less its reserve."""
-        return self.plan.budget_bytes - self.plan.reserve_bytes
+        return plan_cap_bytes(self.plan)
 
     def overflows(self) -> list[tuple[int, int]]:
         """(block, bytes over the budget less reserve) for every phase that does not fit."""

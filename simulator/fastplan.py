@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.costs import STATE_BYTES, LayerSizes, layer_sizes
+from planner import memory
+from planner.costs import LayerSizes, layer_sizes
 from planner.hardware import GIB, Hardware
-from planner.ilp import HOST_RAM_USABLE, act_bytes, layer_cost, step_cost, switch_cost, transient_bytes
+from planner.ilp import layer_cost, step_cost, switch_cost
+from planner.memory import STATE_BYTES, Tier, act_bytes, transient_bytes
 from planner.plan import (
     SCHEMA_VERSION,
     Block,
@@ -125,12 +127,12 @@ def _resident(t: _Tables, p: Policy, cap: int, host_cap: int, switch_state: str)
     sd, se, sh = sizes[1], sizes[0], sizes[-1]
     full = p.method == "full"
     top = n if full else -(-n // p.blocks)   # the bottom block's size
-    state = sd.params * STATE_BYTES + sd.param_bytes if p.tier == "gpu" else 0
+    state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, p.tier)
     lag = int(t.backlog * ((n - top) * sd.saved_frozen_bytes + top * sd.saved_bytes)) if p.act == "cpu" else 0
     base = ((n - top) * t.act[(p.act, "above")] + top * (t.act[(p.act, "active")] + state) + lag
             + t.head_act[(p.head_act, "active" if full else "above")] + t.transient[p.tier])
-    if full and p.tier == "gpu":
-        base += (se.params + sh.params) * STATE_BYTES + se.param_bytes + sh.param_bytes
+    if full:
+        base += sum(memory.trained_layer_device_bytes(x.params, x.param_bytes, p.tier) for x in (se, sh))
     fixed = (se.param_bytes if p.emb_w == "gpu" else 0) + (sh.param_bytes if p.head_w == "gpu" else 0)
     edge = max(se.param_bytes if p.emb_w == "cpu" else 0, sh.param_bytes if p.head_w == "cpu" else 0)
     if fixed + n * sd.param_bytes + 2 * edge + base <= cap:
@@ -143,8 +145,11 @@ def _resident(t: _Tables, p: Policy, cap: int, host_cap: int, switch_state: str)
     host = ((n - k) * sd.param_bytes + (se.param_bytes if p.emb_w == "cpu" else 0)
             + (sh.param_bytes if p.head_w == "cpu" else 0)
             + (n * sd.saved_bytes if p.act == "cpu" else 0) + (sh.saved_bytes if p.head_act == "cpu" else 0))
-    trained = top * sd.params + ((se.params + sh.params) if full else 0)
-    host += trained * (STATE_BYTES + 4) if p.tier == "cpu" else 0   # fp32 master, moments, grad accumulator
+    trained = [sd] * top + ([se, sh] if full else [])   # planner.memory's host rules; no NVMe tier here
+    host += sum(max(memory.trained_layer_host_bytes(x.params, x.param_bytes, p.tier, w) for w in (Tier.GPU, Tier.CPU))
+                for x in trained)
+    big = max(trained, key=lambda x: x.params)
+    host += memory.step_host_bytes(big.params, big.param_bytes, p.tier, nvme_weights=False)
     if switch_state == "keep_cpu":
         host += (n * sd.params + ((se.params + sh.params) if full else 0)) * STATE_BYTES
     return None if host > host_cap else (k, win)
@@ -274,8 +279,8 @@ def quick_plan(prof: ModelProfile, hw: Hardware, req: Request, *, cap_bytes: int
     cache = {} if cache is None else cache
     budget = int((req.vram_gib if req.vram_gib is not None else hw.gpu.vram_gib) * GIB)
     reserve = int(req.reserve_gib * GIB)
-    cap = cap_bytes if cap_bytes is not None else budget - reserve
-    host_cap = int(hw.host.ram_gib * GIB * HOST_RAM_USABLE)
+    cap = cap_bytes if cap_bytes is not None else memory.device_cap_bytes(budget, reserve)
+    host_cap = memory.host_usable_bytes(hw)
     if cap <= 0 or req.seq_len > prof.model.max_seq:
         return None
     g_ = hw.gpu

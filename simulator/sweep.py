@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
+from planner import memory
 from planner.errors import UserError, closest
 from planner.hardware import GIB, Hardware, gpu_names, make_hardware
 from planner.models import load_model_config
@@ -171,7 +172,7 @@ def _fast(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None = N
     forward ends; on the simulated clock they stay until the device-to-host copy finishes, and when the link
     is slower than the forward they pile up. So after a first overflow the search also drops offloading."""
     budget = int(req.vram_gib * GIB)
-    cap = budget - int(req.reserve_gib * GIB)
+    cap = memory.device_cap_bytes(budget, int(req.reserve_gib * GIB))
     acts = ACTS
     for _attempt in range(5):
         plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
@@ -182,7 +183,7 @@ def _fast(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None = N
         out = _SIMS.get(key)
         if out is None:
             out = _SIMS[key] = _outcome(simulate_repeating(plan, hw, profile=prof))
-        over = out.peak_bytes - (plan.budget_bytes - plan.reserve_bytes)
+        over = out.peak_bytes - memory.plan_cap_bytes(plan)
         if over <= 0:
             return out, ""
         if acts == ACTS and any(p.activations == "cpu" for p in plan.placements):

@@ -73,7 +73,6 @@ def _config(args, plan):
 def run(args) -> int:
     from runtime import guards
     from runtime.data import TokenData
-    from runtime.model import layouts_of, meta_layers
     from runtime.store import Target
     from runtime.trainer import Trainer
 
@@ -86,10 +85,9 @@ def run(args) -> int:
     guards.check_data(data, plan)
     resume = guards.check_resume(plan, args.resume, args.ckpt_dir)
     target = Target.detect(force_cpu=args.cpu)
-    params = [lay.params for lay in layouts_of(meta_layers(plan.model))]
-    itemsize = target.weight_dtype.itemsize
-    guards.check_nvme(plan, args.nvme_dir, guards.nvme_need_bytes(plan, params, itemsize))
-    guards.check_host_ram(guards.host_need_bytes(plan, params, itemsize))
+    dtype = str(target.weight_dtype).replace("torch.", "")
+    guards.check_nvme(plan, args.nvme_dir, guards.nvme_need_bytes(plan, dtype))
+    guards.check_host_ram(guards.host_need_bytes(plan, dtype, cuda=target.cuda))
     guards.check_outputs(args.metrics, args.trace, args.summary)
 
     trainer = Trainer(plan, data, cfg, resume=resume, target=target)

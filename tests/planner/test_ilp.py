@@ -10,8 +10,9 @@ import itertools
 import pytest
 
 from planner import ilp
-from planner.costs import STATE_BYTES, layer_sizes
+from planner.costs import layer_sizes
 from planner.hardware import GIB, make_hardware
+from planner.memory import STATE_BYTES
 from planner.models import ModelConfig
 from planner.planning import Request, candidates, make_plan, search
 from planner.profile import profile_model
@@ -36,7 +37,7 @@ def configurations(prof, hw, req: Request):
         g = req.batch // mb
         sizes = [layer_sizes(lp, mb, req.seq_len) for lp in prof.layers]
         se, sd, sh = sizes[0], sizes[1], sizes[-1]
-        cd, ce, ch = ilp.combos("decoder", nvme), ilp.combos("embedding", nvme), ilp.combos("head", nvme)
+        cd, ce, ch = ilp.combos("decoder", tiers), ilp.combos("embedding", tiers), ilp.combos("head", tiers)
         memo = {}
 
         def price(i, combo, role, tier, sizes=sizes, memo=memo, g=g):
@@ -78,23 +79,36 @@ def configurations(prof, hw, req: Request):
                 acts += sum(kib(ilp.act_bytes(sizes[i], combos_[i][1], "active")) for i in range(first, end))
                 need = max(need, fixed + acts + state * (end - first))
             lmax = max(end - first for first, end in blocks)
-            per = {"gpu": 0, "cpu": STATE_BYTES + 4, "nvme": 4}[tier]
             extra = (se.params + sh.params) if full else 0
             keep_all = kib((n * sd.params + extra) * STATE_BYTES)
+
+            def layer_host(x, tier=tier):
+                """A trained layer's host bytes for the phase, its weights on the costliest tier: state on the
+                host (12 B) and the fp32 gradient accumulator (4 B); a device state keeps a host copy of the new
+                weights bound for NVMe."""
+                if tier == "gpu":
+                    return x.param_bytes if nvme else 0
+                return x.params * ((STATE_BYTES if tier == "cpu" else 0) + 4)
+            # the host optimizer's window over the largest trained layer: two NVMe states, the CPU AdamW's
+            # sqrt(v), one pinned gradient staging buffer and two layers' new bf16 weights; one NVMe weights read
+            big = max([sd, se, sh] if full else [sd], key=lambda x: x.params)
+            window = ((big.param_bytes if nvme else 0) + (2 * STATE_BYTES * big.params if tier == "nvme" else 0)
+                      + (4 * big.params + 3 * big.param_bytes if tier != "gpu" else 0))
             host = (sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "cpu")
                     + kib(sd.saved_bytes) * sum(1 for c in dec if c[1] == "cpu")
                     + (kib(sh.saved_bytes) if h[1] == "cpu" else 0)
-                    + (2 * max(kib(x.param_bytes) for x in (sd, se, sh)) if nvme else 0)
+                    + (kib(2 * max(x.param_bytes for x in (sd, se, sh))) if nvme else 0)
                     + (keep_all if req.switch_state == "keep_cpu" else 0)
-                    + kib(sd.params * per) * lmax + kib(extra * per))
-            if host > int(hw.host.ram_gib * GIB * ilp.HOST_RAM_USABLE // 1024):
+                    + kib(layer_host(sd)) * lmax + kib(sum(layer_host(x) for x in ([se, sh] if full else [])))
+                    + kib(window))
+            if host > int(hw.host.ram_gib * GIB * 0.85) // 1024:   # 15% kept for the OS and page cache
                 continue
             if nvme:
                 nv = sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "nvme")
                 nv += keep_all if req.switch_state == "keep_nvme" else 0
                 if tier == "nvme":
                     nv += kib(sd.params * STATE_BYTES) * lmax + kib(extra * STATE_BYTES)
-                if nv > int(hw.host.nvme_gib * GIB * ilp.NVME_USABLE // 1024):
+                if nv > int(hw.host.nvme_gib * GIB * 0.95) // 1024:
                     continue
             out.append((cost * g, need, mb, tuple(starts), combos_, tier))
     return out

@@ -1,0 +1,239 @@
+"""The memory model: every byte a plan's training holds, on the device, in host RAM and on NVMe, in one place.
+
+The ILP's constraints, the plan's predictions, the schedule's static bytes, the fast planner, the runtime's
+guards, its device ledger and its trainer all read the rules here, so they cannot disagree.
+
+Tiers are values (`Tier`): a name (what plan files store), the fraction of its capacity a plan may use, and the
+links (schedule streams) that move bytes from it to the device and back. A second NVMe drive or a new link is one
+new value here and its capacity field in `planner.hardware`.
+
+Bytes per parameter of each tensor class (ZeRO's accounting, ../shared/reference/hardware.md): the weights in the
+profile's dtype (bf16 in a plan: `LayerSizes.param_bytes`), gradients in the same dtype, an fp32 master copy
+(4 B) and AdamW's two fp32 moments (8 B). A trained layer whose state is off the device also holds an fp32
+gradient accumulator in host RAM (4 B), and the CPU AdamW a 4 B workspace (its square root) for the largest layer.
+
+Host RAM of a plan, as the runtime allocates it (runtime/store.py, optim.py, activations.py, engine.py):
+  pinned weights       every layer whose bf16 weights live on the cpu tier;
+  offloaded activations one pinned buffer per offloaded layer, the size of its trainable saved set (the larger
+                       of its two roles), reused by every micro-batch and step;
+  NVMe staging         the prefetch window's worth of pinned buffers of the largest NVMe layer (weights read from
+                       NVMe land there before the device copy);
+  trained layers       per layer of the active block, for the whole phase: the optimizer state on the cpu tier
+                       (12 B) and the fp32 gradient accumulator (4 B) when gradients leave the device; a state
+                       stepped on the device with weights on NVMe keeps a pinned copy of the new weights to write;
+  the step's window    what the host optimizer holds for one or two layers at a time, the schedule making a
+                       layer's step (or its state's read) wait for the layer two before it to be done: NVMe
+                       optimizer states read into host RAM (12 B each), the CPU AdamW's workspace (4 B), and on
+                       CUDA one pinned staging buffer for device gradients on their way to the accumulator and the
+                       updated weights (weight dtype) on their way to the device or NVMe; plus one NVMe layer's
+                       weights read to seed a fresh state;
+  kept state           keep_cpu: every trained layer's 12 B.
+On the CPU stand-in (cuda=False) the "device" is host memory too; these are only the host-tier buffers, the ones
+a CUDA run would hold in host RAM: no gradient staging, and updated fp32 weights are views of the fp32 master.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from planner.hardware import GIB, Hardware
+
+MASTER_BYTES = 4          # fp32 master weights
+MOMENT_BYTES = 8          # AdamW m and v, fp32
+STATE_BYTES = MASTER_BYTES + MOMENT_BYTES
+HOST_GRAD_BYTES = 4       # fp32 gradient accumulator on the host, when gradients leave the device
+ADAM_WORKSPACE_BYTES = 4  # CPU AdamW: sqrt(v) of one layer, fp32
+STATE_WINDOW = 2          # host-stepped layers in flight at once (the schedule's step -> step-two-before deps)
+
+
+class Tier(str, Enum):
+    """Where tensors live. Equal to (and hashed as) its name as a string, so plan files keep plain names."""
+    GPU = "gpu"
+    CPU = "cpu"
+    NVME = "nvme"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def usable_fraction(self) -> float:
+        """Of the tier's capacity, what a plan may fill: host RAM keeps 15% for the OS, the process and the
+        page cache; a drive 5% for its filesystem. The device's own budget less reserve is `device_cap_bytes`."""
+        return _SPEC[self][0]
+
+    @property
+    def to_device(self) -> tuple[str, ...]:
+        """The links (schedule streams) bytes take from this tier to the device, in order."""
+        return _SPEC[self][1]
+
+    @property
+    def from_device(self) -> tuple[str, ...]:
+        return _SPEC[self][2]
+
+    def capacity_bytes(self, hw: Hardware) -> int:
+        return {Tier.GPU: hw.vram_bytes, Tier.CPU: int(hw.host.ram_gib * GIB),
+                Tier.NVME: int(hw.host.nvme_gib * GIB)}[self]
+
+    def usable_bytes(self, hw: Hardware) -> int:
+        return int(self.capacity_bytes(hw) * self.usable_fraction)
+
+
+_SPEC = {Tier.GPU: (1.0, (), ()), Tier.CPU: (0.85, ("h2d",), ("d2h",)),
+         Tier.NVME: (0.95, ("nvme_read", "h2d"), ("d2h", "nvme_write"))}
+RECOMPUTE = "recompute"   # an activation placement, not a tier: nothing is kept
+
+WEIGHT_TIERS = (Tier.GPU, Tier.CPU, Tier.NVME)
+STATE_TIERS = (Tier.GPU, Tier.CPU, Tier.NVME)
+GRAD_TIERS = (Tier.GPU, Tier.CPU)
+ACT_PLACES = (Tier.GPU, Tier.CPU, RECOMPUTE)
+
+
+def tiers(hw: Hardware) -> tuple[Tier, ...]:
+    """The tiers this hardware offers (a tier with no capacity is absent), device first."""
+    return tuple(t for t in Tier if t == Tier.GPU or t.capacity_bytes(hw) > 0)
+
+
+def host_usable_bytes(hw: Hardware) -> int:
+    return Tier.CPU.usable_bytes(hw)
+
+
+def nvme_usable_bytes(hw: Hardware) -> int:
+    return Tier.NVME.usable_bytes(hw)
+
+
+# -- device --------------------------------------------------------------------------------------------------------
+
+def device_cap_bytes(budget_bytes: int, reserve_bytes: int) -> int:
+    """What a plan's schedule may use on the device: the budget less the reserve (CUDA context, allocator slack)."""
+    return budget_bytes - reserve_bytes
+
+
+def plan_cap_bytes(plan) -> int:
+    return device_cap_bytes(plan.budget_bytes, plan.reserve_bytes)
+
+
+def state_device_bytes(placements, layers, params, weight_bytes) -> dict[str, int]:
+    """Device bytes a phase holds for its whole length besides the resident weights: the active block's master,
+    moments and gradients where the plan keeps them on the device. params[i] / weight_bytes[i]: layer i's
+    parameter count and bytes of its weights (gradients have the weights' dtype)."""
+    out = {"master": 0, "moments": 0, "grads": 0}
+    for i in layers:
+        pl = placements[i]
+        out["master"] += params[i] * MASTER_BYTES if pl.master == Tier.GPU else 0
+        out["moments"] += params[i] * MOMENT_BYTES if pl.moments == Tier.GPU else 0
+        out["grads"] += weight_bytes[i] if pl.grads == Tier.GPU else 0
+    return out
+
+
+def trained_layer_device_bytes(params: int, param_bytes: int, state: str) -> int:
+    """Device bytes of one trained layer's master, moments and gradients when its state lives on the device."""
+    return params * STATE_BYTES + param_bytes if state == Tier.GPU else 0
+
+
+def act_bytes(sz, act: str, role: str) -> int:
+    """Device bytes a layer holds for backward while the rest of the pass runs: its saved set when kept, its
+    input (the checkpoint) when recomputed, nothing once offloaded or below the block."""
+    if role == "below":
+        return 0
+    return {Tier.GPU: sz.saved(role), Tier.CPU: 0, RECOMPUTE: sz.out_bytes}[act]
+
+
+def transient_bytes(sizes, state: str) -> int:
+    """The ILP's transient reserve on the device: the largest kernel workspace, two saved sets in flight to or
+    from the host, one optimizer temporary (an fp32 gradient cast on the device, or two gradient copies on their
+    way to the host) and two hidden states (a layer's input and output). The schedule's replay checks it."""
+    dec = [s for s in sizes if s.kind == "decoder"]
+    big = max(sizes, key=lambda s: s.params)
+    ws = max(s.workspace_bytes for s in sizes)
+    inflight = 2 * max(s.saved_bytes for s in dec) if dec else 0
+    temp = big.params * MASTER_BYTES if state == Tier.GPU else 2 * big.param_bytes
+    hidden = 2 * max(s.out_bytes for s in sizes)
+    return ws + inflight + temp + hidden
+
+
+def static_device_bytes(placements, layers, params, weight_bytes) -> dict[str, int]:
+    """Every device byte a phase holds from start to end, by class: resident weights, then state_device_bytes."""
+    resident = sum(weight_bytes[p.layer] for p in placements if p.weights == Tier.GPU)
+    return {"weights": resident, **state_device_bytes(placements, layers, params, weight_bytes)}
+
+
+def window_layers(plan, sizes) -> int:
+    """Streamed layers resident on the device at once (the prefetch window), at least two."""
+    streamed = [sizes[p.layer].param_bytes for p in plan.placements if p.weights != Tier.GPU]
+    if not streamed:
+        return 0
+    return max(2, plan.prefetch_window_bytes // max(streamed))
+
+
+# -- host RAM ------------------------------------------------------------------------------------------------------
+
+def nvme_staging_bytes(window_layers_: int, largest_nvme_layer_bytes: int) -> int:
+    """Pinned buffers NVMe weight reads land in: one per layer of the prefetch window (at least two), each the
+    size of the largest layer read from NVMe (runtime.store.StagingPool)."""
+    return max(2, window_layers_) * largest_nvme_layer_bytes if largest_nvme_layer_bytes else 0
+
+
+def trained_layer_host_bytes(params: int, param_bytes: int, state: str, weights: str) -> int:
+    """Host bytes one layer of the active block holds for the whole phase (module docstring: trained layers)."""
+    if state == Tier.GPU:
+        return param_bytes if weights == Tier.NVME else 0         # pinned copy of new weights for the NVMe write
+    return params * ((STATE_BYTES if state == Tier.CPU else 0) + HOST_GRAD_BYTES)
+
+
+def step_host_bytes(max_params: int, max_param_bytes: int, state: str, *, nvme_weights: bool,
+                    cuda: bool = True) -> int:
+    """Host bytes of one or two layers at a time during a phase (module docstring: the step's window), from the
+    largest trained layer's parameter count and weight bytes. nvme_weights: a trained layer's weights live on
+    NVMe (a fresh state's master is read from there)."""
+    out = max_param_bytes if nvme_weights else 0
+    if state == Tier.NVME:
+        out += STATE_WINDOW * max_params * STATE_BYTES
+    if state != Tier.GPU:
+        out += max_params * ADAM_WORKSPACE_BYTES
+        if cuda:   # one pinned gradient staging buffer; updated weights of STATE_WINDOW layers on their way out
+            out += max_param_bytes + STATE_WINDOW * max_param_bytes
+    return out
+
+
+def host_breakdown(plan, sizes, *, cuda: bool = True, window: int | None = None) -> dict[str, int]:
+    """Host RAM of a plan by class (module docstring), at the phase that needs most. `sizes`: LayerSizes per layer
+    (the profile's dtype sets the weight bytes); `window`: the prefetch window in layers (default the plan's)."""
+    pls = plan.placements
+    trained = sorted({i for b in plan.blocks for i in b.layers})
+    wl = window_layers(plan, sizes) if window is None else window
+    nvme_w = [sizes[p.layer].param_bytes for p in pls if p.weights == Tier.NVME]
+
+    def block_bytes(b) -> int:
+        return sum(trained_layer_host_bytes(sizes[i].params, sizes[i].param_bytes, pls[i].master, pls[i].weights)
+                   for i in b.layers)
+    masters = {pls[i].master for i in trained}
+    state = next((t for t in (Tier.NVME, Tier.CPU) if t in masters), Tier.GPU)   # the one needing most
+    out = {
+        "pinned_weights": sum(sizes[p.layer].param_bytes for p in pls if p.weights == Tier.CPU),
+        "offloaded_activations": sum(sizes[p.layer].saved_bytes for p in pls if p.activations == Tier.CPU),
+        "nvme_staging": nvme_staging_bytes(wl, max(nvme_w, default=0)),
+        "trained_layers": max(block_bytes(b) for b in plan.blocks),
+        "step_window": step_host_bytes(max(sizes[i].params for i in trained),
+                                       max(sizes[i].param_bytes for i in trained), state,
+                                       nvme_weights=any(pls[i].weights == Tier.NVME for i in trained),
+                                       cuda=cuda) if trained else 0,
+        "kept_state": (sum(sizes[i].params for i in trained) * STATE_BYTES if plan.switch_state == "keep_cpu"
+                       else 0),
+    }
+    return out
+
+
+def host_bytes(plan, sizes, *, cuda: bool = True, window: int | None = None) -> int:
+    return sum(host_breakdown(plan, sizes, cuda=cuda, window=window).values())
+
+
+# -- NVMe ----------------------------------------------------------------------------------------------------------
+
+def nvme_bytes(plan, sizes) -> int:
+    """Bytes on NVMe: weights on the nvme tier, plus the optimizer state files: the largest block's while its
+    state lives there (the files of a block that is left go), every trained layer's under keep_nvme."""
+    pls = plan.placements
+    w = sum(sizes[p.layer].param_bytes for p in pls if p.weights == Tier.NVME)
+    if plan.switch_state == "keep_nvme":
+        return w + sum(sizes[i].params for b in plan.blocks for i in b.layers) * STATE_BYTES
+    biggest = max(sum(sizes[i].params for i in b.layers if pls[i].master == Tier.NVME) for b in plan.blocks)
+    return w + biggest * STATE_BYTES
