@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from planner.memory import RECOMPUTE, Tier
 from planner.profile import live_bytes_tracker
 from runtime.store import HostMemory
 
@@ -65,13 +66,15 @@ class SavedSet:
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
-    def to_host(self, pool: "HostBuffers", tag: tuple, stream=None) -> None:
-        """Offload: copy every saved storage into its pinned host buffer, then let the device copies go.
-        On CUDA this runs on the d2h stream; record_stream keeps the allocator from reusing the device memory
-        before the copy has read it."""
-        for idx, key in enumerate(self.keys):
+    def to_host(self, pool: "HostBuffers", layer: int, stream=None) -> None:
+        """Offload: copy every saved storage into the layer's pinned host buffer, one after the other, then let the
+        device copies go. On CUDA this runs on the d2h stream; record_stream keeps the allocator from reusing the
+        device memory before the copy has read it."""
+        flat, at = pool.get(layer, self.nbytes), 0
+        for key in self.keys:
             dev = self.device.pop(key)
-            host = pool.get(tag + (idx,), dev.numel())
+            host = flat[at:at + dev.numel()]
+            at += dev.numel()
             host.copy_(dev, non_blocking=stream is not None)
             if stream is not None:
                 dev.record_stream(stream)
@@ -95,19 +98,22 @@ class SavedSet:
 
 
 class HostBuffers:
-    """Pinned host buffers for offloaded activations, exact sizes, reused step after step under the same tag
-    (layer, micro-batch, storage index): the shapes repeat every step, so pinning happens once."""
+    """Pinned host buffers for offloaded activations: one per layer, the size of the largest saved set it has
+    held (its trainable one), reused by every micro-batch and step. A micro-batch's offload of a layer comes after
+    the previous micro-batch's fetch of it was used by that layer's backward, so one buffer is enough, and
+    pinning happens once. planner.memory counts one trainable saved set per offloaded layer."""
 
     def __init__(self, host: HostMemory):
         self.host = host
-        self._bufs: dict[tuple, torch.Tensor] = {}
+        self._bufs: dict[int, torch.Tensor] = {}
 
-    def get(self, tag: tuple, nbytes: int) -> torch.Tensor:
-        buf = self._bufs.get(tag)
-        if buf is None or buf.numel() != nbytes:
+    def get(self, layer: int, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(layer)
+        if buf is None or buf.numel() < nbytes:
             if buf is not None:
-                self.host.release(buf)
-            buf = self._bufs[tag] = self.host.empty(nbytes, torch.uint8)
+                self.host.release(self._bufs.pop(layer))
+            buf = None  # the smaller buffer goes before the larger one comes
+            buf = self._bufs[layer] = self.host.empty(nbytes, torch.uint8)
         return buf
 
 
@@ -183,7 +189,7 @@ class ComputeOps:
         else:
             if i > 0:
                 x = x.detach().requires_grad_(i > self.first)
-            saved = None if mode == "recompute" else self._saved_set(i, offload=(mode == "cpu"))
+            saved = None if mode == RECOMPUTE else self._saved_set(i, offload=(mode == Tier.CPU))
             with self._temporaries(op):
                 y = self._run(i, mb, x, grad=saved is not None, saved=saved)
             self.recs[(i, mb)] = Rec(x=x, y=None if saved is None else y, saved=saved, in_bytes=in_bytes)
@@ -196,7 +202,7 @@ class ComputeOps:
         else:
             self.outs[(i, mb)] = y.detach() if y.requires_grad else y
             out_bytes = y.nbytes
-        recomputed = mode == "recompute" and self.roles[i] != "below"
+        recomputed = mode == RECOMPUTE and self.roles[i] != "below"
         self.mem[op.id] = (out_bytes + kept, self.transient[op.id], 0 if recomputed else in_bytes)
 
     def _recompute(self, op, gpu) -> None:
@@ -219,7 +225,7 @@ class ComputeOps:
         if not lowest:
             self.grad_out[(i - 1, mb)] = rec.x.grad
         grad_bytes = 0
-        if self.roles[i] == "active" and self.plan.placement(i).grads == "cpu":
+        if self.roles[i] == "active" and self.plan.placement(i).grads == Tier.CPU:
             params = [p for p in self.layers[i].parameters()]
             self.pending_grads[(i, mb)] = [p.grad for p in params]
             grad_bytes = sum(p.grad.nbytes for p in params)
@@ -227,12 +233,12 @@ class ComputeOps:
                 p.grad = None
         rec.saved.release(gpu)
         out_bytes = 0 if i == self.head else rec.y.nbytes
-        recomputed = self.plan.placement(i).activations == "recompute"
+        recomputed = self.plan.placement(i).activations == RECOMPUTE
         self.mem[op.id] = ((0 if lowest else rec.in_bytes) + grad_bytes, self.transient[op.id],
                            rec.saved.nbytes + out_bytes + (rec.in_bytes if recomputed else 0))
 
     def _offload_act(self, op, gpu) -> None:
-        self.recs[(op.layer, op.micro_batch)].saved.to_host(self.act_buffers, (op.layer, op.micro_batch), gpu)
+        self.recs[(op.layer, op.micro_batch)].saved.to_host(self.act_buffers, op.layer, gpu)
 
     def _fetch_act(self, op, gpu) -> None:
         self.recs[(op.layer, op.micro_batch)].saved.to_device(self.target.device, gpu)

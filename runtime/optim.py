@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from planner.costs import STATE_BYTES
-from runtime.store import FlatLayout, TieredStore, aligned_empty
+from planner.memory import STATE_BYTES, Tier
+from runtime.store import FlatLayout, TieredStore
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +32,9 @@ class AdamWConfig:
     clip: float = 1.0            # max global gradient norm of the block; 0 turns clipping off
 
 
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, cfg: AdamWConfig) -> int:
-    """One AdamW step in place over lists of fp32 tensors; returns the bytes of temporaries it held."""
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, cfg: AdamWConfig, denom=None) -> int:
+    """One AdamW step in place over lists of fp32 tensors; returns the bytes of temporaries it held. `denom`:
+    tensors shaped like exp_avg_sqs to hold sqrt(v) (the CPU optimizer's workspace) instead of temporaries."""
     if cfg.weight_decay:
         torch._foreach_mul_(params, 1 - lr * cfg.weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - cfg.beta1)
@@ -41,11 +42,17 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, cfg: A
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - cfg.beta2)
     step_f = float(step)
     step_size = lr / (1 - cfg.beta1 ** step_f)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if denom is None:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        held = sum(d.numel() for d in denom) * 4
+    else:
+        for d, v in zip(denom, exp_avg_sqs):
+            torch.sqrt(v, out=d)
+        held = 0
     torch._foreach_div_(denom, (1 - cfg.beta2 ** step_f) ** 0.5)
     torch._foreach_add_(denom, cfg.eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
-    return sum(d.numel() for d in denom) * 4
+    return held
 
 
 @dataclass
@@ -69,18 +76,19 @@ class BlockOptimizer:
         self.states: dict[int, LayerState] = {}    # the active block's layers
         self.kept: dict[int, LayerState] = {}      # keep_* policies: other blocks' states, where the policy keeps
         self.host_grads: dict[int, torch.Tensor] = {}
-        self._staged_grads: dict[int, torch.Tensor] = {}
+        self._grad_staging: torch.Tensor | None = None   # CUDA: pinned, where device gradients land on the host
         self._clip_lock = threading.Lock()
         self._clip_done = False
         self.grad_norm: torch.Tensor | None = None
+        self._workspace: torch.Tensor | None = None   # CPU AdamW's sqrt(v), the largest host-stepped layer's size
 
     # -- where things are ---------------------------------------------------------------------------------------
 
     def _empty(self, layer: int, tier: str) -> torch.Tensor:
         n = 3 * self.layouts[layer].numel
-        if tier == "gpu":
+        if tier == Tier.GPU:
             return torch.empty(n, dtype=torch.float32, device=self.target.device)
-        return aligned_empty(n, torch.float32)  # stepped by the CPU, never the source of an async copy
+        return self.store.host.empty(n, torch.float32, pin=False)  # stepped by the CPU, never copied async
 
     def split(self, layer: int, buf: torch.Tensor) -> tuple[list, list, list]:
         n, lay = self.layouts[layer].numel, self.layouts[layer]
@@ -98,10 +106,9 @@ class BlockOptimizer:
     def fresh(self, layer: int, tier: str | None = None) -> LayerState:
         """State at the start of training a layer: master = the current weights, zero moments, step 0."""
         tier = tier or self.tiers[layer]
-        buf = self._empty(layer, "cpu" if tier == "nvme" else tier)
+        buf = self._empty(layer, Tier.CPU if tier == Tier.NVME else tier)
         n = self.layouts[layer].numel
-        same_place = self.store.tiers[layer] == "gpu" and tier == "gpu"
-        buf[:n].copy_(self.store.resident(layer) if same_place else self.store.get(layer))
+        buf[:n].copy_(self.store.source(layer))
         buf[n:].zero_()
         return LayerState(buf=buf)
 
@@ -117,7 +124,7 @@ class BlockOptimizer:
             elif switched and not self._keeps_in_place(i):
                 continue  # its load_state op fills it
             else:
-                self.states[i] = LayerState(buf=None) if self.tiers[i] == "nvme" else self.fresh(i)
+                self.states[i] = LayerState(buf=None) if self.tiers[i] == Tier.NVME else self.fresh(i)
 
     def end_phase(self, layers, *, switched: bool) -> None:
         """Leave a block: keep its state as the policy says (save_kept ops run before this when `switched`)."""
@@ -125,23 +132,22 @@ class BlockOptimizer:
             st = self.states.pop(i, None)
             if st is not None and self.switch_state != "reset" and (self._keeps_in_place(i) or not switched):
                 self.kept[i] = st
+            elif st is not None and st.on_file:
+                self.store.files.remove(f"state-L{i}")  # the state went elsewhere or was dropped: free the drive
         self.host_grads.clear()
-        for buf in self._staged_grads.values():
-            self.store.host.release(buf)
-        self._staged_grads.clear()
 
     def load_kept(self, layer: int) -> None:
         """Switch op 'load state': the kept state onto the master tier (fresh if the block was never trained)."""
         kept = self.kept.pop(layer, None)
         tier = self.tiers[layer]
         if kept is None:
-            self.states[layer] = LayerState(buf=None) if tier == "nvme" else self.fresh(layer)
+            self.states[layer] = LayerState(buf=None) if tier == Tier.NVME else self.fresh(layer)
             return
         buf = kept.buf if kept.buf is not None else self._read_file(layer, "kept")
-        if tier == "nvme":
+        if tier == Tier.NVME:
             self.store.files.write(f"state-L{layer}", buf)
             self.states[layer] = LayerState(buf=None, step=kept.step, on_file=True)
-        elif tier == "gpu":
+        elif tier == Tier.GPU:
             self.states[layer] = LayerState(buf=buf.to(self.target.device), step=kept.step)
         else:
             self.states[layer] = LayerState(buf=buf, step=kept.step)
@@ -158,12 +164,12 @@ class BlockOptimizer:
             self.store.files.write(f"kept-L{layer}", buf.to("cpu"))
             self.kept[layer] = LayerState(buf=None, step=st.step, on_file=True)
         else:
-            host = aligned_empty(buf.numel(), torch.float32)
+            host = self.store.host.empty(buf.numel(), torch.float32, pin=False)
             host.copy_(buf)
             self.kept[layer] = LayerState(buf=host, step=st.step)
 
     def _read_file(self, layer: int, kind: str) -> torch.Tensor:
-        return self.store.files.read(f"{kind}-L{layer}", aligned_empty(3 * self.layouts[layer].numel, torch.float32))
+        return self.store.files.read(f"{kind}-L{layer}", self._empty(layer, "cpu"))
 
     # -- NVMe state ---------------------------------------------------------------------------------------------
 
@@ -187,12 +193,17 @@ class BlockOptimizer:
         On CUDA this runs on the d2h worker: an async copy to pinned memory, a wait on it, then the CPU adds."""
         lay = self.layouts[layer]
         if layer not in self.host_grads:
-            self.host_grads[layer] = aligned_empty(lay.numel, torch.float32)
+            self.host_grads[layer] = self.store.host.empty(lay.numel, torch.float32, pin=False)
         acc = lay.views(self.host_grads[layer])
         if self.target.cuda:
-            tmp = self._staged_grads.get(layer)
-            if tmp is None:
-                tmp = self._staged_grads[layer] = self.store.host.empty(lay.numel, grads[0].dtype)
+            # one pinned staging buffer for every layer, the largest's size: the d2h worker is one thread and
+            # waits for each copy, so a layer's gradients are added before the next layer's arrive
+            tmp = self._grad_staging
+            if tmp is None or tmp.numel() < lay.numel:
+                if tmp is not None:
+                    self.store.host.release(tmp)
+                tmp = self._grad_staging = None
+                tmp = self._grad_staging = self.store.host.empty(lay.numel, grads[0].dtype)
             views = lay.views(tmp)
             for v, g in zip(views, grads):
                 v.copy_(g, non_blocking=True)
@@ -205,7 +216,7 @@ class BlockOptimizer:
                 a.add_(g)
 
     def grads(self, layer: int, params) -> list[torch.Tensor]:
-        if self.grad_tiers[layer] == "cpu":
+        if self.grad_tiers[layer] == Tier.CPU:
             return self.layouts[layer].views(self.host_grads[layer])
         return [p.grad for p in params]
 
@@ -241,9 +252,19 @@ class BlockOptimizer:
                             for p, g, a, b in zip(master, grads, m, v))
         else:
             grads = [g.to(dev, torch.float32) for g in grads]
-            transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg)
+            transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg,
+                               denom=self._denom(layer) if self.tiers[layer] != Tier.GPU else None)
         n = self.layouts[layer].numel
         return st.buf[:n].to(self.target.weight_dtype), transient
+
+    def _denom(self, layer: int) -> list[torch.Tensor]:
+        """The CPU AdamW's workspace as views shaped like the layer's parameters (one buffer, reused: the host
+        optimizer steps one layer at a time on its stream)."""
+        n = self.layouts[layer].numel
+        if self._workspace is None or self._workspace.numel() < n:
+            self._workspace = None
+            self._workspace = self.store.host.empty(n, torch.float32, pin=False)
+        return self.layouts[layer].views(self._workspace)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -270,7 +291,7 @@ class BlockOptimizer:
             buf = tensors[f"L{i}.state"].to(torch.float32)
             if info["where"] == "active":
                 tier = self.tiers[i]
-                if tier == "nvme":
+                if tier == Tier.NVME:
                     self.store.files.write(f"state-L{i}", buf)
                     self.states[i] = LayerState(buf=None, step=info["step"], on_file=True)
                 else:

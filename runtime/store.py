@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import UserError
+from planner.memory import Tier
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,20 +145,46 @@ def aligned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 class HostMemory:
     """Exact-size host buffers, 4 KiB aligned (so NVMe reads can bypass the page cache into them), page-locked
     with cudaHostRegister when there is a GPU (plain memory otherwise). What is registered is the buffer's size
-    rounded up to a 4 KiB block, never a power of two."""
+    rounded up to a 4 KiB block, never a power of two.
+
+    Every host-tier buffer the runtime holds comes from here (pinned weights, offloaded activations, NVMe staging,
+    optimizer state, gradient accumulators, the CPU AdamW's workspace), so this is also the host ledger: the bytes
+    asked for while each buffer's storage lives (a weak reference tells when it is freed), and their peak, which is
+    exact because it can only rise at an allocation. planner.memory predicts the same figure. Not counted: the
+    alignment slack, under 8 KiB a buffer (the storage is rounded up to 4 KiB plus one block to align its start)."""
 
     def __init__(self, pin: bool):
         self.pin = pin
         self._pinned: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
 
-    def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def empty(self, numel: int, dtype: torch.dtype, *, pin: bool | None = None) -> torch.Tensor:
+        """A host buffer, pinned when there is a GPU unless pin=False (buffers only the CPU reads or writes)."""
         t = aligned_empty(numel, dtype)
-        if self.pin:
+        if self.pin and pin is not False:
             torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), _capacity(t), 0))
             with self._lock:
                 self._pinned[t.data_ptr()] = t
+        storage, nbytes = t.untyped_storage(), numel * dtype.itemsize
+        with self._lock:
+            self._settle()
+            self._live[storage._cdata] = (StorageWeakRef(storage), nbytes)
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return t
+
+    def _settle(self) -> None:
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.live_bytes -= self._live.pop(key)[1]
+
+    def settle(self) -> int:
+        """Forget the buffers that have been freed; the bytes alive now."""
+        with self._lock:
+            self._settle()
+            return self.live_bytes
 
     def release(self, t: torch.Tensor) -> None:
         with self._lock:
@@ -237,6 +265,12 @@ class NvmeFiles:
         finally:
             os.close(fd)
         return out
+
+    def remove(self, key: str) -> None:
+        try:
+            os.remove(self.path(key))
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
@@ -319,7 +353,7 @@ class TieredStore:
         self.empty = torch.empty(0, dtype=target.weight_dtype, device=target.device)
         self._resident: dict[int, torch.Tensor] = {}   # tier gpu
         self._pinned: dict[int, torch.Tensor] = {}     # tier cpu
-        nvme_layers = [i for i, t in enumerate(tiers) if t == "nvme"]
+        nvme_layers = [i for i, t in enumerate(tiers) if t == Tier.NVME]
         self.files = NvmeFiles(nvme_dir) if nvme_dir else None
         self.staging = None
         if nvme_layers:
@@ -337,11 +371,11 @@ class TieredStore:
         """Place a layer's weights (a flat CPU tensor in layout order, any float dtype) on its tier."""
         n, dt = self.layouts[layer].numel, self.target.weight_dtype
         tier = self.tiers[layer]
-        if tier == "gpu":
+        if tier == Tier.GPU:
             if layer not in self._resident:
                 self._resident[layer] = torch.empty(n, dtype=dt, device=self.target.device)
             self._resident[layer].copy_(flat)
-        elif tier == "cpu":
+        elif tier == Tier.CPU:
             if layer not in self._pinned:
                 self._pinned[layer] = self.host.empty(n, dt)
             self._pinned[layer].copy_(flat)
@@ -351,12 +385,19 @@ class TieredStore:
     def get(self, layer: int) -> torch.Tensor:
         """A CPU copy of a layer's flat weights, from whichever tier holds them (checkpoints, state init)."""
         tier = self.tiers[layer]
-        if tier == "gpu":
+        if tier == Tier.GPU:
             return self._resident[layer].to("cpu", copy=True)
-        if tier == "cpu":
+        if tier == Tier.CPU:
             return self._pinned[layer].clone()
-        return self.files.read(f"weights-L{layer}", aligned_empty(self.layouts[layer].numel,
-                                                                  self.target.weight_dtype))
+        return self.files.read(f"weights-L{layer}", self.host.empty(self.layouts[layer].numel,
+                                                                    self.target.weight_dtype, pin=False))
+
+    def source(self, layer: int) -> torch.Tensor:
+        """The layer's flat weights where they live (device or pinned), or a host copy read from NVMe."""
+        tier = self.tiers[layer]
+        if tier == Tier.GPU:
+            return self._resident[layer]
+        return self._pinned[layer] if tier == Tier.CPU else self.get(layer)
 
     def resident(self, layer: int) -> torch.Tensor:
         return self._resident[layer]
