@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from planner.costs import STREAMS
+from planner.memory import Tier
 from planner.schedule import role
 from runtime.activations import ComputeOps, HostBuffers, Rec
 from runtime.optim import BlockOptimizer
@@ -66,39 +67,6 @@ def _resolved(value=None) -> Future:
     return f
 
 
-def implicit_deps(ops) -> dict[int, tuple[int, ...]]:
-    """Orderings the runtime needs that the schedule leaves to a shared resource: an activation fetch reads what
-    its offload wrote, and the optimizer step (which clips by the block's global norm) needs every gradient."""
-    offloads = {(op.layer, op.micro_batch): op.id for op in ops if op.kind == "offload_act"}
-    grads = tuple(op.id for op in ops if op.kind == "grad_offload")
-    extra: dict[int, tuple[int, ...]] = {}
-    for op in ops:
-        if op.kind == "fetch_act" and (op.layer, op.micro_batch) in offloads:
-            extra[op.id] = (offloads[(op.layer, op.micro_batch)],)
-        elif op.kind == "optimizer_step" and grads:
-            extra[op.id] = grads
-    return extra
-
-
-def issue_order(ops) -> list:
-    """The schedule's list, with one repair: a fetch of offloaded activations listed before the offload it reads
-    (earlier schedules fetched the first backward layer's activations before its own forward) moves to just after
-    that offload. Every other op keeps its place; for a schedule without such a fetch this is the identity."""
-    seen, held, out = set(), {}, []
-    offloads = {(op.layer, op.micro_batch) for op in ops if op.kind == "offload_act"}
-    for op in ops:
-        key = (op.layer, op.micro_batch)
-        if op.kind == "fetch_act" and key in offloads and key not in seen:
-            held[key] = op
-            continue
-        out.append(op)
-        if op.kind == "offload_act":
-            seen.add(key)
-            if key in held:
-                out.append(held.pop(key))
-    return out
-
-
 class Executor:
     """Runs an op list with a handler that knows what each op does (execute) and what it books (book)."""
 
@@ -113,9 +81,8 @@ class Executor:
         carried = dict(carried or {})
         done: dict[int, Future] = {}
         early: dict[int, Future] = {}
-        extra = implicit_deps(ops)
         pending: list[Future] = []
-        order = issue_order(ops)
+        order = list(ops)   # the schedule's order and dependencies, as they are: nothing is re-derived here
         # the early reads queue behind this run's last op on their stream, so they start as soon as it is done
         after = max((k for k, op in enumerate(order) if any(op.stream == a.stream for a in ahead)), default=-1)
         try:
@@ -124,11 +91,11 @@ class Executor:
                     done[op.id] = carried.pop(op.id)
                     pending.append(done[op.id])
                 elif op.stream == "compute":
-                    deps = [done[d] for d in op.deps + extra.get(op.id, ())]
+                    deps = [done[d] for d in op.deps]
                     done[op.id] = _resolved(self._call(op, deps, handler))
                     handler.book(op)
                 else:
-                    deps = [done[d] for d in op.deps + extra.get(op.id, ())]
+                    deps = [done[d] for d in op.deps]
                     handler.book(op)  # every size it needs is known once the earlier compute ops ran
                     done[op.id] = self.streams.workers[op.stream].submit(self._call, op, deps, handler)
                     pending.append(done[op.id])
@@ -188,7 +155,7 @@ class PhaseOps(ComputeOps):
         self.head = plan.n_layers - 1
         self.grad_accum = plan.shape.grad_accum
         self.load_of = _load_ids(phase.ops)
-        self.bound: dict[int, torch.Tensor] = {i: store.resident(i) for i, t in enumerate(store.tiers) if t == "gpu"}
+        self.bound: dict[int, torch.Tensor] = {i: store.resident(i) for i, t in enumerate(store.tiers) if t == Tier.GPU}
         self.scratch: dict[int, torch.Tensor] = {}         # host copies of device-updated weights bound for NVMe
         self.staged: dict[int, torch.Tensor] = {}          # read op id -> staging buffer (may span two steps)
 
@@ -269,7 +236,7 @@ class PhaseOps(ComputeOps):
     def _bind(self, op) -> None:
         """Point a streamed layer's parameters at the device copy its compute op uses (called by compute ops)."""
         i = op.layer
-        if self.store.tiers[i] != "gpu":
+        if self.store.tiers[i] != Tier.GPU:
             self.bound[i] = self.loaded[self.load_of[op.id]]
             bind(self.layers[i], self.layouts[i], self.bound[i], empty=self.store.empty)
 
@@ -330,9 +297,9 @@ class PhaseOps(ComputeOps):
         for p in self._params(i):
             p.grad = None
         w, m = self.store.tiers[i], self.plan.placement(i).master
-        if w == "gpu" and m == "gpu":
+        if w == Tier.GPU and m == Tier.GPU:
             self.store.resident(i).copy_(new)
-        elif w == "cpu" and m != "gpu":
+        elif w == Tier.CPU and m != Tier.GPU:
             self.store.pinned(i).copy_(new)
         else:
             self.new_weights[i] = new  # upload / writeback ops move it
@@ -340,22 +307,24 @@ class PhaseOps(ComputeOps):
             self.mem[op.id] = (0, transient, 0)
 
     def _upload_weights(self, op, gpu) -> None:
-        self.store.resident(op.layer).copy_(self.new_weights[op.layer], non_blocking=gpu is not None)
+        # popped: the host copy goes as soon as it is copied (a pageable source is read before copy_ returns)
+        self.store.resident(op.layer).copy_(self.new_weights.pop(op.layer), non_blocking=gpu is not None)
 
     def _write_weights(self, op, gpu) -> None:
         i = op.layer
-        on_device = self.plan.placement(i).master == "gpu"
+        on_device = self.plan.placement(i).master == Tier.GPU
         if op.stream == "nvme_write":
-            self.store.write_weights(i, self.scratch[i] if on_device else self.new_weights[i])
+            self.store.write_weights(i, self.scratch[i] if on_device else self.new_weights.pop(i))
             return
+        new = self.new_weights.pop(i)
         if gpu is not None:
-            self.new_weights[i].record_stream(gpu)  # made on the compute stream, read here
-        if self.store.tiers[i] == "cpu":  # d2h writeback after a step on the device
-            self.store.pinned(i).copy_(self.new_weights[i], non_blocking=gpu is not None)
+            new.record_stream(gpu)  # made on the compute stream, read here
+        if self.store.tiers[i] == Tier.CPU:  # d2h writeback after a step on the device
+            self.store.pinned(i).copy_(new, non_blocking=gpu is not None)
             return
         if i not in self.scratch:
             self.scratch[i] = self.store.host.empty(self.layouts[i].numel, self.target.weight_dtype)
-        self.scratch[i].copy_(self.new_weights[i])  # synchronous: the NVMe write after it reads the host copy
+        self.scratch[i].copy_(new)  # synchronous: the NVMe write after it reads the host copy
 
     # -- phase switches -----------------------------------------------------------------------------------------
 

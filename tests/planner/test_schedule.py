@@ -140,6 +140,29 @@ def test_issue_order_is_topological(case):
             assert all(0 <= d < op.id for d in op.deps), op.name
 
 
+def test_the_schedule_carries_every_dependency_its_consumers_need(case):
+    """The runtime and the simulator act on these deps alone: a fetch reads what its offload wrote; every optimizer
+    step (the first clips by the block's global gradient norm) follows every gradient of the block to the host;
+    an NVMe state is read only after the state read two layers before was written back and its weights sent on
+    (planner.memory counts two NVMe states in host RAM)."""
+    plan, _, sched = case
+    for ph in sched.phases:
+        ops = ph.ops
+        offload = {(op.layer, op.micro_batch): op.id for op in ops if op.kind == "offload_act"}
+        grads = {op.id for op in ops if op.kind == "grad_offload"}
+        for op in ops:
+            if op.kind == "fetch_act":
+                assert offload[(op.layer, op.micro_batch)] in _ancestors(ops, op), op.name
+            if op.kind == "optimizer_step":
+                assert grads <= _ancestors(ops, op), op.name
+        reads = [op for op in ops if op.kind == "read_state"]
+        for k, op in enumerate(reads[2:], start=2):
+            before = reads[k - 2].layer
+            after = {o.id for o in ops if o.layer == before and o.kind in ("write_state", "upload_weights",
+                                                                              "write_weights")}
+            assert after and after <= _ancestors(ops, op), op.name
+
+
 def test_nothing_dynamic_leaks_from_a_step(case):
     _, _, sched = case
     for ph in sched.phases:

@@ -12,7 +12,7 @@ import torch
 from planner.llama import LlamaModel, init_weights
 from planner.schedule import Op
 from runtime import model as rmodel
-from runtime.engine import Executor, Streams, implicit_deps, issue_order
+from runtime.engine import Executor, Streams
 from runtime.optim import AdamWConfig, adamw_
 from runtime.store import FlatLayout, NvmeFiles, Target, TieredStore, aligned_empty, bind
 from runtime.trace import Tracer
@@ -90,23 +90,6 @@ def test_a_failing_copy_fails_the_step_without_hanging():
     finally:
         streams.close()
     assert "fwd A" not in rec.spans and rec.aborted
-
-
-def test_offloaded_head_fetch_moves_after_its_offload():
-    """A schedule that issues the first backward layer's fetch before its own forward (as planner/schedule.py did
-    when this runtime was written) still runs: the fetch is issued after the offload it reads."""
-    ops = _ops(("fwd L4 mb0", "forward", "compute", ()),
-               ("fetch L5 mb0", "fetch_act", "h2d", (0,)),     # as the schedule issues it: before fwd L5
-               ("fwd L5 mb0", "forward", "compute", (0,)),
-               ("offload L5 mb0", "offload_act", "d2h", (2,)),
-               ("bwd L5 mb0", "backward", "compute", (1, 2)),
-               ("grad L5 mb0", "grad_offload", "d2h", (4,)),
-               ("adam L5", "optimizer_step", "cpu_opt", (4,)), layer=5)
-    order = [op.name for op in issue_order(ops)]
-    assert order == ["fwd L4 mb0", "fwd L5 mb0", "offload L5 mb0", "fetch L5 mb0", "bwd L5 mb0", "grad L5 mb0",
-                     "adam L5"]
-    extra = implicit_deps(ops)
-    assert extra[1] == (3,) and extra[6] == (5,)
 
 
 def test_store_tiers_round_trip_and_nvme_bypasses_nothing(tmp_path):
