@@ -23,7 +23,8 @@ busiest stream (compute and transfers overlap).
 
 Memory, for every phase j: resident weights + window + activations of the blocks above j (frozen-weight sizes)
 and of block j (trainable sizes) + the head's + block j's optimizer state and gradients + a transient reserve
-<= budget - reserve. Host RAM and NVMe capacity likewise.
+<= budget - reserve. Host RAM and NVMe likewise, each within its tier's usable capacity. Every byte rule here
+(bytes per tensor class, the transient reserve, what host RAM holds) is planner.memory's, written over the counts.
 
 What the ILP simplifies (the simulator is the reference): per-pass max() instead of an event timeline, and a
 transient reserve that assumes the largest workspace, two in-flight saved sets and one optimizer temporary at
@@ -97,15 +98,11 @@ def step_cost(sz: LayerSizes, pl: Placement, hw: Hardware) -> float:
 
 def switch_cost(sz: LayerSizes, tier: str, policy: str, hw: Hardware) -> float:
     """Moving one layer's optimizer state in and the previous block's out at a block switch."""
-    if policy == "reset":
-        return 0.0
-    keep = Tier.CPU if policy == "keep_cpu" else Tier.NVME
-    if tier == keep:
+    keep = memory.kept_tier(policy)
+    if keep is None or tier == keep:
         return 0.0
     nbytes = sz.params * STATE_BYTES
-    if keep == Tier.NVME:
-        return max(hw.link("nvme_read").io_seconds(nbytes), hw.link("nvme_write").io_seconds(nbytes))
-    return max(hw.link("h2d").io_seconds(nbytes), hw.link("d2h").io_seconds(nbytes))
+    return max(hw.link(keep.to_device[0]).io_seconds(nbytes), hw.link(keep.from_device[-1]).io_seconds(nbytes))
 
 
 _TABLES: dict[int, tuple] = {}   # id(problem) -> (problem, its tables): a search's few problems, each solved often

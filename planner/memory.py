@@ -87,6 +87,11 @@ GRAD_TIERS = (Tier.GPU, Tier.CPU)
 ACT_PLACES = (Tier.GPU, Tier.CPU, RECOMPUTE)
 
 
+def kept_tier(switch_state: str) -> Tier | None:
+    """Where a switch policy keeps a block's optimizer state between its phases (None: reset drops it)."""
+    return {"keep_cpu": Tier.CPU, "keep_nvme": Tier.NVME}.get(switch_state)
+
+
 def tiers(hw: Hardware) -> tuple[Tier, ...]:
     """The tiers this hardware offers (a tier with no capacity is absent), device first."""
     return tuple(t for t in Tier if t == Tier.GPU or t.capacity_bytes(hw) > 0)

@@ -19,7 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from planner.costs import LayerSizes, layer_sizes
-from planner.memory import MASTER_BYTES, RECOMPUTE, STATE_BYTES, STATE_WINDOW, Tier, static_device_bytes, window_layers
+from planner.memory import (
+    MASTER_BYTES,
+    RECOMPUTE,
+    STATE_BYTES,
+    STATE_WINDOW,
+    Tier,
+    kept_tier,
+    static_device_bytes,
+    window_layers,
+)
 from planner.plan import Placement, Plan
 from planner.profile import ModelProfile
 
@@ -206,13 +215,12 @@ def _switch_ops(plan: Plan, sizes, layers) -> tuple[Op, ...]:
     b = Builder(0)
     if plan.switch_state == "reset" or len(plan.blocks) == 1:
         return ()
-    keep = Tier.CPU if plan.switch_state == "keep_cpu" else Tier.NVME
+    keep = kept_tier(plan.switch_state)
+    src, dst = keep.to_device[0], keep.from_device[-1]   # the kept tier's own links out and in
     for i in layers:
         pl, nbytes = plan.placement(i), sizes[i].params * STATE_BYTES
         if pl.master == keep:
             continue  # the state already lives where it is kept
-        src = "nvme_read" if keep == Tier.NVME else "h2d"
-        dst = "nvme_write" if keep == Tier.NVME else "d2h"
         b.emit(name=f"load state L{i}", kind="load_state", stream=src, layer=i, bytes=nbytes, tier=keep)
         b.emit(name=f"save state L{i}", kind="save_state", stream=dst, layer=i, bytes=nbytes, tier=keep)
     return tuple(b.ops)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from planner.memory import STATE_BYTES, Tier
+from planner.memory import STATE_BYTES, Tier, kept_tier
 from runtime.store import FlatLayout, TieredStore
 
 
@@ -99,7 +99,7 @@ class BlockOptimizer:
 
     def _keeps_in_place(self, layer: int) -> bool:
         """The state already lives where the policy keeps it: no switch op moves it."""
-        return (self.switch_state, self.tiers[layer]) in (("keep_cpu", "cpu"), ("keep_nvme", "nvme"))
+        return self.tiers[layer] == kept_tier(self.switch_state)
 
     # -- phases -------------------------------------------------------------------------------------------------
 
