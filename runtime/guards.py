@@ -72,6 +72,17 @@ def host_need_bytes(plan: Plan, weight_dtype: str, *, cuda: bool) -> int:
     return memory.host_bytes(plan, runtime_sizes(plan, weight_dtype), cuda=cuda, window=window)
 
 
+def ram_need_bytes(plan: Plan, weight_dtype: str, *, cuda: bool) -> int:
+    """What the run needs from this machine's RAM: the host tier, and without CUDA also the device's bytes (the
+    CPU stands in for the device: its largest phase, predicted at the runtime's dtype)."""
+    need = host_need_bytes(plan, weight_dtype, cuda=cuda)
+    if not cuda:
+        from planner.planning import predict
+        window = memory.window_layers(plan, runtime_sizes(plan, "bfloat16"))
+        need += predict(plan, profile_model(plan.model, dtype=weight_dtype), window=window).peak_vram_bytes
+    return need
+
+
 def _existing(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.exists(path):

@@ -87,7 +87,7 @@ def run(args) -> int:
     target = Target.detect(force_cpu=args.cpu)
     dtype = str(target.weight_dtype).replace("torch.", "")
     guards.check_nvme(plan, args.nvme_dir, guards.nvme_need_bytes(plan, dtype))
-    guards.check_host_ram(guards.host_need_bytes(plan, dtype, cuda=target.cuda))
+    guards.check_host_ram(guards.ram_need_bytes(plan, dtype, cuda=target.cuda))
     guards.check_outputs(args.metrics, args.trace, args.summary)
 
     trainer = Trainer(plan, data, cfg, resume=resume, target=target)
