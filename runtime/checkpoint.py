@@ -144,7 +144,7 @@ def _intact_older(step_dir: str, step: int) -> str:
         try:
             with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
                 files = json.load(f).get("files")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(files, dict) and not damaged_files(path, files):
             return f"the older checkpoint '{path}' is intact: resume from it with --resume {path}"
@@ -163,8 +163,9 @@ def load_checkpoint(path: str) -> Checkpoint:
             raw = json.load(f)
     except FileNotFoundError:
         raise UserError(f"checkpoint '{step_dir}' has no meta.json; it is not a complete checkpoint.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint '{step_dir}': meta.json is unreadable or corrupt ({e}).") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"checkpoint '{step_dir}': meta.json is unreadable or corrupt "
+                        f"({' '.join(str(e).split())[:200] or type(e).__name__}).") from None
     if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("step"), int) \
             or isinstance(raw.get("step"), bool) or raw["step"] < 0 or not isinstance(raw.get("meta", {}), dict):
         raise UserError(f"checkpoint '{step_dir}': meta.json is not a {_FORMAT} file (or its step is not a "

@@ -51,8 +51,8 @@ def check_adamw(cfg: AdamWConfig, lr: float) -> None:
         raise UserError(f"--weight-decay {cfg.weight_decay} with --lr {lr} makes lr x weight decay "
                         f"{lr * cfg.weight_decay:g} >= 1: every step would zero or flip the weights (AdamW's "
                         f"decoupled decay multiplies them by 1 - lr x wd). Typical values are 0 to 0.1.")
-    if not (math.isfinite(cfg.clip) and cfg.clip >= 0):
-        bad("--clip", cfg.clip, "a finite number >= 0 (0 turns clipping off)")
+    if not (math.isfinite(cfg.clip) and 0 <= cfg.clip <= 1e6):
+        bad("--clip", cfg.clip, "a number from 0 to 1e6 (0 turns clipping off)")
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, cfg: AdamWConfig) -> int:

@@ -349,6 +349,7 @@ class Trainer:
                                   phase_peak_bytes=self.phase_peaks, predicted_peak_bytes=predicted,
                                   max_memory_allocated_bytes=mma)
         out["skipped_steps"] = self.skipped
+        out["blocks"] = [[b.first, b.last] for b in self.plan.blocks]   # compare refuses another plan's
         out["device"] = str(self.target.device)
         out["weight_dtype"] = str(self.target.weight_dtype).replace("torch.", "")
         return out
