@@ -209,8 +209,8 @@ class NvmeFiles:
         """One paragraph for an NVMe scratch file that could not be written or read (raised on a worker thread,
         it reaches the main thread through the executor's futures)."""
         if e.errno == errno.ENOSPC:
-            why = (f"the drive is full (no space left on device); free space there or point --nvme-dir at a bigger "
-                   f"drive")
+            why = ("the drive is full (no space left on device); free space there or point --nvme-dir at a bigger "
+                   "drive")
         elif e.errno == errno.ENOENT or isinstance(e, _ShortRead):
             why = ("the file was deleted or truncated while the run was using it; nothing else may touch the "
                    "run's scratch directory")

@@ -274,8 +274,13 @@ class Trainer:
     def _restore(self, ck: Checkpoint) -> None:
         meta = ck.meta
         check_same_plan(self.plan, ck)
-        rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
-        self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
+        try:
+            rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
+            self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:  # a tensor missing, or of another shape
+            why = " ".join(str(e).split())[:200]
+            raise UserError(f"checkpoint '{ck.path}' does not fit this model: its tensors are missing or of "
+                            f"another shape ({type(e).__name__}: {why}).") from None
         self.data.load_state_dict(meta["data"])
         restore_rng(meta["rng"])
         self.step_index = ck.step

@@ -289,7 +289,8 @@ def test_a_bad_ckpt_dir_is_refused_before_step_1(setup, capsys, kind):
         target = setup / "f" / "ck"
     args = _args(setup, steps=4)
     args[args.index("--ckpt-dir") + 1] = str(target)
-    _fails(capsys, args, 2, "--ckpt-dir", {"file": "is a file", "fifo": "is a FIFO", "under-a-file": "lies under"}[kind])
+    said = {"file": "is a file", "fifo": "is a FIFO", "under-a-file": "lies under"}[kind]
+    _fails(capsys, args, 2, "--ckpt-dir", said)
     assert not (setup / "m.jsonl").exists()
 
 
@@ -329,3 +330,42 @@ def test_a_dead_runs_scratch_is_reclaimed_and_a_live_ones_kept(setup, capsys, mo
     finally:
         os.close(fd)
     assert reclaim_scratch(str(nvme)) == 1 << 20 and not live.exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 24 MiB tmpfs (root only; skipped elsewhere): the disk-full tests above, with the kernel's ENOSPC."""
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("where", ["ckpt", "nvme"])
+def test_a_real_full_filesystem_mid_run(setup, capsys, monkeypatch, small_fs, where):
+    """--ckpt-dir or --nvme-dir on a small tmpfs that a filler fills after step 2: one paragraph, exit 2, the
+    step-2 checkpoint intact and verified."""
+    step = Trainer.step
+
+    def fill(self):
+        if self.step_index == 2:
+            free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+            with open(small_fs / "filler", "wb") as f:
+                f.write(bytes(max(0, free - 4096)))
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", fill)
+    args = _args(setup, "--ckpt-every", "2", steps=6)
+    if where == "ckpt":
+        args[args.index("--ckpt-dir") + 1] = str(small_fs / "ck")
+    else:
+        args[args.index("--nvme-dir") + 1] = str(small_fs / "nvme")
+    err = _fails(capsys, args, 2, "No space left on device" if where == "ckpt" else "drive is full")
+    assert "intact" in err
+    ck = load_checkpoint(str(small_fs / "ck" if where == "ckpt" else setup / "ck"))
+    assert ck.step == 2 and _finite(ck)

@@ -10,7 +10,6 @@ profiler run for hours) run in a subprocess with a timeout as well.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -332,7 +331,8 @@ for field, values in PLAN_FIELDS.items():
         for cmd in ("simulate", "train"):
             label = "missing" if v is KeyError else repr(v)[:20]
             case(f"plan-{cmd}-{field}={label}", _plan_case(cmd, field, v))
-for cid, text in {"not-json": "{", "list": "[]", "deep": "{\"a\":" * 50000 + "1" + "}" * 50000, "nan-only": "NaN"}.items():
+DEEP_OBJECT = "{\"a\":" * 50000 + "1" + "}" * 50000
+for cid, text in {"not-json": "{", "list": "[]", "deep": DEEP_OBJECT, "nan-only": "NaN"}.items():
     case(f"plan-file-{cid}", lambda e, t, text=text: ["simulate", "--plan", _write(t / "p.json", text)])
 
 
@@ -361,7 +361,8 @@ for field, values in HW_FIELDS.items():
             label = "missing" if v is KeyError else repr(v)[:20]
             case(f"hw-{cmd}-{field}={label}", _hw_case(cmd, field, v))
 for cid, text in {"not-json": "{", "list": "[]", "deep": "[" * 100000 + "]" * 100000}.items():
-    case(f"hw-file-{cid}", lambda e, t, text=text: ["plan", "--model", "tiny", "--hardware", _write(t / "h.json", text)])
+    case(f"hw-file-{cid}",
+         lambda e, t, text=text: ["plan", "--model", "tiny", "--hardware", _write(t / "h.json", text)])
 
 
 # -- checkpoint meta.json -------------------------------------------------------------------------------------
@@ -431,6 +432,26 @@ def _ckpt_file_case(name, damage):
     return make
 
 
+def _ckpt_swapped_case(name):
+    """A tensor file replaced by another with its checksum updated: it verifies, but does not fit the model."""
+    def make(e, t):
+        import torch
+        from safetensors.torch import save_file
+
+        from runtime.checkpoint import file_digest
+        dst = t / "ck" / "step-000002"
+        shutil.copytree(e / "ck" / "step-000002", dst)
+        save_file({"L2.state" if name.startswith("optimizer") else "model.embed_tokens.weight": torch.zeros(3)},
+                  str(dst / name))
+        raw = json.loads((dst / "meta.json").read_text())
+        raw["files"][name] = file_digest(str(dst / name))
+        (dst / "meta.json").write_text(json.dumps(raw))
+        return _train(e, "--resume", str(dst), "--steps", "4")
+    return make
+
+
+case("ckpt-swapped-model", _ckpt_swapped_case("model.safetensors"))
+case("ckpt-swapped-optimizer", _ckpt_swapped_case("optimizer.safetensors"))
 for name in ("model.safetensors", "optimizer.safetensors", "meta.json"):
     for damage in ("missing", "truncated", "garbage", "bitflip"):
         if not (name == "meta.json" and damage == "bitflip"):
@@ -592,3 +613,11 @@ def test_no_hang_in_a_subprocess(env, tmp_path, which):
     proc = subprocess.run([sys.executable, "-m", "tools.cli", *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and _one_paragraph(proc.stderr), proc.stderr
+
+
+def test_the_case_count_and_kinds():
+    """Every subcommand and every kind of file is in the suite."""
+    ids = [c[0] for c in CASES]
+    for prefix in ("plan-", "train-", "simulate-", "sweep-", "calibrate-", "compare-", "config-", "plan-simulate-",
+                   "plan-train-", "hw-", "ckpt-", "data-", "compare-trace-", "compare-summary-"):
+        assert sum(i.startswith(prefix) for i in ids) >= 5, prefix
