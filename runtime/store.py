@@ -19,7 +19,6 @@ import errno
 import fcntl
 import os
 import queue
-import re
 import shutil
 import tempfile
 import threading
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from planner.errors import UserError
+from runtime.scratch import reclaim_scratch, scratch_prefix
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,7 +190,7 @@ class NvmeFiles:
         try:
             os.makedirs(nvme_dir, exist_ok=True)
             reclaim_scratch(nvme_dir)
-            self.root = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=nvme_dir)
+            self.root = tempfile.mkdtemp(prefix=scratch_prefix(), dir=nvme_dir)
             # Held while this process lives: a later run knows the directory is in use; once the process dies
             # (even by kill -9) the kernel drops the lock and the next run reclaims the directory.
             self._owner = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -282,51 +282,6 @@ class NvmeFiles:
         if self._owner is not None:
             os.close(self._owner)
             self._owner = None
-
-
-_SCRATCH_PREFIX = "blockfit-"
-_SCRATCH_DIR = re.compile(r"^blockfit-(\d+)-")
-
-
-def reclaim_scratch(nvme_dir: str) -> int:
-    """Remove the scratch directories of runs that died (kill -9, power loss) under nvme_dir; returns the bytes
-    freed. A run holds an flock on its scratch directory while it lives and the kernel drops it with the
-    process, so a directory named like a run's scratch that can be locked is a dead run's. Directories of live
-    runs, and anything not named like a run's scratch, are left alone."""
-    freed = 0
-    try:
-        names = os.listdir(nvme_dir)
-    except OSError:
-        return 0
-    for name in names:
-        full = os.path.join(nvme_dir, name)
-        if not _SCRATCH_DIR.match(name) or os.path.islink(full) or not os.path.isdir(full):
-            continue
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live run's
-        else:
-            freed += _tree_bytes(full)
-            shutil.rmtree(full, ignore_errors=True)
-        finally:
-            os.close(fd)
-    return freed
-
-
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
 
 
 class _ShortRead(OSError):

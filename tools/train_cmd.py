@@ -100,7 +100,8 @@ def run(args) -> int:
     from runtime import guards
     from runtime.data import TokenData
     from runtime.model import layouts_of, meta_layers
-    from runtime.store import Target, reclaim_scratch
+    from runtime.scratch import reclaim_scratch
+    from runtime.store import Target
     from runtime.trainer import Trainer, train_settings
     from tools.simulate_cmd import check_writable
 

@@ -27,7 +27,7 @@ from runtime import guards
 from runtime.checkpoint import load_checkpoint
 from runtime.data import TokenData
 from runtime.optim import AdamWConfig, BlockOptimizer
-from runtime.store import reclaim_scratch
+from runtime.scratch import reclaim_scratch
 from runtime.trainer import Trainer
 from tools.cli import run as cli
 
