@@ -14,6 +14,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 
@@ -154,6 +155,22 @@ def test_skip_nonfinite_stops_after_n_in_a_row(setup, capsys, poison):
     poison({2, 3, 4})
     _fails(capsys, _args(setup, "--skip-nonfinite", "2", steps=6), 3, "3th non-finite step in a row")
     assert not (setup / "ck").exists() or not [n for n in os.listdir(setup / "ck") if n.startswith("step-")]
+
+
+def test_nan_weights_from_init_from_stop_at_step_1_through_the_real_loss(setup, capsys):
+    """No monkeypatching: a NaN in the starting weights makes the forward's loss NaN; the run stops with exit 3
+    before any update and writes no checkpoint."""
+    from safetensors.torch import load_file, save_file
+    assert cli(_args(setup, steps=2, ck="src")) == 0
+    src, init = setup / "src" / "step-000002", setup / "init"
+    init.mkdir()
+    shutil.copy(src / "config.json", init / "config.json")
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(init / "model.safetensors"))
+    _fails(capsys, _args(setup, "--init-from", str(init), steps=4), 3, "the loss is nan", "step 1",
+           "holds no earlier checkpoint")
+    assert not [n for n in os.listdir(setup / "ck") if n.startswith("step-")]
 
 
 # -- section 3: checkpoint integrity ------------------------------------------------------------------------
