@@ -239,9 +239,10 @@ def checkpoint_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> 
     return weights + state * STATE_BYTES + (1 << 20)  # headers and meta.json
 
 
-def check_ckpt_dir(ckpt_dir: str | None, need_bytes: int) -> None:
+def check_ckpt_dir(ckpt_dir: str | None, need_bytes: int, saves: int = KEEP + 1) -> None:
     """Before step 1: --ckpt-dir must be (or be creatable as) a writable directory on a drive with room for the
-    checkpoints a run keeps (KEEP of them, and a new one written before the oldest goes)."""
+    checkpoints this run writes: `saves` of them, of which KEEP are kept, each new one written before the oldest
+    goes. With E already there, the directory peaks at min(KEEP, E + saves - 1) + 1 step directories."""
     if not ckpt_dir:
         return
     if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
@@ -255,12 +256,14 @@ def check_ckpt_dir(ckpt_dir: str | None, need_bytes: int) -> None:
     if not os.access(base, os.W_OK | os.X_OK):
         raise UserError(f"--ckpt-dir '{ckpt_dir}': '{base}' is not writable.")
     have = _ckpt_dirs(ckpt_dir) if os.path.isdir(ckpt_dir) else 0
-    need = need_bytes * max(1, KEEP + 1 - have)
+    new_dirs = max(1, min(KEEP, have + max(1, saves) - 1) + 1 - have)
+    need = need_bytes * new_dirs
     free = psutil.disk_usage(base).free
     if free < need:
         raise UserError(f"--ckpt-dir '{ckpt_dir}' has {free / GIB:.2f} GiB free, but the run's checkpoints need "
-                        f"{need / GIB:.2f} GiB ({need_bytes / GIB:.2f} GiB each; {KEEP} are kept and a new one is "
-                        f"written before the oldest goes); free some space or choose another directory.")
+                        f"{need / GIB:.2f} GiB ({new_dirs} more of {need_bytes / GIB:.2f} GiB each: {KEEP} are kept "
+                        f"and a new one is written before the oldest goes); free some space or choose another "
+                        f"directory.")
 
 
 def _ckpt_dirs(ckpt_dir: str) -> int:

@@ -126,7 +126,10 @@ def run(args) -> int:
         reclaim_scratch(args.nvme_dir)  # a killed run's scratch, before the free space is measured
     guards.check_nvme(plan, args.nvme_dir, guards.nvme_need_bytes(plan, params, itemsize))
     guards.check_host_ram(guards.host_need_bytes(plan, params, itemsize))
-    guards.check_ckpt_dir(args.ckpt_dir, guards.checkpoint_bytes(plan, params, itemsize))
+    done = resume.step if resume is not None else 0
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, done + cfg.stop_after)
+    saves = 1 + ((end - done) // cfg.ckpt_every if cfg.ckpt_every else 0)
+    guards.check_ckpt_dir(args.ckpt_dir, guards.checkpoint_bytes(plan, params, itemsize), saves)
     guards.check_outputs(args.metrics, args.trace, args.summary)
 
     lock = guards.DirLock(args.ckpt_dir) if args.ckpt_dir else None

@@ -386,3 +386,29 @@ def test_a_real_full_filesystem_mid_run(setup, capsys, monkeypatch, small_fs, wh
     assert "intact" in err
     ck = load_checkpoint(str(small_fs / "ck" if where == "ckpt" else setup / "ck"))
     assert ck.step == 2 and _finite(ck)
+
+
+@pytest.mark.parametrize("have", [0, 1, 2])
+@pytest.mark.parametrize("saves", [1, 2, 3, 5])
+def test_ckpt_dir_space_is_what_the_saves_and_pruning_need(tmp_path, monkeypatch, have, saves):
+    """Reference: play the saves (write a new directory, then prune to KEEP) and count the most directories
+    that exist beyond those already there; the check must ask for exactly that many checkpoints of space."""
+    dirs, peak = list(range(have)), have
+    for s in range(saves):
+        dirs.append(100 + s)
+        peak = max(peak, len(dirs))
+        dirs = dirs[-ckmod.KEEP:]
+    want = peak - have
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for i in range(have):
+        (ck / f"step-{i:06d}").mkdir()
+    size = 10 << 20
+    free = guards.psutil.disk_usage(str(tmp_path))
+    for room in (want, want - 1):
+        monkeypatch.setattr(guards.psutil, "disk_usage", lambda p, r=room: free._replace(free=r * size))
+        if room >= want:
+            guards.check_ckpt_dir(str(ck), size, saves)
+        else:
+            with pytest.raises(guards.UserError, match="GiB free"):
+                guards.check_ckpt_dir(str(ck), size, saves)
