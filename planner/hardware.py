@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
-from planner.errors import UserError, check_positive, closest
+from planner.errors import UserError, check_positive, closest, read_json
 
 GPU_DIR = os.path.join(os.path.dirname(__file__), "catalog", "gpus")
 GIB = 1 << 30
@@ -113,7 +114,7 @@ class Hardware:
 
 def load_gpu(name: str) -> GPU:
     path = os.path.join(GPU_DIR, f"{name}.json")
-    if not os.path.isfile(path):
+    if not isinstance(name, str) or not name.strip() or os.sep in name or not os.path.isfile(path):
         raise UserError(f"unknown GPU '{name}'. Known GPUs: {', '.join(gpu_names())}{closest(name, gpu_names())}.")
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
@@ -124,16 +125,46 @@ def load_gpu(name: str) -> GPU:
 
 def load_hardware_file(path: str) -> Hardware:
     """A hardware profile written by `blockfit calibrate` (or by hand)."""
+    raw = read_json(path, "hardware profile", f"; write one with `blockfit calibrate --out {path}`")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-        return Hardware.from_dict(raw)
-    except FileNotFoundError:
-        raise UserError(f"hardware profile '{path}' does not exist; write one with "
-                        f"`blockfit calibrate --out {path}`.") from None
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        hw = Hardware.from_dict(raw)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"hardware profile '{path}' is not a valid hardware profile ({type(e).__name__}: {e}).") \
             from None
+    check_hardware(hw, f"hardware profile '{path}'")
+    return hw
+
+
+# fields that must be finite and positive (rates divide sizes; a zero or negative one makes time infinite or
+# negative), and those that must be finite and >= 0
+_POSITIVE = {"gpu": ("vram_gib", "memory_gbps", "bf16_tflops", "h2d_gbps", "d2h_gbps"),
+             "host": ("ram_gib", "nvme_read_gbps", "nvme_write_gbps", "cpu_adam_params_per_s", "pageable_factor"),
+             "eff": ("matmul_max", "memory", "link")}
+_NON_NEGATIVE = {"gpu": ("nvlink_gbps",), "host": ("nvme_gib",), "eff": ("matmul_half_tokens",)}
+_UPPER = {"vram_gib": 1 << 16, "ram_gib": 1 << 22, "nvme_gib": 1 << 30, "matmul_max": 1.0, "memory": 1.0,
+          "pageable_factor": 1.0}
+
+
+def check_hardware(hw: Hardware, where: str = "hardware") -> None:
+    """One validator for hardware figures, from a profile file or a plan: every rate finite and positive, every
+    capacity finite and non-negative, efficiencies at most 1, prices absent or >= 0."""
+    for part, names in list(_POSITIVE.items()) + list(_NON_NEGATIVE.items()):
+        obj = getattr(hw, part)
+        for name in names:
+            v = getattr(obj, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > 0 if names is _POSITIVE.get(part) else v >= 0) and v <= _UPPER.get(name, 1e15)
+            if not ok:
+                want = "positive" if names is _POSITIVE.get(part) else "non-negative"
+                raise UserError(f"{where}: {part}.{name} must be a finite {want} number"
+                                f"{f' of at most {_UPPER[name]}' if name in _UPPER else ''}, got {v!r}.")
+    for name in ("price_per_hour", "spot_price_per_hour"):
+        v = getattr(hw.gpu, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                              or v < 0):
+            raise UserError(f"{where}: gpu.{name} must be a non-negative number or null, got {v!r}.")
+    if not isinstance(hw.gpu.id, str) or not isinstance(hw.gpu.name, str):
+        raise UserError(f"{where}: gpu.id and gpu.name must be strings.")
 
 
 def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, vram_gib: float | None = None,
@@ -141,7 +172,8 @@ def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, v
                   pcie_gbps: float | None = None, nvme_read_gbps: float | None = None,
                   nvme_write_gbps: float | None = None, cpu_adam_params_per_s: float | None = None) -> Hardware:
     """Catalog GPU or a calibrated profile, with the command line's overrides applied (validated here)."""
-    hw = load_hardware_file(hardware_file) if hardware_file else Hardware(gpu=load_gpu(gpu or "rtx4090"))
+    hw = load_hardware_file(hardware_file) if hardware_file is not None else \
+        Hardware(gpu=load_gpu("rtx4090" if gpu is None else gpu))
     return with_overrides(hw, vram_gib=vram_gib, host_ram_gib=host_ram_gib, nvme_gib=nvme_gib, pcie_gbps=pcie_gbps,
                           nvme_read_gbps=nvme_read_gbps, nvme_write_gbps=nvme_write_gbps,
                           cpu_adam_params_per_s=cpu_adam_params_per_s)
@@ -154,7 +186,8 @@ def with_overrides(hw: Hardware, *, vram_gib: float | None = None, host_ram_gib:
     """`hw` with the command line's overrides applied (validated here); None leaves a figure as it is."""
     check_positive("--vram", vram_gib, upper=4096)
     check_positive("--host-ram", host_ram_gib, upper=65536)
-    if nvme_gib is not None and (not isinstance(nvme_gib, (int, float)) or nvme_gib < 0 or nvme_gib > 10**6):
+    if nvme_gib is not None and (not isinstance(nvme_gib, (int, float)) or not math.isfinite(nvme_gib)
+                                 or nvme_gib < 0 or nvme_gib > 10**6):
         raise UserError(f"--nvme must be a capacity in GB between 0 and 1000000, got {nvme_gib!r}.")
     check_positive("--pcie-gbps", pcie_gbps, upper=1000)
     check_positive("--nvme-read-gbps", nvme_read_gbps, upper=1000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -45,7 +46,45 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**d)
+        cfg = cls(**d)
+        check_model_config(cfg)
+        return cfg
+
+
+# Bounds on a config's sizes, checked before anything is built: wide enough for every real model (the largest
+# open models have hidden 16384-25600, 126 layers, 256k vocabularies, 128k-1M positions), narrow enough that a
+# typo cannot make the profiler allocate for hours or overflow a storage size.
+LIMITS = {"hidden": 1 << 16, "layers": 1024, "heads": 1024, "kv_heads": 1024, "ffn": 1 << 18, "vocab": 1 << 22,
+          "max_seq": 1 << 24}
+
+
+def check_model_config(cfg: "ModelConfig", where: str = "model config") -> None:
+    """One validator for a model's shape, wherever it comes from (a config.json, a plan file): positive integer
+    sizes within LIMITS, heads dividing hidden and kv_heads dividing heads, finite positive rope_theta and norm
+    eps, real booleans, a known architecture. Raises UserError naming the field."""
+    def bad(msg: str):
+        raise UserError(f"{where}: {msg}.")
+    for name, hi in LIMITS.items():
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= hi:
+            bad(f"'{name}' must be an integer from 1 to {hi}, got {v!r}")
+    if cfg.hidden % cfg.heads:
+        bad(f"hidden ({cfg.hidden}) is not a multiple of heads ({cfg.heads})")
+    if cfg.heads % cfg.kv_heads:
+        bad(f"kv_heads ({cfg.kv_heads}) does not divide heads ({cfg.heads})")
+    if (cfg.hidden // cfg.heads) % 2:
+        bad(f"the head dimension hidden / heads = {cfg.hidden // cfg.heads} is odd; rotary embeddings need it even")
+    for name in ("rope_theta", "norm_eps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            bad(f"'{name}' must be a finite positive number, got {v!r}")
+    for name in ("attention_bias", "tie_embeddings"):
+        if not isinstance(getattr(cfg, name), bool):
+            bad(f"'{name}' must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.arch not in _SUPPORTED_ARCH.values():
+        bad(f"arch '{cfg.arch}' is not one of {', '.join(sorted(set(_SUPPORTED_ARCH.values())))}")
+    if not isinstance(cfg.name, str):
+        bad(f"name must be a string, got {cfg.name!r}")
 
 
 # Shapes of the real checkpoints (hardware.md, "Models").
@@ -72,6 +111,8 @@ _SUPPORTED_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
 
 def load_model_config(spec: str) -> ModelConfig:
     """A catalog name, a config.json path, or a directory holding config.json (a local HF checkpoint)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"--model is empty; give a catalog name ({', '.join(CATALOG)}) or a config.json path.")
     if spec in CATALOG:
         return CATALOG[spec]
     path = spec
@@ -96,7 +137,8 @@ def _from_hf_config(path: str) -> ModelConfig:
     if not isinstance(raw, dict):
         raise UserError(f"model config '{path}' must hold a JSON object.")
     archs = raw.get("architectures") or ["LlamaForCausalLM"]
-    arch = _SUPPORTED_ARCH.get(archs[0]) if isinstance(archs, list) and archs else None
+    ok = isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)
+    arch = _SUPPORTED_ARCH.get(archs[0]) if ok else None
     if arch is None:
         raise UserError(f"model config '{path}': field 'architectures' is {archs!r}; supported: "
                         f"{', '.join(_SUPPORTED_ARCH)}.")
@@ -107,9 +149,21 @@ def _from_hf_config(path: str) -> ModelConfig:
             raise UserError(f"model config '{path}': field '{key}' is missing.")
         if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise UserError(f"model config '{path}': field '{key}' must be a positive integer, got {v!r}.")
-        if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
-            raise UserError(f"model config '{path}': field '{key}' must be a positive number, got {v!r}.")
+        if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                              or v <= 0):
+            raise UserError(f"model config '{path}': field '{key}' must be a positive number (finite), got {v!r}.")
+        if kind is bool and not isinstance(v, bool):
+            raise UserError(f"model config '{path}': field '{key}' must be true or false, got {v!r}.")
         return v
+
+    for key, hi in (("hidden_size", LIMITS["hidden"]), ("num_hidden_layers", LIMITS["layers"]),
+                    ("num_attention_heads", LIMITS["heads"]), ("num_key_value_heads", LIMITS["kv_heads"]),
+                    ("intermediate_size", LIMITS["ffn"]), ("vocab_size", LIMITS["vocab"]),
+                    ("max_position_embeddings", LIMITS["max_seq"])):
+        v = raw.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > hi:
+            raise UserError(f"model config '{path}': field '{key}' = {v} is beyond what Blockfit plans for "
+                            f"(at most {hi}); check the file.")
 
     hidden = field("hidden_size")
     heads = field("num_attention_heads")
@@ -123,11 +177,13 @@ def _from_hf_config(path: str) -> ModelConfig:
     if raw.get("head_dim") not in (None, hidden // heads):
         raise UserError(f"model config '{path}': field 'head_dim' ({raw['head_dim']}) differs from "
                         f"hidden_size / num_attention_heads; not supported.")
-    return ModelConfig(
+    cfg = ModelConfig(
         name=path, hidden=hidden, layers=field("num_hidden_layers"), heads=heads, kv_heads=kv,
         ffn=field("intermediate_size"), vocab=field("vocab_size"),
         rope_theta=float(field("rope_theta", _rope_theta(raw), float)),
         norm_eps=float(field("rms_norm_eps", 1e-5, float)),
-        attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=field("attention_bias", arch == "qwen2", bool),
+        tie_embeddings=field("tie_word_embeddings", False, bool),
         max_seq=field("max_position_embeddings", 4096), arch=arch)
+    check_model_config(cfg, f"model config '{path}'")
+    return cfg

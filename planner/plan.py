@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from planner.errors import UserError, read_json
-from planner.hardware import Hardware
+from planner.hardware import Hardware, check_hardware
 from planner.memory import ACT_PLACES, GRAD_TIERS, STATE_TIERS, WEIGHT_TIERS
 from planner.models import ModelConfig
 
@@ -172,11 +172,15 @@ def validate(plan: Plan) -> None:
     for name in ("micro_batch", "seq_len", "grad_accum", "gpus"):
         if not _posint(getattr(s, name)):
             bad(f"shape.{name} must be a positive integer")
+    if s.gpus != 1:
+        bad(f"shape.gpus is {s.gpus}; this Blockfit plans and trains on one GPU")
+    if s.seq_len > plan.model.max_seq:
+        bad(f"shape.seq_len {s.seq_len} is above the model's max_seq {plan.model.max_seq}")
     if not _posint(plan.steps_per_block):
         bad("steps_per_block must be a positive integer")
     if not (_posint(plan.budget_bytes) and _posint(plan.reserve_bytes + 1) and plan.reserve_bytes < plan.budget_bytes):
         bad("budget_bytes must be a positive integer and reserve_bytes a smaller non-negative one")
-    if not _posint(plan.seed + 1) or not _posint(plan.prefetch_window_bytes + 1):
+    if not _posint(plan.seed + 1) or not _posint(plan.prefetch_window_bytes + 1) or plan.seed >= 1 << 63:
         bad("seed and prefetch_window_bytes must be non-negative integers")
     if len(plan.placements) != n or [p.layer for p in plan.placements] != list(range(n)):
         bad(f"placements must list layers 0..{n - 1} in order")
@@ -197,6 +201,13 @@ def validate(plan: Plan) -> None:
         bad("prefetch_window_bytes must be >= 0")
     if len(plan.predicted.phases) != len(plan.blocks):
         bad("one predicted phase per block is required")
+    pr = plan.predicted
+    if not all(_posint(x + 1) for x in [pr.host_ram_bytes, pr.nvme_bytes] + [p.peak_vram_bytes for p in pr.phases]):
+        bad("predicted byte counts must be non-negative integers")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
+               for x in [pr.cycle_seconds, pr.tokens_per_s] + [p.step_seconds for p in pr.phases]
+               + [p.switch_seconds for p in pr.phases]):
+        bad("predicted times and rates must be finite non-negative numbers")
 
 
 def _posint(x) -> bool:
@@ -218,8 +229,11 @@ def load_plan(path: str) -> Plan:
                         f"{SCHEMA_VERSION}. Make the plan again with this version.")
     try:
         plan = Plan.from_dict(raw)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"plan file '{path}' is damaged or incomplete ({type(e).__name__}: {e}).") from None
+    except UserError as e:  # the model's own validator
+        raise UserError(f"plan file '{path}': {e}") from None
+    check_hardware(plan.hardware, f"plan file '{path}': hardware")
     try:
         validate(plan)
     except UserError as e:

@@ -6,10 +6,16 @@ file and the directory, and only then renames it to step-NNNNNN; `latest` moves 
 renames are atomic on POSIX, so at every instant `latest` names a complete checkpoint and a step-* directory is
 either complete or absent: a process killed mid-save leaves the previous checkpoint to resume from and a
 .tmp-* directory that loads ignore and the next save removes.
+
+meta.json records the size and sha256 of every tensor file; a load verifies them, so a flipped bit or a zeroed
+block on the disk is refused (naming the file, and the older checkpoint that is intact) instead of resuming into
+NaNs or other weights. A save that fails (a full disk) removes its temporary directory and leaves the previous
+checkpoint as it was.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -30,6 +36,8 @@ from planner.models import ModelConfig
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _FORMAT = "blockfit-checkpoint/1"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+KEEP = 2   # step directories a save keeps: the newest and the one before, so a damaged newest has a fallback
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +54,7 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, *, weights: dict[str, torch.Tensor],
-                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> str:
+                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = KEEP) -> str:
     """Write one checkpoint atomically, point `latest` at it, keep the newest `keep`; returns its directory.
 
     meta must be JSON-serialisable (data position, capture_rng(), schedule position, plan fingerprint, ...)."""
@@ -55,16 +63,20 @@ def save_checkpoint(ckpt_dir: str, step: int, *, weights: dict[str, torch.Tensor
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep!r}")
     try:
-        meta_text = json.dumps({"format": _FORMAT, "step": step, "saved_unix_s": time.time(), "meta": meta},
-                               indent=1, sort_keys=True, allow_nan=False)
+        json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta is not JSON-serialisable: {e}") from None
+    tmp = None
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         _remove_leftovers(ckpt_dir)
         tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step_dir_name(step)}-", dir=ckpt_dir)
-        _write_tensors(os.path.join(tmp, "model.safetensors"), weights)
-        _write_tensors(os.path.join(tmp, "optimizer.safetensors"), optimizer)
+        files = {}
+        for name, tensors in zip(TENSOR_FILES, (weights, optimizer)):
+            _write_tensors(os.path.join(tmp, name), tensors)
+            files[name] = file_digest(os.path.join(tmp, name))
+        meta_text = json.dumps({"format": _FORMAT, "step": step, "saved_unix_s": time.time(), "files": files,
+                                "meta": meta}, indent=1, sort_keys=True, allow_nan=False)
         _write_text(os.path.join(tmp, "meta.json"), meta_text)
         _fsync_dir(tmp)
         final = os.path.join(ckpt_dir, step_dir_name(step))
@@ -73,6 +85,7 @@ def save_checkpoint(ckpt_dir: str, step: int, *, weights: dict[str, torch.Tensor
             replaced = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=ckpt_dir)
             os.rename(final, os.path.join(replaced, "old"))
         os.rename(tmp, final)
+        tmp = None
         _fsync_dir(ckpt_dir)
         if replaced:
             shutil.rmtree(replaced, ignore_errors=True)
@@ -81,10 +94,64 @@ def save_checkpoint(ckpt_dir: str, step: int, *, weights: dict[str, torch.Tensor
         os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
         _fsync_dir(ckpt_dir)
         _prune(ckpt_dir, keep, protect=step)
-    except OSError as e:
-        raise UserError(f"could not write checkpoint {step} under '{ckpt_dir}' ({e.strerror or e}); check the "
-                        f"directory's permissions and free space.") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())
+        raise UserError(f"could not write checkpoint {step} under '{ckpt_dir}' ({why}); {_previous(ckpt_dir)} "
+                        f"Check the directory's permissions and free space.") from None
     return final
+
+
+def _previous(ckpt_dir: str) -> str:
+    try:
+        return f"the previous checkpoint '{resolve_step_dir(ckpt_dir)}' is intact."
+    except UserError:
+        return "no earlier checkpoint exists there."
+
+
+def file_digest(path: str) -> dict:
+    """{'bytes': size, 'sha256': hex digest} of a file, read in 16 MiB slices."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def damaged_files(step_dir: str, files: dict) -> list[str]:
+    """The tensor files of a step directory whose size or sha256 differs from what its meta.json recorded."""
+    bad = []
+    for name in TENSOR_FILES:
+        want, path = files.get(name), os.path.join(step_dir, name)
+        if not isinstance(want, dict):
+            bad.append(name)
+            continue
+        try:
+            if os.path.getsize(path) != want.get("bytes") or file_digest(path) != want:
+                bad.append(name)
+        except OSError:
+            bad.append(name)
+    return bad
+
+
+def _intact_older(step_dir: str, step: int) -> str:
+    """Words naming the newest older checkpoint beside step_dir whose files verify, for an error message."""
+    parent = os.path.dirname(os.path.abspath(step_dir))
+    older = [(s, n) for s, n in _step_dirs(parent) if s < step]
+    for _, name in reversed(older):
+        path = os.path.join(parent, name)
+        try:
+            with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+                files = json.load(f).get("files")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        if isinstance(files, dict) and not damaged_files(path, files):
+            return f"the older checkpoint '{path}' is intact: resume from it with --resume {path}"
+    if older:
+        return "no older checkpoint there verifies either"
+    return (f"no older checkpoint is kept beside it (a save keeps the newest {KEEP}; this run has not saved that "
+            f"many yet)")
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -96,10 +163,21 @@ def load_checkpoint(path: str) -> Checkpoint:
             raw = json.load(f)
     except FileNotFoundError:
         raise UserError(f"checkpoint '{step_dir}' has no meta.json; it is not a complete checkpoint.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint '{step_dir}': meta.json is unreadable or corrupt ({e}).") from None
-    if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("step"), int):
-        raise UserError(f"checkpoint '{step_dir}': meta.json is not a {_FORMAT} file.")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"checkpoint '{step_dir}': meta.json is unreadable or corrupt "
+                        f"({' '.join(str(e).split())[:200] or type(e).__name__}).") from None
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT or not isinstance(raw.get("step"), int) \
+            or isinstance(raw.get("step"), bool) or raw["step"] < 0 or not isinstance(raw.get("meta", {}), dict):
+        raise UserError(f"checkpoint '{step_dir}': meta.json is not a {_FORMAT} file (or its step is not a "
+                        f"non-negative integer).")
+    if "files" in raw:  # checkpoints written before checksums were recorded have none to verify
+        files = raw["files"] if isinstance(raw["files"], dict) else {}
+        bad = damaged_files(step_dir, files)
+        if bad:
+            raise UserError(f"checkpoint '{step_dir}': {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                            f"unreadable or corrupt: the size or sha256 no longer matches what was recorded when it "
+                            f"was saved (a flipped bit, a zeroed block, a truncated or replaced file); "
+                            f"{_intact_older(step_dir, raw['step'])}.")
     return Checkpoint(step=raw["step"], path=step_dir, meta=raw.get("meta") or {},
                       weights=_read_tensors(step_dir, "model.safetensors"),
                       optimizer=_read_tensors(step_dir, "optimizer.safetensors"))

@@ -1,9 +1,12 @@
-"""Training data: one token stream cut into packed, non-overlapping windows, served in a seeded shuffled order.
+"""Training data: one token stream cut into packed, non-overlapping windows, served in a seeded shuffled order
+(or in file order).
 
-A window holds seq_len + 1 tokens; its first seq_len are the inputs and its last seq_len the labels, so the
-labels are already shifted and the model's Head compares position i with token i + 1. Each epoch visits every
-window once in a permutation drawn from (seed, epoch), so a run is reproducible and a resumed run, given the
-state_dict saved with its checkpoint, yields exactly the batches the uninterrupted run would have.
+The stream is cut from its start into windows of seq_len + 1 tokens (window k is tokens [k(seq+1), (k+1)(seq+1));
+the tail that does not fill a window is never used). A window's first seq_len tokens are the inputs and its last
+seq_len the labels, so the labels are already shifted and the model's Head compares position i with token i + 1.
+With order "shuffled" each epoch visits every window once in a permutation drawn from (seed, epoch); with
+"sequential" in file order. Either way a run is reproducible and a resumed run, given the state_dict saved with
+its checkpoint, yields exactly the batches the uninterrupted run would have.
 
 Token files are memory-mapped: a 20 GB .bin costs page cache, not resident memory. Formats, by name:
   *.bin      raw little-endian uint16 (uint32 when the name ends in .u32.bin or dtype='uint32')
@@ -12,6 +15,7 @@ Token files are memory-mapped: a 20 GB .bin costs page cache, not resident memor
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -21,16 +25,22 @@ from planner.errors import UserError
 
 _BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _SCAN_TOKENS = 1 << 24  # max_token() reads the file in slices of this many tokens, never all at once
+ORDERS = ("shuffled", "sequential")
+_HASH_EDGE_BYTES = 1 << 20  # the data fingerprint hashes the first and last MiB of the file and its size
 
 
 class TokenData:
     """A packed token stream and a cursor (epoch, position) into its per-epoch window order."""
 
-    def __init__(self, tokens: np.ndarray, *, path: str, seq_len: int, seed: int, vocab: int | None = None):
+    def __init__(self, tokens: np.ndarray, *, path: str, seq_len: int, seed: int, vocab: int | None = None,
+                 order: str = "shuffled"):
+        if order not in ORDERS:
+            raise UserError(f"data order '{order}' is not one of {', '.join(ORDERS)}.")
         self.tokens = tokens          # 1-D integer array, usually a np.memmap
         self.path = path
         self.seq_len = seq_len
         self.seed = seed
+        self.order = order
         self.vocab = vocab            # known vocabulary (256 for bytes, the tokenizer's), None for token files
         self.n_windows = len(tokens) // (seq_len + 1)
         self.epoch = 0
@@ -43,7 +53,7 @@ class TokenData:
 
     @classmethod
     def open(cls, path: str, *, seq_len: int, seed: int, tokenizer_dir: str | None = None,
-             dtype: str | None = None) -> "TokenData":
+             dtype: str | None = None, order: str = "shuffled") -> "TokenData":
         """Open a token file or text file (see the module docstring); errors are UserErrors naming the file."""
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
             raise UserError(f"seq_len must be a positive integer, got {seq_len!r}.")
@@ -51,8 +61,9 @@ class TokenData:
             raise UserError(f"the data seed must be a non-negative integer, got {seed!r}.")
         if dtype is not None and dtype not in _BIN_DTYPES:
             raise UserError(f"data dtype '{dtype}' is not supported for '{path}'; use uint16 or uint32.")
-        if not os.path.isfile(path):
-            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        if not os.path.isfile(path):  # a FIFO or a device would block or never end
+            what = ("is a directory, not a file" if os.path.isdir(path) else
+                    "is not a regular file" if os.path.exists(path) else "does not exist")
             raise UserError(f"data file '{path}' {what}.")
         if os.path.getsize(path) == 0:
             raise UserError(f"data file '{path}' is empty.")
@@ -71,15 +82,18 @@ class TokenData:
             raise UserError(f"data file '{path}' could not be read ({e.strerror or e}).") from None
         if len(tokens) == 0:
             raise UserError(f"data file '{path}' holds no tokens.")
-        return cls(tokens, path=path, seq_len=seq_len, seed=seed, vocab=vocab)
+        return cls(tokens, path=path, seq_len=seq_len, seed=seed, vocab=vocab, order=order)
 
     # -- order and batches -------------------------------------------------------------------------------------
 
     def _epoch_order(self) -> np.ndarray:
         # A SeedSequence of (seed, epoch) rather than seed + epoch: seed 1 epoch 0 must not replay seed 0 epoch 1.
         if self._order is None or self._order[0] != self.epoch:
-            rng = np.random.default_rng((self.seed, self.epoch))
-            self._order = (self.epoch, rng.permutation(self.n_windows))
+            if self.order == "sequential":
+                self._order = (self.epoch, np.arange(self.n_windows))
+            else:
+                rng = np.random.default_rng((self.seed, self.epoch))
+                self._order = (self.epoch, rng.permutation(self.n_windows))
         return self._order[1]
 
     def next_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +148,26 @@ class TokenData:
 
     # -- resume --------------------------------------------------------------------------------------------------
 
+    def fingerprint(self) -> str:
+        """A cheap content hash of the data file: sha256 of its size, first MiB and last MiB. Another file of the
+        same length (a different corpus, a re-tokenisation) changes it; reading 2 MiB costs nothing."""
+        h = hashlib.sha256()
+        try:
+            size = os.path.getsize(self.path)
+            h.update(str(size).encode())
+            with open(self.path, "rb") as f:
+                h.update(f.read(_HASH_EDGE_BYTES))
+                if size > _HASH_EDGE_BYTES:
+                    f.seek(max(_HASH_EDGE_BYTES, size - _HASH_EDGE_BYTES))
+                    h.update(f.read(_HASH_EDGE_BYTES))
+        except OSError as e:
+            raise UserError(f"data file '{self.path}' could not be read ({e.strerror or e}).") from None
+        return h.hexdigest()[:32]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "seq_len": self.seq_len, "n_windows": self.n_windows}
+                "seq_len": self.seq_len, "n_windows": self.n_windows, "order": self.order,
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where a saved run stopped; its seed wins, and different data or seq_len is refused."""
@@ -146,7 +177,7 @@ class TokenData:
             raise UserError(f"the saved data state {state!r} is incomplete; it needs epoch, position and seed.") \
                 from None
         for key, mine in (("seq_len", self.seq_len), ("n_windows", self.n_windows)):
-            if key in state and int(state[key]) != mine:
+            if key in state and state[key] != mine:
                 raise UserError(f"data file '{self.path}' gives {key} = {mine}, but the checkpoint was trained "
                                 f"with {key} = {state[key]}; resume with the same data and seq_len.")
         if epoch < 0 or not 0 <= position < self.n_windows or seed < 0:
@@ -182,8 +213,27 @@ def _open_npy(path: str, dtype: str | None) -> np.ndarray:
     return tokens
 
 
+def _check_utf8(path: str) -> None:
+    """Refuse a text file that is not UTF-8 (a binary token file without the .bin name, say), in 16 MiB slices."""
+    import codecs
+    dec = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            try:
+                dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(f"data file '{path}' is not UTF-8 text ({e.reason} near byte {done + e.start}); "
+                                f"token files must end in .bin or .npy.") from None
+            if not chunk:
+                return
+            done += len(chunk)
+
+
 def _open_text(path: str, tokenizer_dir: str | None) -> tuple[np.ndarray, int]:
     if tokenizer_dir is None:
+        _check_utf8(path)
         return np.memmap(path, dtype=np.uint8, mode="r"), 256  # bytes are the tokens
     if not os.path.isdir(tokenizer_dir):
         raise UserError(f"tokenizer directory '{tokenizer_dir}' does not exist.")

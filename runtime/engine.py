@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from planner.costs import STREAMS
+from planner.errors import UserError
 from planner.memory import Tier
 from planner.schedule import role
 from runtime.activations import ComputeOps, HostBuffers, Rec
@@ -113,8 +114,8 @@ class Executor:
                 except Exception as e:  # re-raised below, once every worker has stopped
                     errors.append(e)
             self.streams.join_copies()
-        if errors:
-            raise errors[0]
+        if errors:  # a worker's UserError (disk full, a scratch file gone) first: it says what went wrong
+            raise next((e for e in errors if isinstance(e, UserError)), errors[0])
         return early
 
     def _call(self, op, deps, handler, ctx=None):
@@ -129,7 +130,11 @@ class Executor:
         on_stream = torch.cuda.stream(gpu) if gpu is not None else contextlib.nullcontext()
         with on_stream:
             token = self.tracer.begin(gpu)
-            handler.execute(op, gpu)
+            try:
+                handler.execute(op, gpu)
+            except BaseException:
+                handler.abort()  # nothing will give its staging buffer back: wake the ops waiting for one
+                raise
             self.tracer.end(op, token, gpu, handler.moved_bytes(op), ctx)
             if gpu is None:
                 return None
@@ -164,7 +169,7 @@ class PhaseOps(ComputeOps):
     def begin_step(self, tokens: list[torch.Tensor], labels: list[torch.Tensor], lr: float) -> None:
         self.tokens, self.labels, self.lr = tokens, labels, lr
         self._clear()
-        self.optim.begin_step()
+        self.optim.begin_step(loss=self.loss)  # accumulated in place by the forwards
 
     def _clear(self) -> None:
         self.recs: dict[tuple, Rec] = {}

@@ -7,7 +7,11 @@ not exist, and plan options this runtime does not execute.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import math
 import os
+import stat
 
 import psutil
 
@@ -17,7 +21,7 @@ from planner.errors import UserError
 from planner.models import load_model_config
 from planner.plan import Plan, check_fingerprint
 from planner.profile import profile_model
-from runtime.checkpoint import Checkpoint, load_checkpoint
+from runtime.checkpoint import KEEP, Checkpoint, capture_rng, load_checkpoint, restore_rng
 from runtime.data import TokenData
 
 GIB = 1 << 30
@@ -144,6 +148,7 @@ def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkp
         raise UserError(f"checkpoint '{ck.path}' was not written by `blockfit train` (its meta.json lacks "
                         f"{', '.join(missing)}); start from its weights with --init-from instead.")
     check_same_plan(plan, ck)
+    check_checkpoint_meta(plan, ck)
     return ck
 
 
@@ -162,3 +167,160 @@ def check_outputs(*paths: str | None) -> None:
     for path in paths:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"cannot write '{path}': its directory does not exist.")
+
+
+# -- a checkpoint's metadata, and what a resume may change ---------------------------------------------------------
+
+def check_checkpoint_meta(plan: Plan, ck: Checkpoint) -> None:
+    """The fields of a checkpoint's meta.json that the trainer acts on, each in range, so a hand-edited or
+    damaged file is refused here rather than failing half-way through restoring (active_block 99, a step -5,
+    an optimizer entry without its tensor, an RNG state that does not load)."""
+    meta, where = ck.meta, f"checkpoint '{ck.path}': meta.json"
+    ab = meta.get("active_block")
+    if ab is not None and (not _int(ab) or not 0 <= ab < len(plan.blocks)):
+        raise UserError(f"{where} names active block {ab!r}; the plan has blocks 0..{len(plan.blocks) - 1}.")
+    opt = meta.get("optimizer")
+    if not isinstance(opt, dict):
+        raise UserError(f"{where}: 'optimizer' must be an object of layer -> state, got {type(opt).__name__}.")
+    active = set(plan.blocks[ab].layers) if ab is not None else set()
+    for key, info in opt.items():
+        if not key.isdigit() or not 0 <= int(key) < plan.n_layers:
+            raise UserError(f"{where}: optimizer entry '{key}' is not a layer of the plan (0..{plan.n_layers - 1}).")
+        ok = isinstance(info, dict) and _int(info.get("step")) and info["step"] >= 0 \
+            and info.get("where") in ("active", "kept")
+        if not ok:
+            raise UserError(f"{where}: optimizer entry for layer {key} must be {{'step': n >= 0, 'where': 'active' "
+                            f"or 'kept'}}, got {info!r}.")
+        if info["where"] == "active" and int(key) not in active:
+            raise UserError(f"{where}: layer {key} has active optimizer state but is not in active block {ab}.")
+        if f"L{key}.state" not in ck.optimizer:
+            raise UserError(f"{where} lists optimizer state for layer {key}, but optimizer.safetensors has no "
+                            f"tensor 'L{key}.state'; the checkpoint is incomplete.")
+    extra = sorted(set(ck.optimizer) - {f"L{k}.state" for k in opt})
+    if extra:
+        raise UserError(f"checkpoint '{ck.path}': optimizer.safetensors holds {', '.join(extra[:3])}, which "
+                        f"meta.json does not list; the files do not belong together.")
+    if not isinstance(meta.get("data"), dict):
+        raise UserError(f"{where}: 'data' must be an object (epoch, position, seed).")
+    pos = meta.get("position")
+    if not isinstance(pos, dict) or not _int(pos.get("cycle")) or pos["cycle"] < 0:
+        raise UserError(f"{where}: 'position' {pos!r} is not a position in the block schedule.")
+    mine = capture_rng()
+    try:
+        restore_rng(meta.get("rng"))
+    except Exception as e:  # any malformed state: wrong types, lengths, base64, torch's own checks
+        raise UserError(f"{where}: its RNG state does not load ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}).") from None
+    finally:
+        restore_rng(mine)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# keys of a checkpoint's "train" record a resume refuses to change, with the flag that sets each
+SETTINGS = {"lr": "--lr", "min_lr": "--min-lr", "warmup": "--warmup", "weight_decay": "--weight-decay",
+            "beta1": "--beta1", "beta2": "--beta2", "eps": "--eps", "clip": "--clip", "data_order": "--data-order",
+            "data_fingerprint": "--data"}
+
+
+def check_settings(ck: Checkpoint, now: dict, *, steps: int, allow_changes: bool) -> list[str]:
+    """A resume continues the same run: refuse (UserError) a change to the optimizer, the LR schedule, the data
+    order or the data file's contents (another file of the same length included) unless allow_changes; returns
+    the changes allowed, in words. --steps at or below the checkpoint's step is refused: nothing would run."""
+    if steps <= ck.step:
+        raise UserError(f"checkpoint '{ck.path}' is at step {ck.step}, and --steps {steps} is not beyond it: "
+                        f"nothing to train. Give --steps above {ck.step} to continue.")
+    saved = ck.meta.get("train") if isinstance(ck.meta.get("train"), dict) else {}
+    changed = [f"{flag} {saved[k]!r} -> {now[k]!r}" if k != "data_fingerprint" else
+               "--data (its contents differ from the data the checkpoint was trained on)"
+               for k, flag in SETTINGS.items() if k in saved and k in now and saved[k] != now[k]]
+    if changed and not allow_changes:
+        raise UserError(f"checkpoint '{ck.path}' was trained with other settings: {'; '.join(changed)}. A resume "
+                        f"continues the same run; pass --allow-changes to resume with the new ones anyway.")
+    return changed
+
+
+# -- the checkpoint directory ---------------------------------------------------------------------------------
+
+def checkpoint_bytes(plan: Plan, layer_params: list[int], weight_bytes: int) -> int:
+    """An upper bound on one checkpoint's size: every weight at the runtime's element size, plus fp32 master
+    and moments (12 bytes a parameter) for the layers whose state a checkpoint can hold: the largest block's
+    under `reset`, every trained layer's when states are kept across switches."""
+    from planner.memory import STATE_BYTES
+    weights = sum(layer_params) * weight_bytes
+    per_block = [sum(layer_params[i] for i in b.layers) for b in plan.blocks]
+    state = sum(per_block) if plan.switch_state != "reset" else max(per_block)
+    return weights + state * STATE_BYTES + (1 << 20)  # headers and meta.json
+
+
+def check_ckpt_dir(ckpt_dir: str | None, need_bytes: int, saves: int = KEEP + 1) -> None:
+    """Before step 1: --ckpt-dir must be (or be creatable as) a writable directory on a drive with room for the
+    checkpoints this run writes: `saves` of them, of which KEEP are kept, each new one written before the oldest
+    goes. With E already there, the directory peaks at min(KEEP, E + saves - 1) + 1 step directories."""
+    if not ckpt_dir:
+        return
+    if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+        kind = "a FIFO" if stat.S_ISFIFO(os.stat(ckpt_dir).st_mode) else "a file"
+        raise UserError(f"--ckpt-dir '{ckpt_dir}' is {kind}, not a directory.")
+    base = os.path.abspath(ckpt_dir)
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise UserError(f"--ckpt-dir '{ckpt_dir}' lies under '{base}', which is a file, not a directory.")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"--ckpt-dir '{ckpt_dir}': '{base}' is not writable.")
+    have = _ckpt_dirs(ckpt_dir) if os.path.isdir(ckpt_dir) else 0
+    new_dirs = max(1, min(KEEP, have + max(1, saves) - 1) + 1 - have)
+    need = need_bytes * new_dirs
+    free = psutil.disk_usage(base).free
+    if free < need:
+        raise UserError(f"--ckpt-dir '{ckpt_dir}' has {free / GIB:.2f} GiB free, but the run's checkpoints need "
+                        f"{need / GIB:.2f} GiB ({new_dirs} more of {need_bytes / GIB:.2f} GiB each: {KEEP} are kept "
+                        f"and a new one is written before the oldest goes); free some space or choose another "
+                        f"directory.")
+
+
+def _ckpt_dirs(ckpt_dir: str) -> int:
+    return sum(1 for n in os.listdir(ckpt_dir) if n.startswith("step-"))
+
+
+class DirLock:
+    """An exclusive lock on a directory (fcntl.flock on its .lock file), held until release() or the process
+    ends (the kernel drops it even after kill -9): two trainers on one --ckpt-dir would interleave checkpoints."""
+
+    def __init__(self, path: str, what: str = "--ckpt-dir"):
+        try:
+            os.makedirs(path, exist_ok=True)
+            self.fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use {what} '{path}' ({e.strerror or e}).") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(self.fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UserError(f"{what} '{path}' is in use by another trainer (pid {holder}); two runs on one "
+                                f"checkpoint directory would overwrite each other's checkpoints. Wait for it, or "
+                                f"choose another directory.") from None
+            raise UserError(f"cannot lock {what} '{path}' ({e.strerror or e}).") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_finite_flag(flag: str, value, *, lo=None, hi=None, lo_open=False, integer=False) -> None:
+    """A number flag must be finite and within [lo, hi] (lo excluded when lo_open); message names the flag."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    if ok and integer:
+        ok = int(value) == value
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise UserError(f"{flag} must be a finite {'integer' if integer else 'number'} in {rng}, got {value!r}.")

@@ -14,11 +14,13 @@ phase of the block starts from zero moments, as BAdam does), keep_cpu (kept in h
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from planner.errors import UserError
 from planner.memory import STATE_BYTES, Tier, kept_tier
 from runtime.store import FlatLayout, TieredStore
 
@@ -30,6 +32,27 @@ class AdamWConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip: float = 1.0            # max global gradient norm of the block; 0 turns clipping off
+
+
+def check_adamw(cfg: AdamWConfig, lr: float) -> None:
+    """AdamW's hyper-parameters must keep the update finite and meaningful: betas in [0, 1) (beta = 1 divides by
+    1 - beta^t = 0), eps > 0 (the denominator sqrt(v) may be 0), a finite weight decay with lr x wd < 1 (the
+    decoupled decay multiplies the weights by 1 - lr x wd; at 1 or more it zeroes or flips them), a finite clip."""
+    def bad(flag: str, v, want: str):
+        raise UserError(f"{flag} must be {want}, got {v!r}.")
+    for flag, v in (("--beta1", cfg.beta1), ("--beta2", cfg.beta2)):
+        if not (math.isfinite(v) and 0 <= v < 1):
+            bad(flag, v, "in [0, 1)")
+    if not (math.isfinite(cfg.eps) and 0 < cfg.eps <= 1):
+        bad("--eps", cfg.eps, "a positive number of at most 1 (AdamW's usual is 1e-8)")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        bad("--weight-decay", cfg.weight_decay, "a finite number >= 0")
+    if lr * cfg.weight_decay >= 1:
+        raise UserError(f"--weight-decay {cfg.weight_decay} with --lr {lr} makes lr x weight decay "
+                        f"{lr * cfg.weight_decay:g} >= 1: every step would zero or flip the weights (AdamW's "
+                        f"decoupled decay multiplies them by 1 - lr x wd). Typical values are 0 to 0.1.")
+    if not (math.isfinite(cfg.clip) and 0 <= cfg.clip <= 1e6):
+        bad("--clip", cfg.clip, "a number from 0 to 1e6 (0 turns clipping off)")
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, cfg: AdamWConfig, denom=None) -> int:
@@ -81,6 +104,8 @@ class BlockOptimizer:
         self._clip_done = False
         self.grad_norm: torch.Tensor | None = None
         self._workspace: torch.Tensor | None = None   # CPU AdamW's sqrt(v), the largest host-stepped layer's size
+        self.nonfinite = False                     # this step's loss or gradient norm is NaN/inf: no update
+        self._loss: torch.Tensor | None = None
 
     # -- where things are ---------------------------------------------------------------------------------------
 
@@ -184,9 +209,12 @@ class BlockOptimizer:
 
     # -- gradients ----------------------------------------------------------------------------------------------
 
-    def begin_step(self) -> None:
+    def begin_step(self, loss: torch.Tensor | None = None) -> None:
+        """A new step; `loss` is the step's loss tensor, complete by the time the first optimizer op clips."""
         self._clip_done = False
         self.grad_norm = None
+        self.nonfinite = False
+        self._loss = loss
 
     def offload_grads(self, layer: int, grads: list[torch.Tensor], first: bool) -> None:
         """Gradient op 'grad': one micro-batch's device gradients into the layer's host accumulator (fp32).
@@ -224,13 +252,18 @@ class BlockOptimizer:
         """The block's global gradient norm, and clipping to cfg.clip, once per step: the first optimizer op
         does it (every gradient of the block is complete by then) and the others find it done. `block_grads()`
         lists the block's gradients; it is called under the lock and only by that first op, so no thread reads
-        a layer's .grad while another layer's op clears its own. Same arithmetic as clip_grad_norm_."""
+        a layer's .grad while another layer's op clears its own. Same arithmetic as clip_grad_norm_.
+        A non-finite norm (or loss) marks the step: step_layer then leaves every weight and moment as it was,
+        so a NaN never reaches the state (the trainer stops, or counts the step as skipped)."""
         with self._clip_lock:
             if self._clip_done:
                 return
             grads = [g for gs in block_grads() for g in gs]
             total = torch.nn.utils.get_total_norm(grads)
-            if self.cfg.clip:
+            loss = self._loss
+            finite = bool(torch.isfinite(total)) and (loss is None or bool(torch.isfinite(loss)))
+            self.nonfinite = not finite
+            if self.cfg.clip and finite:
                 coef = torch.clamp(self.cfg.clip / (total + 1e-6), max=1.0)
                 for g in grads:
                     g.mul_(coef.to(g.device))
@@ -244,6 +277,9 @@ class BlockOptimizer:
         on the state's device, bytes of temporaries held on that device)."""
         st = self.states[layer]
         dev = st.buf.device
+        n = self.layouts[layer].numel
+        if self.nonfinite:  # a bad step: weights and moments stay as they were
+            return st.buf[:n].to(self.target.weight_dtype), 0
         master, m, v = self.split(layer, st.buf)
         st.step += 1
         if self.target.cuda and dev.type == "cuda":

@@ -15,6 +15,8 @@ stands in for the device: "device" buffers are separate CPU tensors, and the sam
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import queue
 import shutil
@@ -29,6 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import UserError
 from planner.memory import Tier
+from runtime.scratch import reclaim_scratch, scratch_prefix
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,9 +217,15 @@ class NvmeFiles:
     def __init__(self, nvme_dir: str, *, requests: int = 4):
         try:
             os.makedirs(nvme_dir, exist_ok=True)
-            self.root = tempfile.mkdtemp(prefix="blockfit-", dir=nvme_dir)
+            reclaim_scratch(nvme_dir)
+            self.root = tempfile.mkdtemp(prefix=scratch_prefix(), dir=nvme_dir)
+            # Held while this process lives: a later run knows the directory is in use; once the process dies
+            # (even by kill -9) the kernel drops the lock and the next run reclaims the directory.
+            self._owner = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             raise UserError(f"cannot use NVMe directory '{nvme_dir}' ({e.strerror or e}).") from None
+        self.nvme_dir = nvme_dir
         self.direct = hasattr(os, "O_DIRECT")
         self._io = ThreadPoolExecutor(max_workers=requests, thread_name_prefix="blockfit-nvme-io")
         self.requests = requests
@@ -224,8 +233,36 @@ class NvmeFiles:
     def path(self, key: str) -> str:
         return os.path.join(self.root, f"{key}.bin")
 
+    def _failed(self, key: str, action: str, e: OSError) -> UserError:
+        """One paragraph for an NVMe scratch file that could not be written or read (raised on a worker thread,
+        it reaches the main thread through the executor's futures)."""
+        if e.errno == errno.ENOSPC:
+            why = ("the drive is full (no space left on device); free space there or point --nvme-dir at a bigger "
+                   "drive")
+        elif e.errno == errno.ENOENT or isinstance(e, _ShortRead):
+            why = ("the file was deleted or truncated while the run was using it; nothing else may touch the "
+                   "run's scratch directory")
+        else:
+            why = e.strerror or str(e)
+        return UserError(f"could not {action} NVMe scratch file '{self.path(key)}' under --nvme-dir "
+                         f"'{self.nvme_dir}': {why}. Training stopped; the last checkpoint is intact, resume from "
+                         f"it with --resume.")
+
     def write(self, key: str, src: torch.Tensor) -> None:
         """Write all of src, make it durable, then drop it from the page cache."""
+        try:
+            self._write(key, src)
+        except OSError as e:
+            raise self._failed(key, "write", e) from None
+
+    def read(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill out (contiguous) from the file, from the drive, not the page cache."""
+        try:
+            return self._read(key, out)
+        except OSError as e:
+            raise self._failed(key, "read", e) from None
+
+    def _write(self, key: str, src: torch.Tensor) -> None:
         view = memoryview(src.contiguous().view(torch.uint8).numpy())
         fd = os.open(self.path(key), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -237,13 +274,14 @@ class NvmeFiles:
         finally:
             os.close(fd)
 
-    def read(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill out (contiguous) from the file, from the drive, not the page cache."""
+    def _read(self, key: str, out: torch.Tensor) -> torch.Tensor:
         nbytes = out.numel() * out.element_size()
         aligned = out.data_ptr() % BLOCK == 0 and _capacity(out) >= _round_up(nbytes)
         if self.direct and aligned and nbytes:
             try:
                 fd = os.open(self.path(key), os.O_RDONLY | os.O_DIRECT)
+            except FileNotFoundError:
+                raise
             except OSError:
                 self.direct = False  # the filesystem refuses O_DIRECT: page cache dropped instead
             else:
@@ -275,6 +313,13 @@ class NvmeFiles:
     def close(self) -> None:
         self._io.shutdown(wait=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
+
+
+class _ShortRead(OSError):
+    """An NVMe scratch file ended before the bytes the run wrote there."""
 
 
 def _pread(fd: int, view: memoryview, start: int, end: int, nbytes: int, key: str) -> None:
@@ -284,7 +329,7 @@ def _pread(fd: int, view: memoryview, start: int, end: int, nbytes: int, key: st
     while done < min(end, nbytes):
         n = os.preadv(fd, [view[done:end]], done)
         if n <= 0:
-            raise OSError(f"NVMe file for '{key}' is shorter than expected ({done} of {nbytes} bytes)")
+            raise _ShortRead(errno.EIO, f"NVMe file for '{key}' is shorter than expected ({done} of {nbytes} bytes)")
         done += n
 
 

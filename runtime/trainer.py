@@ -56,9 +56,18 @@ class TrainConfig:
     metrics_path: str | None = None     # JSON lines, one per step
     trace_path: str | None = None       # Chrome trace JSON
     summary_path: str | None = None
+    skip_nonfinite: int = 0             # skip up to this many consecutive non-finite steps (0: stop at the first)
     quiet: bool = False
     force_cpu: bool = False             # run on the CPU even when CUDA is there (tests)
     track_temporaries: bool = True      # CPU stand-in: measure kernel temporaries into the device ledger
+
+
+NONFINITE_EXIT = 3   # the command line's exit code when training stopped on a NaN/inf loss or gradient norm
+
+
+class NonFiniteStop(UserError):
+    """Training met a non-finite loss or gradient norm (or weights) and stopped; nothing bad was saved."""
+    exit_code = NONFINITE_EXIT
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -102,6 +111,8 @@ class Trainer:
         self.phase_peaks: dict[int, int] = {}
         self.history: list[dict] = []
         self._stop_signal: int | None = None
+        self.skipped = 0                        # non-finite steps skipped (no update), this invocation
+        self._bad_run = 0                       # consecutive ones
         self._carried: dict = {}                # the next step's reads, already issued
         self.run_end = cfg.steps                # the last step of this invocation (run() sets it)
         try:
@@ -190,7 +201,8 @@ class Trainer:
         meter = self.store.meter
         self.phase_peaks[self.active] = max(self.phase_peaks.get(self.active, 0), meter.peak_bytes)
         self.step_index = s + 1
-        rec = {"step": s + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "block": self.active,
+        rec = {"step": s + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": self.optim.nonfinite,
+               "block": self.active,
                "cycle": pos["cycle"], "step_in_block": pos["step_in_block"], "step_seconds": seconds,
                "tokens_per_s": self.plan.shape.tokens_per_step / seconds if seconds > 0 else 0.0,
                "device_peak_bytes": meter.peak_bytes}
@@ -211,10 +223,15 @@ class Trainer:
         weights = rmodel.state_dict(self.model_cfg, self.layouts, self.store)
         opt_tensors, opt_meta = self.optim.state_dict()
         s = self.step_index
+        bad = [name for tensors in (weights, opt_tensors) for name, t in tensors.items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteStop(f"at step {s} {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}"
+                                f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written, {self._last_good()}. "
+                                f"Lower --lr or --weight-decay and resume with --allow-changes.")
         meta = {"plan": resume_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
                 "optimizer": opt_meta, "data": self.data.state_dict(),
-                "rng": capture_rng(), "train": {"steps": self.cfg.steps, "lr": self.cfg.lr, "min_lr": self.cfg.min_lr,
-                                                 "warmup": self.cfg.warmup, "seed": self.cfg.seed}}
+                "rng": capture_rng(), "train": train_settings(self.cfg, self.data)}
         path = save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
         try:
             dtype = "bfloat16" if self.target.weight_dtype == torch.bfloat16 else "float32"
@@ -223,11 +240,44 @@ class Trainer:
             pass  # an architecture without a Hugging Face twin still resumes; it only lacks config.json
         return path
 
+    def _last_good(self) -> str:
+        """Where the last good state is, in words, for a message."""
+        if not self.cfg.ckpt_dir:
+            return "and no --ckpt-dir was given, so no earlier checkpoint exists"
+        try:
+            from runtime.checkpoint import resolve_step_dir
+            return f"the last good checkpoint is '{resolve_step_dir(self.cfg.ckpt_dir)}'"
+        except UserError:
+            return f"and '{self.cfg.ckpt_dir}' holds no earlier checkpoint"
+
+    def _check_finite(self, rec: dict) -> None:
+        """After a step whose loss or gradient norm was NaN/inf (the optimizer applied no update): count it as
+        skipped while --skip-nonfinite allows that many in a row, else stop with NonFiniteStop."""
+        if not rec["skipped"]:
+            self._bad_run = 0
+            return
+        self.skipped += 1
+        self._bad_run += 1
+        if self._bad_run <= self.cfg.skip_nonfinite:
+            return
+        why = (f"the loss is {rec['loss']} and the gradient norm {rec['grad_norm']} at step {rec['step']} (block "
+               f"{rec['block']}, lr {rec['lr']:.3g})")
+        if self.cfg.skip_nonfinite:
+            why += f", the {self._bad_run}th non-finite step in a row (--skip-nonfinite {self.cfg.skip_nonfinite})"
+        raise NonFiniteStop(f"{why}; training stopped without applying it and without saving, "
+                            f"{self._last_good()}. Lower --lr or --weight-decay (resume with --allow-changes), "
+                            f"or pass --skip-nonfinite N to skip up to N such steps in a row.")
+
     def _restore(self, ck: Checkpoint) -> None:
         meta = ck.meta
         check_same_plan(self.plan, ck)
-        rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
-        self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
+        try:
+            rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
+            self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:  # a tensor missing, or of another shape
+            why = " ".join(str(e).split())[:200]
+            raise UserError(f"checkpoint '{ck.path}' does not fit this model: its tensors are missing or of "
+                            f"another shape ({type(e).__name__}: {why}).") from None
         self.data.load_state_dict(meta["data"])
         restore_rng(meta["rng"])
         self.step_index = ck.step
@@ -253,6 +303,7 @@ class Trainer:
                     metrics.flush()
                 if progress:
                     progress.update(rec)
+                self._check_finite(rec)
                 if self._stop_signal is not None:
                     code = 128 + self._stop_signal
                     break
@@ -307,6 +358,8 @@ class Trainer:
                                   max_memory_allocated_bytes=mma)
         out["host_peak_bytes"] = self.store.host.peak_bytes
         out["predicted_host_bytes"] = self.predicted_host_bytes()
+        out["skipped_steps"] = self.skipped
+        out["blocks"] = [[b.first, b.last] for b in self.plan.blocks]   # compare refuses another plan's
         out["device"] = str(self.target.device)
         out["weight_dtype"] = str(self.target.weight_dtype).replace("torch.", "")
         return out
@@ -326,6 +379,15 @@ class Trainer:
         if self.target.cuda:
             torch.cuda.synchronize()  # no copy may still read a host buffer about to be unpinned
         self.store.close()
+
+
+def train_settings(cfg: TrainConfig, data: TokenData) -> dict:
+    """What a checkpoint records of the run's settings; a resume refuses changes to them (guards.check_settings)
+    unless asked. steps is recorded too, though a resume may extend it."""
+    a = cfg.adamw
+    return {"steps": cfg.steps, "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup": cfg.warmup, "seed": cfg.seed,
+            "weight_decay": a.weight_decay, "beta1": a.beta1, "beta2": a.beta2, "eps": a.eps, "clip": a.clip,
+            "data_order": data.order, "data_fingerprint": data.fingerprint()}
 
 
 class _Progress:

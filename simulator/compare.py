@@ -15,6 +15,7 @@ Summaries are JSON objects keyed by block: the runtime's and the simulator's bot
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class Side:
     ops: dict = field(default_factory=dict)     # (phase key, op name) -> seconds (median)
     streams: dict = field(default_factory=dict)  # phase key -> {stream: busy seconds per step}
     peaks: dict = field(default_factory=dict)    # phase key -> device peak bytes (summaries)
+    blocks: list | None = None                   # the plan's blocks [[first, last], ...], where a summary says
 
 
 def load(path: str) -> Side:
@@ -52,15 +54,19 @@ def _stream(ev: dict) -> str:
 
 
 def _from_trace(path: str, events: list) -> Side:
+    if not isinstance(events, list):
+        raise UserError(f"trace '{path}': traceEvents must be a list of events.")
     names = {}  # tid -> track name, from the runtime's or the simulator's metadata
     for ev in events:
         if isinstance(ev, dict) and ev.get("ph") == "M" and ev.get("name") == "thread_name":
-            names[ev.get("tid")] = (ev.get("args") or {}).get("name")
+            _check_event(path, ev)
+            names[ev.get("tid")] = str((ev.get("args") or {}).get("name"))
     xs = []
     walls: dict[int, float] = {}
     for ev in events:
         if not (isinstance(ev, dict) and ev.get("ph") == "X"):
             continue
+        _check_event(path, ev)
         args = ev.get("args") or {}
         step = args.get("step")
         if args.get("kind") == "step":  # the steps track (planner/tracefmt.py): a step's wall span
@@ -70,8 +76,10 @@ def _from_trace(path: str, events: list) -> Side:
         try:
             ts, dur = float(ev["ts"]) * 1e-6, float(ev.get("dur", 0.0)) * 1e-6
             op_id = int(args["id"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise UserError(f"trace '{path}': an X event lacks ts or args.id ({ev!r:.120}).") from None
+        if not (math.isfinite(ts) and math.isfinite(dur) and dur >= 0):
+            raise UserError(f"trace '{path}': an event has a negative or non-finite time ({ev!r:.120}).")
         if args.get("kind") in SWITCH_KINDS or (isinstance(step, int) and step < 0):
             continue
         stream = names.get(ev.get("tid")) or _stream(ev)
@@ -113,8 +121,24 @@ def _from_trace(path: str, events: list) -> Side:
     return side
 
 
+def _check_event(path: str, ev: dict) -> None:
+    """The fields compare reads from an event, of the types it reads them as (a hand-edited trace says so)."""
+    args = ev.get("args")
+    ok = args is None or isinstance(args, dict)
+    ok = ok and isinstance(ev.get("tid", 0), (int, str)) and not isinstance(ev.get("tid"), bool)
+    if ok and isinstance(args, dict):
+        layer, step, dur = args.get("layer"), args.get("step"), ev.get("dur", 0)
+        ok = (layer is None or (isinstance(layer, int) and not isinstance(layer, bool))) \
+            and (step is None or isinstance(step, (int, str))) and isinstance(args.get("kind", ""), (str, type(None)))
+        if args.get("kind") == "step" and isinstance(dur, (int, float)):
+            ok = ok and math.isfinite(dur) and dur >= 0
+    if not ok:
+        raise UserError(f"trace '{path}': an event has fields of the wrong type or a negative duration "
+                        f"({ev!r:.120}).")
+
+
 def _from_summary(path: str, raw: dict) -> Side:
-    side = Side(path=path, kind="summary")
+    side = Side(path=path, kind="summary", blocks=raw.get("blocks"))
     found: dict[str, list] = {}
     by_phase = raw.get("step_seconds_by_phase")
     if isinstance(by_phase, dict):
@@ -126,6 +150,9 @@ def _from_summary(path: str, raw: dict) -> Side:
             sec = next((p[k] for k in STEP_KEYS if isinstance(p.get(k), (int, float))), None)
             if sec is not None:
                 found.setdefault(f"block {p.get('block', len(found))}", []).append(float(sec))
+    bad = [v for vs in found.values() for v in vs if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise UserError(f"summary '{path}' holds a negative or non-finite step time ({bad[0]}).")
     if not found:
         raise UserError(f"summary '{path}' has no step time per phase (step_seconds_by_phase, or phases with "
                         f"step_seconds).")
@@ -153,8 +180,16 @@ def compare(measured: Side, predicted: Side) -> Comparison:
     if measured.kind != predicted.kind:
         raise UserError(f"compare two traces or two summaries: '{measured.path}' is a {measured.kind}, "
                         f"'{predicted.path}' a {predicted.kind}.")
+    if measured.blocks is not None and predicted.blocks is not None and measured.blocks != predicted.blocks:
+        raise UserError(f"'{measured.path}' and '{predicted.path}' are of two plans (blocks {measured.blocks} and "
+                        f"{predicted.blocks}); compare a run with the simulation of its own plan.")
     keys = [k for k in measured.phases if k in predicted.phases]
     keys.sort(key=lambda k: (len(k), k))
+    extra = sorted(set(measured.phases) - set(predicted.phases))
+    if not keys or extra:
+        raise UserError(f"'{measured.path}' and '{predicted.path}' are not of the same plan: phases "
+                        f"{', '.join(extra or sorted(measured.phases))} of the first are not in the second "
+                        f"({', '.join(sorted(predicted.phases))}). Compare a run with the simulation of its own plan.")
     phases = [(k, measured.steps.get(k, 0), measured.phases[k], predicted.phases[k],
                (predicted.phases[k] - measured.phases[k]) / measured.phases[k] if measured.phases[k] > 0 else 0.0)
               for k in keys]

@@ -101,6 +101,7 @@ class Simulation:
         wall = sum(p.step_seconds for p in self.phases)
         return {"source": "simulator", "model": self.plan.model.name, "gpu": self.hardware.gpu.id,
                 "method": self.plan.method, "steps": len(self.phases),
+                "blocks": [[b.first, b.last] for b in self.plan.blocks],
                 "tokens_per_step": self.plan.shape.tokens_per_step,
                 "step_seconds_by_phase": {str(p.block): p.step_seconds for p in self.phases},
                 "step_seconds_mean": wall / len(self.phases) if self.phases else 0.0,

@@ -40,12 +40,12 @@ class Overrides:
 def hardware(plan: Plan, ov: Overrides) -> Hardware:
     """The plan's hardware with the overrides applied (validated here, at the edge)."""
     check_positive("--nvme-gbps", ov.nvme_gbps, upper=1000)
-    if ov.gpu and ov.hardware_file:
+    if ov.gpu is not None and ov.hardware_file is not None:
         raise UserError("give either --gpu or --hardware, not both.")
     hw = plan.hardware
-    if ov.hardware_file:
+    if ov.hardware_file is not None:
         hw = load_hardware_file(ov.hardware_file)
-    elif ov.gpu:
+    elif ov.gpu is not None:
         hw = dataclasses.replace(hw, gpu=load_gpu(ov.gpu), calibrated=False)
     return with_overrides(hw, vram_gib=ov.vram_gib, pcie_gbps=ov.pcie_gbps, nvme_read_gbps=ov.nvme_gbps,
                           nvme_write_gbps=ov.nvme_gbps, host_ram_gib=ov.host_ram_gib)
@@ -54,7 +54,7 @@ def hardware(plan: Plan, ov: Overrides) -> Hardware:
 def _budget_gib(plan: Plan, hw: Hardware, ov: Overrides) -> float:
     if ov.vram_gib is not None:
         return ov.vram_gib
-    if ov.gpu or ov.hardware_file:
+    if ov.gpu is not None or ov.hardware_file is not None:
         return hw.gpu.vram_gib
     return plan.budget_bytes / GIB
 

@@ -30,11 +30,17 @@ def register(subparsers) -> None:
 
 
 def run(a) -> int:
-    from planner.errors import check_positive
+    import os
+
+    from planner.errors import UserError, check_positive
+    from planner.models import load_model_config
     from simulator.calibrate import calibrate, write_profile
     from tools.simulate_cmd import check_writable
     check_writable(a.out)
     check_positive("--seq", a.seq, integer=True, upper=1 << 20)
+    if a.dir is not None and not os.path.isdir(a.dir):   # before seconds of measuring
+        raise UserError(f"--dir '{a.dir}' is not a directory; give a directory on the drive to measure.")
+    load_model_config(a.model)
     log = None if a.quiet else (lambda msg: print(msg, flush=True))
     hw, meas = calibrate(directory=a.dir, quick=a.quick, model=a.model, dtype=a.dtype, device=a.device,
                          fit=a.fit, seq=a.seq, log=log)

@@ -6,7 +6,8 @@
     blockfit simulate --plan p.json                    # predict it on any hardware
 
 Every subcommand lives in its own module with `register(subparsers)`; this file only dispatches and turns a
-UserError (bad input, impossible request) into one paragraph on stderr and exit code 2.
+UserError (bad input, impossible request) into one paragraph on stderr and its exit code: 2, or 3 when
+training stopped on a non-finite loss or gradient (runtime.trainer.NonFiniteStop).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def run(argv: list[str]) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

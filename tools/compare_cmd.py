@@ -22,11 +22,14 @@ def register(subparsers) -> None:
 
 
 def run(a) -> int:
+    from planner.errors import UserError
     from simulator.compare import compare, load, render, to_dict
     from simulator.report import console
+    if a.top < 0:
+        raise UserError(f"--top must be 0 or more, got {a.top}.")
     c = compare(load(a.measured), load(a.predicted))
     if a.json:
         print(json.dumps(to_dict(c), indent=1))
     else:
-        render(c, console(), top=max(0, a.top))
+        render(c, console(), top=a.top)
     return 0

@@ -75,12 +75,16 @@ def request_from_args(a, method: str):
     if lo and hi and lo > hi:
         raise UserError(f"--min-blocks {lo} is more than --max-blocks {hi}.")
     check_positive("--time-limit", a.time_limit, upper=86400)
+    if not 0 <= a.seed < 1 << 63:
+        raise UserError(f"--seed must be an integer from 0 to 2^63 - 1, got {a.seed}.")
     return Request(method=method, vram_gib=a.vram, reserve_gib=a.reserve, seq_len=a.seq, batch=a.batch,
                    micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
                    switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo)
 
 
 def run(a) -> int:
+    from tools.simulate_cmd import check_writable
+    check_writable(a.out)
     cfg = load_model_config(a.model)
     hw = hardware_from_args(a)
     from planner.planning import make_plan
@@ -98,7 +102,7 @@ def run(a) -> int:
     main = plans[methods[0]]
     if isinstance(main, UserError):
         raise main
-    if a.out:
+    if a.out is not None:
         write_atomic(a.out, main.to_json() + "\n")
     if a.json:
         out = {m: (p.to_dict() if isinstance(p, Plan) else {"error": str(p)}) for m, p in plans.items()}

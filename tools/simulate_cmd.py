@@ -41,8 +41,12 @@ def register(subparsers) -> None:
 def check_writable(*paths) -> None:
     """Fail before any work when an output cannot be written."""
     for path in paths:
-        if not path:
+        if path is None:
             continue
+        if not path.strip():
+            raise UserError("an output path is empty; give a file name.")
+        if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+            raise UserError(f"cannot write '{path}': it is not a regular file (a FIFO or a device).")
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
             raise UserError(f"cannot write '{path}': directory '{d}' does not exist.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 
 from planner.errors import UserError, check_positive
@@ -48,18 +49,21 @@ def _names(s: str) -> list[str]:
 
 
 def parse_vram(s: str | None) -> list[float | None]:
-    if not s:
+    if s is None:
         return [None]
     try:
         if ":" in s:
             a, b, step = (float(x) for x in s.split(":"))
-            if step <= 0 or b < a:
+            if not all(math.isfinite(x) for x in (a, b, step)) or step <= 0 or b < a or a <= 0:
                 raise ValueError
             n = int(round((b - a) / step)) + 1
             if n > 100_000:
                 raise UserError(f"--vram {s} makes {n} budgets; that is too many.")
             return [round(a + k * step, 6) for k in range(n)]
-        return [float(x) for x in _names(s)]
+        out = [float(x) for x in _names(s)]
+        if not all(math.isfinite(x) and x > 0 for x in out):
+            raise ValueError
+        return out
     except ValueError:
         raise UserError(f"--vram must be GiB values separated by commas, or start:stop:step; got '{s}'.") from None
 

@@ -6,10 +6,14 @@
         --trace trace.json --summary summary.json --metrics metrics.jsonl
 
 Everything is checked before anything is written (runtime/guards.py); bad input exits 2 with one paragraph.
+Exit codes: 0 done; 2 bad input, or a fault (disk full, a scratch file gone, a damaged checkpoint), each with one
+paragraph and the last checkpoint intact; 3 a non-finite loss or gradient norm stopped training (nothing bad was
+saved; --skip-nonfinite N skips up to N such steps in a row instead); 130/143 SIGINT/SIGTERM (checkpointed).
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 from planner.errors import UserError, check_positive
 from planner.plan import load_plan
@@ -32,6 +36,17 @@ def register(subparsers) -> None:
     p.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine (default lr / 10)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW first-moment decay (default 0.9)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW second-moment decay (default 0.95)")
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW denominator epsilon (default 1e-8)")
+    p.add_argument("--data-order", choices=("shuffled", "sequential"), default="shuffled",
+                   help="windows of seq+1 tokens in a seeded shuffle per epoch (default), or in file order")
+    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip a step whose loss or gradient norm is NaN/inf (no update) up to N times in a row; "
+                        "default 0: stop with exit code 3")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even though --lr, --warmup, --weight-decay, betas, eps, --clip, --data-order or "
+                        "the data differ from the checkpoint's")
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm of the block; 0 turns it off")
     p.add_argument("--seed", type=int, default=0, help="weight init and data order")
     p.add_argument("--data-dtype", choices=("uint16", "uint32"), help="token dtype of a .bin file")
@@ -46,55 +61,87 @@ def register(subparsers) -> None:
 
 
 def _config(args, plan):
-    from runtime.optim import AdamWConfig
+    from runtime.guards import check_finite_flag
+    from runtime.optim import AdamWConfig, check_adamw
     from runtime.trainer import TrainConfig
     steps = args.steps if args.steps is not None else plan.steps_per_block * len(plan.blocks)
     check_positive("--steps", steps, integer=True, upper=10**9)
     check_positive("--stop-after", args.stop_after, integer=True, upper=10**9)
     check_positive("--lr", args.lr, upper=10)
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    for flag, v in (("--min-lr", min_lr), ("--weight-decay", args.weight_decay), ("--clip", args.clip)):
-        if not v >= 0:
-            raise UserError(f"{flag} must be >= 0, got {v!r}.")
-    for flag, v in (("--warmup", args.warmup), ("--ckpt-every", args.ckpt_every), ("--seed", args.seed)):
-        if v < 0:
-            raise UserError(f"{flag} must be >= 0, got {v!r}.")
+    check_finite_flag("--min-lr", min_lr, lo=0, hi=10)
+    check_finite_flag("--warmup", args.warmup, lo=0, hi=10**9, integer=True)
+    check_finite_flag("--ckpt-every", args.ckpt_every, lo=0, hi=10**9, integer=True)
+    check_finite_flag("--seed", args.seed, lo=0, hi=2**63 - 1, integer=True)
+    check_finite_flag("--skip-nonfinite", args.skip_nonfinite, lo=0, hi=10**6, integer=True)
     if min_lr > args.lr:
         raise UserError(f"--min-lr ({min_lr}) is above --lr ({args.lr}).")
     if args.ckpt_every and not args.ckpt_dir:
         raise UserError("--ckpt-every needs --ckpt-dir.")
+    adamw = AdamWConfig(beta1=args.beta1, beta2=args.beta2, eps=args.eps, weight_decay=args.weight_decay,
+                        clip=args.clip)
+    check_adamw(adamw, args.lr)
+    for flag, path in (("--plan", args.plan), ("--data", args.data), ("--ckpt-dir", args.ckpt_dir),
+                       ("--nvme-dir", args.nvme_dir), ("--metrics", args.metrics), ("--trace", args.trace),
+                       ("--summary", args.summary), ("--init-from", args.init_from),
+                       ("--tokenizer", args.tokenizer), ("--resume", args.resume or None)):
+        if path is not None and not path.strip():
+            raise UserError(f"{flag} is an empty path.")
     return TrainConfig(steps=steps, lr=args.lr, min_lr=min_lr, warmup=args.warmup, seed=args.seed,
-                       adamw=AdamWConfig(weight_decay=args.weight_decay, clip=args.clip), ckpt_dir=args.ckpt_dir,
-                       ckpt_every=args.ckpt_every, stop_after=args.stop_after, nvme_dir=args.nvme_dir,
-                       init_from=args.init_from, metrics_path=args.metrics, trace_path=args.trace,
-                       summary_path=args.summary, quiet=args.quiet, force_cpu=args.cpu)
+                       adamw=adamw, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every, stop_after=args.stop_after,
+                       nvme_dir=args.nvme_dir, init_from=args.init_from, metrics_path=args.metrics,
+                       trace_path=args.trace, summary_path=args.summary, skip_nonfinite=args.skip_nonfinite,
+                       quiet=args.quiet, force_cpu=args.cpu)
 
 
 def run(args) -> int:
+    import sys
+
     from runtime import guards
     from runtime.data import TokenData
+    from runtime.model import layouts_of, meta_layers
+    from runtime.scratch import reclaim_scratch
     from runtime.store import Target
-    from runtime.trainer import Trainer
+    from runtime.trainer import Trainer, train_settings
+    from tools.simulate_cmd import check_writable
 
     plan = load_plan(args.plan)
     cfg = _config(args, plan)
     guards.check_supported(plan)
     guards.check_model(plan, args.init_from)
+    check_writable(args.metrics, args.trace, args.summary)
     data = TokenData.open(args.data, seq_len=plan.shape.seq_len, seed=args.seed, tokenizer_dir=args.tokenizer,
-                          dtype=args.data_dtype)
+                          dtype=args.data_dtype, order=args.data_order)
     guards.check_data(data, plan)
     resume = guards.check_resume(plan, args.resume, args.ckpt_dir)
+    if resume is not None:
+        changed = guards.check_settings(resume, train_settings(cfg, data), steps=cfg.steps,
+                                        allow_changes=args.allow_changes)
+        if changed and not args.quiet:
+            print(f"resuming with changed settings (--allow-changes): {'; '.join(changed)}", file=sys.stderr)
     target = Target.detect(force_cpu=args.cpu)
     dtype = str(target.weight_dtype).replace("torch.", "")
+    if args.nvme_dir and os.path.isdir(args.nvme_dir):
+        reclaim_scratch(args.nvme_dir)  # a killed run's scratch, before the free space is measured
     guards.check_nvme(plan, args.nvme_dir, guards.nvme_need_bytes(plan, dtype))
     guards.check_host_ram(guards.ram_need_bytes(plan, dtype, cuda=target.cuda))
+    params = [lay.params for lay in layouts_of(meta_layers(plan.model))]
+    done = resume.step if resume is not None else 0
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, done + cfg.stop_after)
+    saves = 1 + ((end - done) // cfg.ckpt_every if cfg.ckpt_every else 0)
+    guards.check_ckpt_dir(args.ckpt_dir, guards.checkpoint_bytes(plan, params, target.weight_dtype.itemsize), saves)
     guards.check_outputs(args.metrics, args.trace, args.summary)
 
-    trainer = Trainer(plan, data, cfg, resume=resume, target=target)
+    lock = guards.DirLock(args.ckpt_dir) if args.ckpt_dir else None
     try:
-        code = trainer.run()
+        trainer = Trainer(plan, data, cfg, resume=resume, target=target)
+        try:
+            code = trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if lock:
+            lock.release()
     if not args.quiet and trainer.history:
         last = trainer.history[-1]
         print(f"step {last['step']}/{cfg.steps}  loss {last['loss']:.4f}  "
