@@ -33,6 +33,7 @@ from runtime import model as rmodel
 from runtime.activations import HostBuffers
 from runtime.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint, write_hf_config
 from runtime.data import TokenData
+from runtime.device import hold_budget
 from runtime.engine import Executor, PhaseOps, Streams
 from runtime.guards import check_same_plan, host_need_bytes, resume_signature
 from runtime.optim import AdamWConfig, BlockOptimizer
@@ -92,6 +93,8 @@ class Trainer:
                  target: Target | None = None):
         self.plan, self.data, self.cfg = plan, data, cfg
         self.target = target or Target.detect(force_cpu=cfg.force_cpu)
+        if self.target.cuda:  # before anything is allocated there: refuse a card without room, cap at the budget
+            hold_budget(plan, self.target.device.index or 0)
         self.model_cfg = plan.model
         self.schedule = build_schedule(plan, profile_model(plan.model))
         self.layers = rmodel.meta_layers(plan.model)
