@@ -50,7 +50,7 @@ from planner.models import load_model_config  # noqa: E402
 from planner.plan import Block, Placement, validate, write_atomic  # noqa: E402
 from planner.planning import Request, make_plan, predict  # noqa: E402
 from planner.profile import profile_model  # noqa: E402
-from simulator.calibrate import calibrate, write_profile  # noqa: E402
+from runtime.calibrate import calibrate, write_profile  # noqa: E402
 from simulator.chrome_trace import write_trace  # noqa: E402
 from simulator.engine import simulate  # noqa: E402
 

@@ -34,7 +34,7 @@ def run(a) -> int:
 
     from planner.errors import UserError, check_positive
     from planner.models import load_model_config
-    from simulator.calibrate import calibrate, write_profile
+    from runtime.calibrate import calibrate, write_profile
     from tools.simulate_cmd import check_writable
     check_writable(a.out)
     check_positive("--seq", a.seq, integer=True, upper=1 << 20)

@@ -1,0 +1,111 @@
+"""`blockfit calibrate` measures the runtime's own primitives and writes a profile the planner and simulator read.
+
+The facts checked: the profile's rates are the runtime path's measurements with the stand-in's byte scale
+(2 / 4: fp32 weights on the CPU against the schedule's bf16 bytes) applied, as computed here from the raw
+figures; the NVMe reader, the AdamW and the copy path timed are the runtime's (counted by wrapping them); NVMe
+reads of a layer-sized file are split into the runtime's parallel requests.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import runtime.optim
+import runtime.store
+from planner.hardware import load_hardware_file
+from runtime.calibrate import fit_matmul, measure_adam, measure_nvme
+from runtime.store import HostMemory, NvmeFiles, Target
+from tools.cli import run
+
+
+def _counting(monkeypatch, owner, name, calls: list):
+    real = getattr(owner, name)
+
+    def wrapper(*a, **kw):
+        calls.append((a, kw))
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def test_quick_calibration_writes_a_loadable_profile_from_the_runtime_path(tmp_path, capsys, monkeypatch):
+    reads, writes, steps, host = [], [], [], []
+    _counting(monkeypatch, NvmeFiles, "read", reads)
+    _counting(monkeypatch, NvmeFiles, "write", writes)
+    _counting(monkeypatch, runtime.optim, "adamw_", steps)
+    _counting(monkeypatch, HostMemory, "empty", host)
+    out = tmp_path / "hw.json"
+    assert run(["calibrate", "--quick", "--model", "tiny", "--dir", str(tmp_path), "--out", str(out)]) == 0
+    hw = load_hardware_file(str(out))
+    assert hw.calibrated
+    g, h, e = hw.gpu, hw.host, hw.eff
+    for v in (g.vram_gib, g.memory_gbps, g.bf16_tflops, g.h2d_gbps, g.d2h_gbps, h.ram_gib, h.nvme_read_gbps,
+              h.nvme_write_gbps, h.cpu_adam_params_per_s, e.matmul_max, e.memory, e.link):
+        assert v > 0
+    assert e.matmul_half_tokens >= 0 and 0 < h.pageable_factor <= 1
+    assert h.nvme_gib > 0   # --dir given: its free space is offered to plans
+    m = json.loads(out.read_text())["measurements"]
+    # the runtime's primitives did the work: its NVMe writer and reader, its AdamW, its registered host memory
+    nv = m["nvme"]
+    assert len(writes) == nv["files"] and len(reads) == 2 * nv["files"] and nv["files"] >= 2
+    assert nv["bytes"] == nv["files"] * nv["file_bytes"]
+    assert len(steps) >= 2 and len(host) >= 3
+    assert nv["method"].startswith("O_DIRECT, 4 requests") or nv["method"].startswith("posix_fadvise")
+    # the CPU stand-in: fp32 bytes in the runtime, bf16 bytes in the schedule -> rates x 2/4
+    scale = 2 / 4
+    assert m["schedule_bytes_scale"] == scale
+    big = str(max(int(s) for s in m["links_gbps"]["h2d"]["registered"]))
+    assert g.h2d_gbps == pytest.approx(m["links_gbps"]["h2d"]["registered"][big] * scale, rel=1e-12)
+    assert g.d2h_gbps == pytest.approx(m["links_gbps"]["d2h"]["registered"][big] * scale, rel=1e-12)
+    assert h.nvme_read_gbps == pytest.approx(nv["read_gbps"] * scale, rel=1e-12)
+    assert h.nvme_write_gbps == pytest.approx(nv["write_gbps"] * scale, rel=1e-12)
+    assert h.cpu_adam_params_per_s == m["cpu_adam"]["params_per_s"]
+    pageable = m["links_gbps"]["h2d"]["pageable"][big] / m["links_gbps"]["h2d"]["registered"][big]
+    assert h.pageable_factor == pytest.approx(min(1.0, pageable), rel=1e-12)
+    assert len(m["matmul_tflops"]) >= 4 and set(m["links_gbps"]) == {"h2d", "d2h"}
+    assert set(m["links_gbps"]["h2d"]) == {"registered", "pinned", "pageable"}
+    assert "profile written" in capsys.readouterr().out
+
+
+def test_nvme_reads_go_through_the_runtimes_parallel_requests(tmp_path, monkeypatch):
+    parts = []
+    _counting(monkeypatch, runtime.store, "_pread", parts)
+    nv = measure_nvme(str(tmp_path), 32 << 20, 8 << 20, Target.detect(force_cpu=True), repeats=1)
+    assert nv["file_bytes"] == 8 << 20 and nv["files"] == 4 and nv["bytes"] == 32 << 20
+    if nv["method"].startswith("O_DIRECT"):
+        # 8 MiB over 4 requests: 2 MiB each, so 4 preads per file
+        spans = sorted((a[2], a[3]) for a, _ in parts)
+        assert spans == sorted([(k << 21, (k + 1) << 21) for k in range(4)] * 4)
+    assert list(tmp_path.iterdir()) == []   # the runtime's NvmeFiles removed its directory
+
+
+def test_adam_rate_is_the_runtimes_whole_layer_step(monkeypatch):
+    calls = []
+    _counting(monkeypatch, runtime.optim, "adamw_", calls)
+    got = measure_adam(1 << 16, 2, Target.detect(force_cpu=True))
+    assert got["params"] == 1 << 16 and got["params_per_s"] > 0
+    # one vectorised call per step over the layer's three tensors, 65536 parameters in all
+    assert len(calls) >= 2
+    for (params, grads, *_), _kw in calls:
+        assert [p.numel() for p in params] == [1 << 15, 1 << 14, 1 << 14] and len(grads) == 3
+
+
+def test_a_calibrated_profile_drives_plan_and_simulate(tmp_path):
+    out = tmp_path / "hw.json"
+    assert run(["calibrate", "--quick", "--model", "tiny", "--out", str(out), "--quiet"]) == 0
+    from planner.models import CATALOG
+    from planner.planning import Request, make_plan
+    from planner.profile import profile_model
+    from simulator.engine import simulate
+    hw = load_hardware_file(str(out))
+    plan = make_plan(CATALOG["tiny"], hw, Request(vram_gib=1.0, reserve_gib=0.1, seq_len=128, batch=2,
+                                                   time_limit_s=1.0), profile_model(CATALOG["tiny"]))
+    sim = simulate(plan)
+    assert sim.hardware.calibrated and sim.cycle_seconds > 0
+
+
+def test_matmul_fit_recovers_the_curve():
+    a, half = 100.0, 300.0
+    pts = [(t, a * t / (t + half)) for t in (16, 64, 256, 1024, 4096)]
+    got_a, got_half = fit_matmul(pts)
+    assert abs(got_a - a) < 1e-6 * a and abs(got_half - half) < 1e-6 * half
