@@ -12,6 +12,10 @@ two blocks of two layers. The plans, all BCD:
   streamed   decoder weights on the host, streamed through a two-layer prefetch window;
   nvme       decoder weights in files (read with O_DIRECT), streamed the same way;
   offloaded  optimizer state and gradients on the host (CPU AdamW), decoder activations recomputed.
+Calibration is the runtime's own (runtime/calibrate.py: its copy path, its NVMe reader and writer in the
+directory the runtime's files go to, its AdamW). Compute is calibrated on shapes other than those validated (a
+layer of width 640 at sequence 512, against width 512 at sequence 256 here), so the prediction is not fitted to
+itself. NVMe files are one validated layer's weights, the size the runtime reads and writes.
 Unless --hardware is given, the machine is calibrated again right before each plan runs, and that plan is
 simulated with its own calibration, so a machine whose speed drifts (shared cores) is measured as it was.
 The plans take turns over --rounds rounds, each with a fresh calibration and a fresh runtime process: on a
@@ -58,6 +62,10 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "num_hidden
           "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1376, "vocab_size": 4096,
           "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 SEQ, BATCH = 256, 4
+# compute is calibrated on another layer width and sequence length than the validated ones
+CALIB_CONFIG = {**CONFIG, "hidden_size": 640, "num_attention_heads": 10, "num_key_value_heads": 10,
+                "intermediate_size": 1728, "num_hidden_layers": 2}
+CALIB_SEQ = 512
 
 
 def variants(base, prof):
@@ -123,10 +131,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds of calibrate-and-run per plan, taken in turns (default 3, quick 1)")
     ap.add_argument("--keep", help="directory to keep the plans, traces and summaries in")
+    ap.add_argument("--wait-s", type=float, default=None,
+                    help="longest wait for a quiet CPU before each measurement (default 120 s, quick 10 s)")
     ap.add_argument("--spin", action="store_true", help="leave OMP_WAIT_POLICY at OpenMP's default (spinning)")
     a = ap.parse_args()
     spb = a.steps_per_block or (3 if a.quick else 5)
     rounds = a.rounds or (1 if a.quick else 3)
+    wait_s = a.wait_s if a.wait_s is not None else (10.0 if a.quick else 120.0)
     work = a.keep or tempfile.mkdtemp(prefix="blockfit-validate-")
     os.makedirs(work, exist_ok=True)
     try:
@@ -137,6 +148,13 @@ def main() -> int:
     cfg_path = os.path.join(work, "config.json")
     write_atomic(cfg_path, json.dumps(CONFIG))
     cfg = load_model_config(cfg_path)
+    calib_path = os.path.join(work, "calibration-config.json")
+    write_atomic(calib_path, json.dumps(CALIB_CONFIG))
+    nvme_dir = os.path.join(work, "nvme")
+    os.makedirs(nvme_dir, exist_ok=True)
+    prof32 = profile_model(cfg, dtype="float32")
+    measure = dict(quick=a.quick, model=calib_path, seq=CALIB_SEQ, directory=nvme_dir,
+                   nvme_file_bytes=prof32.layers[1].param_bytes)
     data = os.path.join(work, "tokens.bin")
     import numpy as np
     np.random.default_rng(0).integers(0, CONFIG["vocab_size"], 400_000).astype("<u2").tofile(data)
@@ -144,9 +162,9 @@ def main() -> int:
     if a.hardware:
         hw = load_hardware_file(a.hardware)
     else:
-        wait_quiet()
+        wait_quiet(wait_s)
         t0 = time.perf_counter()
-        hw, meas = calibrate(quick=a.quick, model=cfg_path, seq=SEQ)
+        hw, meas = calibrate(**measure)
         write_profile(os.path.join(work, "hw.json"), hw, meas)
         print(f"calibrated in {time.perf_counter() - t0:.1f} s: matmul {hw.gpu.bf16_tflops * 1e3:.0f} GFLOPS "
               f"(half at {hw.eff.matmul_half_tokens:.0f} tokens), memory {hw.gpu.memory_gbps:.1f} GB/s, "
@@ -165,11 +183,11 @@ def main() -> int:
             mt, ms = os.path.join(work, f"measured-{name}.json"), os.path.join(work, f"measured-summary-{name}.json")
             cmd = [sys.executable, "-m", "tools.cli", "train", "--plan", pp, "--data", data, "--quiet", "--cpu",
                    "--steps", str(spb * len(plan.blocks)), "--trace", mt, "--summary", ms,
-                   "--nvme-dir", os.path.join(work, "nvme")]
-            fresh = hw if a.hardware else calibrate(quick=a.quick, model=cfg_path, seq=SEQ)[0]
+                   "--nvme-dir", nvme_dir]
+            fresh = hw if a.hardware else calibrate(**measure)[0]
             best_run = None
-            for _attempt in range(3):   # a run disturbed by other work on the machine is run again
-                before = wait_quiet()
+            for _attempt in range(1 if a.quick else 3):   # a run disturbed by other work is run again
+                before = wait_quiet(wait_s)
                 t0 = time.perf_counter()
                 r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                 if r.returncode != 0:

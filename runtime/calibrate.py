@@ -280,8 +280,10 @@ def _ram_gib() -> float:
 
 
 def calibrate(*, directory: str | None = None, quick: bool = False, model: str = "7b", dtype: str | None = None,
-              device: str | None = None, fit: str = "layer", seq: int = 512, log=None) -> tuple[Hardware, dict]:
-    """Measure everything; (the Hardware profile, the raw measurements)."""
+              device: str | None = None, fit: str = "layer", seq: int = 512, nvme_file_bytes: int | None = None,
+              log=None) -> tuple[Hardware, dict]:
+    """Measure everything; (the Hardware profile, the raw measurements). The NVMe files are one decoder layer of
+    `model` at the runtime's weight dtype (what read_weights moves), or `nvme_file_bytes` when given."""
     import torch
     say = log or (lambda _msg: None)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -295,7 +297,7 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
         raise UserError(f"--fit must be layer or gemm, got '{fit}'.")
     cfg = load_model_config(model)
     from planner.profile import profile_model
-    layer_params = profile_model(cfg).layers[1].params
+    file_bytes = nvme_file_bytes or profile_model(cfg).layers[1].params * target.weight_dtype.itemsize
     started = time.perf_counter()
     sizes = [1 << 20, 16 << 20] if quick else [1 << 20, 16 << 20, 64 << 20, 256 << 20]
     reps = 3 if quick else 5
@@ -303,7 +305,7 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     links = measure_links(target, sizes, reps)
     say("NVMe, through the runtime's reader and writer ...")
     nvme = measure_nvme(directory or tempfile.gettempdir(), (32 << 20) if quick else (512 << 20),
-                        layer_params * target.weight_dtype.itemsize, target)
+                        file_bytes, target)
     say("CPU AdamW, the runtime's ...")
     adam = measure_adam((4 << 20) if quick else (16 << 20), reps, target)
     say(f"matmul at {cfg.name}'s GEMM shape ({cfg.hidden} x {cfg.ffn}), {dtype} ...")
