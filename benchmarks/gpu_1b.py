@@ -1,10 +1,13 @@
 """A ~1B model (TinyLlama-1.1B's shape) trained under a 24 GiB cap on one GPU: does the runtime fit the plan?
 
-    .venv/bin/python benchmarks/gpu_1b.py                       # plan for an RTX 4090-like 24 GiB, run on this GPU
-    .venv/bin/python benchmarks/gpu_1b.py --seq 2048 --batch 8 --steps 12 --gpu h100-pcie
+    .venv/bin/python benchmarks/gpu_1b.py                       # plan for this GPU under a 24 GiB cap, run it
+    .venv/bin/python benchmarks/gpu_1b.py --seq 2048 --batch 8 --steps 12 --calibrate   # measure this GPU first
 
-The process is capped with torch.cuda.set_per_process_memory_fraction at --cap-gib, a plan is made for that budget
-(the ILP decides tiers, blocks, micro-batch), and --steps steps run on random tokens. Printed: the plan's summary,
+The plan is made for the GPU this runs on: its CUDA name mapped to the catalog GPU it is (runtime.device.
+catalog_gpu), or, for a GPU the catalog lacks or with --calibrate, a quick calibration of this machine by the
+runtime (runtime/calibrate.py); --gpu names a catalog GPU instead. The plan's budget is --cap-gib (the ILP decides
+tiers, blocks, micro-batch); the runtime caps the process at that budget (runtime/device.py), and --steps steps
+run on random tokens. Printed: the plan's summary,
 the median step time against the plan's prediction, torch.cuda.max_memory_allocated against the plan's predicted
 peak, the runtime's device ledger, and the overlap ratio from the measured trace. Needs CUDA.
 """
@@ -21,17 +24,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from planner.hardware import GIB, make_hardware  # noqa: E402
+from planner.hardware import GIB, make_hardware, with_overrides  # noqa: E402
 from planner.models import CATALOG  # noqa: E402
 from planner.planning import Request, make_plan  # noqa: E402
+from runtime.calibrate import calibrate  # noqa: E402
 from runtime.data import TokenData  # noqa: E402
+from runtime.device import catalog_gpu  # noqa: E402
 from runtime.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="1b")
-    p.add_argument("--gpu", default="rtx4090", help="catalog GPU the plan assumes (bandwidths, FLOPS)")
+    p.add_argument("--gpu", default=None, help="catalog GPU the plan assumes (default: the one this runs on)")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine first and plan with that")
     p.add_argument("--cap-gib", type=float, default=24.0)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
@@ -41,10 +47,17 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_1b.py needs CUDA")
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
     cfg = CATALOG[args.model]
-    hw = make_hardware(gpu=args.gpu, vram_gib=args.cap_gib, host_ram_gib=64, nvme_gib=200 if args.nvme_dir else 0)
+    name = torch.cuda.get_device_name(0)
+    gpu = args.gpu or (None if args.calibrate else catalog_gpu(name))
+    nvme_gib = 200 if args.nvme_dir else 0
+    if gpu is None:
+        print(f"{name}: calibrating this machine (quick) ...")
+        measured, _ = calibrate(quick=True, model=args.model, directory=args.nvme_dir)
+        hw = with_overrides(measured, vram_gib=args.cap_gib, host_ram_gib=64, nvme_gib=nvme_gib)
+    else:
+        hw = make_hardware(gpu=gpu, vram_gib=args.cap_gib, host_ram_gib=64, nvme_gib=nvme_gib)
+    print(f"running on {name}; planning for {hw.gpu.name}{' (calibrated)' if hw.calibrated else ''}")
     plan = make_plan(cfg, hw, Request(vram_gib=args.cap_gib, seq_len=args.seq, batch=args.batch,
                                       steps_per_block=args.steps_per_block, time_limit_s=10))
     tiers = {}

@@ -73,3 +73,17 @@ def hold_budget(plan, index: int, probe: CudaProbe | None = None) -> BudgetCap:
     fraction = min(1.0, budget / card.total_bytes)
     probe.cap(fraction, index)
     return BudgetCap(device_index=index, fraction=fraction, budget_bytes=budget, need_bytes=need, card=card)
+
+
+# A CUDA device name (torch.cuda.get_device_name) -> the catalog GPU it is, first match wins: every listed
+# substring must appear in the lower-cased name with spaces and dashes removed.
+_CATALOG_NAMES = ((("h200",), "h200"), (("h100", "pcie"), "h100-pcie"), (("h100",), "h100-sxm"),
+                  (("a100", "40gb"), "a100-40g"), (("a100",), "a100-80g"), (("a800",), "a800-80g"),
+                  (("l40s",), "l40s"), (("rtx5090",), "rtx5090"), (("rtx4090",), "rtx4090"),
+                  (("rtx3090",), "rtx3090"))
+
+
+def catalog_gpu(device_name: str) -> str | None:
+    """The catalog GPU (planner/catalog/gpus) a CUDA device name is, or None: then calibrate the machine."""
+    key = "".join(device_name.lower().replace("-", " ").split())
+    return next((gpu for parts, gpu in _CATALOG_NAMES if all(p in key for p in parts)), None)

@@ -91,3 +91,15 @@ def test_train_on_a_full_card_exits_2_with_one_paragraph(tmp_path, monkeypatch, 
     assert "Traceback" not in err and err.count("\n") == 1 and "Busy GPU" in err and "free" in err
     assert card.asked == [0] and card.caps == []
     assert not nvme.exists() or os.listdir(nvme) == []
+
+
+@pytest.mark.parametrize("name, gpu", [
+    ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-40GB", "a100-40g"), ("NVIDIA A100-SXM4-80GB", "a100-80g"), ("NVIDIA A100 80GB PCIe", "a100-80g"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3090", "rtx3090"), ("NVIDIA L40S", "l40s"),
+    ("NVIDIA A800-SXM4-80GB", "a800-80g"), ("Tesla T4", None), ("NVIDIA GeForce RTX 4080", None)])
+def test_a_cuda_device_name_maps_to_its_catalog_gpu(name, gpu):
+    from planner.hardware import gpu_names
+    from runtime.device import catalog_gpu
+    assert catalog_gpu(name) == gpu
+    assert gpu is None or gpu in gpu_names()
