@@ -71,8 +71,8 @@ def run_gpu_tests(skip: bool) -> dict:
         return {"ran": False, "why": "--skip-tests"}
     if importlib.util.find_spec("ortools") is None:
         why = ("ortools is not installed, and tests/gpu plan with the ILP: install it (`pip install ortools`; on a "
-               "machine without network, carry its wheel and protobuf's, as /work/.library/device/README.md says) "
-               "and run `pytest tests/gpu`; the training checks below need no ILP and go on")
+               "machine without network, `pip install --no-index` the ortools wheel with its dependencies' wheels "
+               "copied there) and run `pytest tests/gpu`; the training checks below need no ILP and go on")
         print(f"tests/gpu skipped: {why}.")
         return {"ran": False, "why": why}
     t0 = time.perf_counter()

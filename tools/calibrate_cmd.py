@@ -1,4 +1,6 @@
-"""`blockfit calibrate`: measure this machine and write a hardware profile for `plan` and `simulate`.
+"""`blockfit calibrate`: measure this machine through the runtime's own primitives (its registered host buffers and
+copy path, its NVMe reader and writer, its CPU AdamW; runtime/calibrate.py) and write a hardware profile for `plan`
+and `simulate`.
 
     blockfit calibrate --out hw.json                        # ~30 s: links, NVMe, CPU AdamW, matmul, memory
     blockfit calibrate --out hw.json --dir /mnt/nvme/tmp    # NVMe measured there (and its free space offered)
