@@ -109,3 +109,76 @@ def test_matmul_fit_recovers_the_curve():
     pts = [(t, a * t / (t + half)) for t in (16, 64, 256, 1024, 4096)]
     got_a, got_half = fit_matmul(pts)
     assert abs(got_a - a) < 1e-6 * a and abs(got_half - half) < 1e-6 * half
+
+
+# -- known injected speeds: the timed work replaced by sleeps of known length, so each rate must be bytes (or
+# parameters) over the injected seconds, within the slack of the sleeps themselves
+
+SLOW = 0.05          # seconds per injected request
+SLACK = 0.7          # measured rate >= 70% of the injected one (sleep overshoot, the machine's other work)
+
+
+def test_timing_takes_the_best_of_repeats_of_a_known_duration():
+    import time
+
+    from runtime.calibrate import _time
+    calls = []
+
+    def fn():
+        calls.append(None)
+        time.sleep(0.03 if len(calls) > 2 else 0.06)   # the first (warm-up) and second calls are slower
+    best = _time(fn, False, repeats=4)
+    assert 0.03 <= best < 0.03 / SLACK and len(calls) == 5
+
+
+def test_nvme_rates_are_bytes_over_the_drive_time_with_requests_in_flight(tmp_path, monkeypatch):
+    """Every pwrite and preadv sleeps `slow`. A file is one pwrite; its O_DIRECT read is 4 preadv of 1 MiB in
+    flight at once, so a file reads in about `slow`, not 4 x `slow` (one request at a time would fail the lower
+    bound). `slow` is long against the real copy of 4 MiB into the page cache that each write still makes."""
+    import os
+    import time
+    pwrite, preadv = os.pwrite, os.preadv
+    slow = 0.2
+
+    def slow_pwrite(fd, data, offset):
+        time.sleep(slow)
+        return pwrite(fd, data, offset)
+
+    def slow_preadv(fd, bufs, offset):
+        time.sleep(slow)
+        return preadv(fd, bufs, offset)
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: None)
+    file_bytes = 4 << 20
+    got = measure_nvme(str(tmp_path), 4 * file_bytes, file_bytes, Target.detect(force_cpu=True), repeats=1)
+    rate = file_bytes / slow / 1e9             # GB/s: one file per injected request time
+    assert got["files"] == 4 and got["bytes"] == 4 * file_bytes
+    assert SLACK * rate <= got["write_gbps"] <= rate
+    if got["method"].startswith("O_DIRECT"):
+        assert SLACK * rate <= got["read_gbps"] <= 4 * rate / 3.5   # parallel: about one SLOW per file
+    else:
+        assert SLACK * rate <= got["read_gbps"] <= rate             # one read per file
+
+
+def test_cpu_adam_rate_is_params_over_the_step_time(monkeypatch):
+    import time
+
+    def fake_adamw(params, *a, **kw):
+        time.sleep(SLOW)
+        return 0
+    monkeypatch.setattr(runtime.optim, "adamw_", fake_adamw)
+    params = 1 << 12
+    got = measure_adam(params, 2, Target.detect(force_cpu=True))
+    assert SLACK * params / SLOW <= got["params_per_s"] <= params / SLOW
+
+
+def test_link_rates_are_bytes_over_the_copy_time(monkeypatch):
+    import runtime.calibrate as cal
+    real = cal._time
+    monkeypatch.setattr(cal, "_time", lambda fn, cuda, repeats: (real(fn, cuda, 1), SLOW)[1])
+    n = 1 << 20
+    got = cal.measure_links(Target.detect(force_cpu=True), [n], repeats=1)
+    for direction in ("h2d", "d2h"):
+        for kind in ("registered", "pinned", "pageable"):
+            assert got[direction][kind][n] == pytest.approx(n / SLOW / 1e9, rel=1e-12)
