@@ -47,7 +47,7 @@ def test_quick_calibration_writes_a_loadable_profile_from_the_runtime_path(tmp_p
     m = json.loads(out.read_text())["measurements"]
     # the runtime's primitives did the work: its NVMe writer and reader, its AdamW, its registered host memory
     nv = m["nvme"]
-    assert len(writes) == nv["files"] and len(reads) == 2 * nv["files"] and nv["files"] >= 2
+    assert len(writes) == len(reads) == 2 * nv["files"] and nv["files"] >= 2   # two passes each
     assert nv["bytes"] == nv["files"] * nv["file_bytes"]
     assert len(steps) >= 2 and len(host) >= 3
     assert nv["method"].startswith("O_DIRECT, 4 requests") or nv["method"].startswith("posix_fadvise")
