@@ -45,8 +45,8 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from planner.costs import STATE_BYTES  # noqa: E402
 from planner.hardware import GIB, with_overrides  # noqa: E402
+from planner.memory import STATE_BYTES  # noqa: E402
 from planner.models import load_model_config  # noqa: E402
 from planner.plan import SCHEMA_VERSION, Block, Placement, Plan, Shape, SolverReport, validate, write_atomic  # noqa: E402
 from planner.planning import predict  # noqa: E402
