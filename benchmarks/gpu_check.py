@@ -41,6 +41,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The CPU stand-in: OpenMP teams of the runtime's worker threads spin-wait after each op and take the cores from
+# the compute thread (the resident plan ran 10x slower on 2 busy cores); passive waiting gives them back. Set
+# before torch loads, as benchmarks/validate_sim.py does.
+if "--dry-run" in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
