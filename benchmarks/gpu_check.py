@@ -188,20 +188,20 @@ def run_plan(name: str, plan: Plan, hw, prof, *, data_path: str, nvme_dir: str, 
             "bytes_by_link": summary["bytes_by_link"]}
 
 
-def _gib(b) -> str:
-    return "-" if b is None else f"{b / GIB:.2f}"
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / (1 << 20):.0f}"
 
 
 def table(results: list[dict], pinned_gbps: float, registered_gbps: float) -> str:
-    head = (f"{'plan':<11}{'phase':>6}{'measured s':>11}{'predicted s':>12}{'error':>8}{'max_alloc GiB':>14}"
-            f"{'ledger GiB':>11}{'plan GiB':>9}{'H2D GB/s':>9}{'overlap':>8}{'sim':>6}")
+    head = (f"{'plan':<11}{'phase':>6}{'measured s':>11}{'predicted s':>12}{'error':>8}{'max_alloc MiB':>14}"
+            f"{'ledger MiB':>11}{'plan MiB':>9}{'H2D GB/s':>9}{'overlap':>8}{'sim':>6}")
     rows = [head, "-" * len(head)]
     for r in results:
         for ph in r["phases"]:
             h2d = "-" if r["h2d_gbps"] is None else f"{r['h2d_gbps']:.2f}"
             rows.append(f"{r['plan']:<11}{ph['block']:>6}{ph['measured_s']:>11.4f}{ph['predicted_s']:>12.4f}"
-                        f"{ph['error']:>+8.1%}{_gib(ph['max_memory_allocated_bytes']):>14}"
-                        f"{_gib(ph['ledger_peak_bytes']):>11}{_gib(ph['plan_peak_bytes']):>9}{h2d:>9}"
+                        f"{ph['error']:>+8.1%}{_mib(ph['max_memory_allocated_bytes']):>14}"
+                        f"{_mib(ph['ledger_peak_bytes']):>11}{_mib(ph['plan_peak_bytes']):>9}{h2d:>9}"
                         f"{r['overlap_measured']:>8.2f}{r['overlap_simulated']:>6.2f}")
     rows.append(f"H2D reference: a plain pinned copy (pin_memory) {pinned_gbps:.2f} GB/s; the runtime's copy path "
                 f"from registered memory {registered_gbps:.2f} GB/s (calibration, largest size)")
