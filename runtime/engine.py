@@ -16,11 +16,18 @@ device-wide synchronize in a step: the step ends with the compute stream waiting
 Without CUDA the same code runs with the CPU standing in for the device: transfers are copies done by the
 worker threads, and every Done resolves when the work is finished.
 
+Chaos mode (tests): BLOCKFIT_CHAOS=seed[:max_ms] (or Executor(chaos=...)) delays the start and the completion of
+every op by a seeded random 0..max_ms (default 2 ms). The CPU threads then reorder the way CUDA streams can, so a
+missing dependency or a skipped wait shows on the CPU as wrong numbers or an error, not only on a GPU.
+
 What each op does is PhaseOps's business: one method per op kind, for one phase (one active block).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import random
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -71,15 +78,19 @@ def _resolved(value=None) -> Future:
 class Executor:
     """Runs an op list with a handler that knows what each op does (execute) and what it books (book)."""
 
-    def __init__(self, streams: Streams, tracer):
+    def __init__(self, streams: Streams, tracer, *, chaos: str | None = None):
         self.streams = streams
         self.tracer = tracer
+        chaos = os.environ.get("BLOCKFIT_CHAOS") if chaos is None else chaos
+        self.chaos = _parse_chaos(chaos) if chaos else None   # (seed, max seconds) or None
+        self.runs = 0
 
     def run(self, ops, handler, *, carried: dict[int, Future] | None = None, ahead=(), ahead_ctx=None) -> dict:
         """Issue `ops` in order and wait for all of them. `ahead`: dependency-free ops of the *next* run (the
         next step's first NVMe reads) issued once this run's ops are, so they overlap this step's tail; their
         futures come back and go in as the next run's `carried`, which it uses instead of issuing them again."""
         carried = dict(carried or {})
+        self.runs += 1
         done: dict[int, Future] = {}
         early: dict[int, Future] = {}
         pending: list[Future] = []
@@ -118,8 +129,15 @@ class Executor:
             raise next((e for e in errors if isinstance(e, UserError)), errors[0])
         return early
 
+    def _delay(self, op, when: str) -> None:
+        """Chaos mode: sleep a seeded random time, the same for the same op, run and moment in every run."""
+        if self.chaos is not None:
+            seed, most = self.chaos
+            time.sleep(random.Random(f"{seed}:{self.runs}:{op.id}:{when}").uniform(0.0, most))
+
     def _call(self, op, deps, handler, ctx=None):
         gpu = self.streams.gpu(op.stream)
+        self._delay(op, "start")
         for d in deps:
             event = d.result()
             if event is not None:
@@ -136,11 +154,17 @@ class Executor:
                 handler.abort()  # nothing will give its staging buffer back: wake the ops waiting for one
                 raise
             self.tracer.end(op, token, gpu, handler.moved_bytes(op), ctx)
+            self._delay(op, "done")  # what waits for this op waits longer
             if gpu is None:
                 return None
             event = torch.cuda.Event()
             event.record(gpu)
             return event
+
+
+def _parse_chaos(text: str) -> tuple[int, float]:
+    seed, _, most_ms = str(text).partition(":")
+    return int(seed), float(most_ms or 2.0) / 1000.0
 
 
 class PhaseOps(ComputeOps):
