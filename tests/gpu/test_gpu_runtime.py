@@ -73,3 +73,28 @@ def test_gpu_copies_overlap_compute(tmp_path):
     spans = [s for s in tr.tracer.spans if s["step"] >= 1]
     assert {s["stream"] for s in spans} >= {"compute", "h2d", "d2h", "nvme_read"}
     assert tr.summary()["max_memory_allocated_bytes"] > 0
+    # the overlap it claims, from the intervals: some copy runs while a compute op of the same step runs
+    copies = [s for s in spans if s["stream"] in ("h2d", "d2h")]
+    computes = [s for s in spans if s["stream"] == "compute" and s["end_s"] > s["start_s"]]
+    overlapping = [(c["name"], k["name"]) for c in copies for k in computes if c["step"] == k["step"]
+                   and min(c["end_s"], k["end_s"]) - max(c["start_s"], k["start_s"]) > 0
+                   and c["start_s"] < k["end_s"]]
+    assert overlapping, "no copy interval intersects a compute interval"
+    # and no op starts before an op it depends on has ended: a stream that skipped wait_event would
+    from planner.profile import profile_model
+    from planner.schedule import build_schedule
+    sched = build_schedule(plan, profile_model(plan.model))
+    by_step = {}
+    for s in spans:
+        by_step.setdefault((s["step"], s["block"]), {})[s["id"]] = s
+    slack = 50e-6   # event timestamps are ~0.5 us apart; host-clock placement adds a little
+    checked = 0
+    for (step, block), got in by_step.items():
+        ops = sched.phases[block].ops
+        for op in ops:
+            for d in op.deps:
+                if op.id in got and d in got and got[d]["stream"] in ("h2d", "d2h", "compute") \
+                        and op.stream in ("h2d", "d2h", "compute"):
+                    assert got[op.id]["start_s"] >= got[d]["end_s"] - slack, (step, op.name, ops[d].name)
+                    checked += 1
+    assert checked > 0

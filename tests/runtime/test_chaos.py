@@ -97,6 +97,6 @@ def _fails(run) -> bool:
     """The run trips an error or its numbers differ from the reference."""
     try:
         return not run()
-    except (KeyError, AttributeError, RuntimeError, AssertionError) as e:  # an op found its input missing or the wrong size
+    except (KeyError, AttributeError, RuntimeError, AssertionError) as e:  # an input missing or the wrong size
         print("tripped:", type(e).__name__, e)
         return True
