@@ -2,7 +2,9 @@
 tier and micro-batch, priced by the same cost model, on instances small enough to enumerate.
 
 The enumeration below is written from the model's definition (planner/ilp.py's docstring), per layer and per
-phase, not from the count formulation the ILP uses; it shares only the pricing primitives."""
+phase, not from the count formulation the ILP uses; it shares only the time-pricing primitives. Device bytes are
+counted here from the layer sizes (activation_bytes, transient_bytes below), not with the ILP's helpers, and the
+ILP's chosen solution is checked to fit twice: by that count and by the schedule's memory replay."""
 from __future__ import annotations
 
 import itertools
@@ -14,8 +16,9 @@ from planner.costs import layer_sizes
 from planner.hardware import GIB, make_hardware
 from planner.memory import STATE_BYTES
 from planner.models import ModelConfig
-from planner.planning import Request, candidates, make_plan, search
+from planner.planning import Request, _assemble, candidates, make_plan, search
 from planner.profile import profile_model
+from planner.schedule import build_schedule, memory_timeline
 
 CFG = ModelConfig(name="t3", hidden=64, layers=3, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=512)
 CFG2 = ModelConfig(name="t2", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=512)
@@ -23,6 +26,50 @@ CFG2 = ModelConfig(name="t2", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176,
 
 def kib(x) -> int:
     return -(-int(x) // 1024)
+
+
+def activation_bytes(sz, act: str, role: str) -> int:
+    """Device bytes a layer holds for backward during a phase, from the model's definition: nothing below the
+    block (forward only); what it saves (trainable sizes in the block, frozen sizes above it) when kept on the
+    device; nothing when offloaded; its input checkpoint, the size of its output, when recomputed."""
+    if role == "below" or act == "cpu":
+        return 0
+    if act == "recompute":
+        return sz.out_bytes
+    return sz.saved_bytes if role == "active" else sz.saved_frozen_bytes
+
+
+def transient_bytes(sizes, tier: str) -> int:
+    """The ILP's reserve for short-lived bytes, as its docstring defines it: the largest kernel workspace, two
+    decoder layers' saved sets in flight, one optimizer temporary (fp32 master of the largest layer on the device,
+    else two bf16 gradient copies of it) and two hidden states."""
+    largest = sorted(sizes, key=lambda s: s.params)[-1]
+    return (max(s.workspace_bytes for s in sizes)
+            + 2 * max([s.saved_bytes for s in sizes if s.kind == "decoder"] or [0])
+            + (4 * largest.params if tier == "gpu" else 2 * largest.param_bytes)
+            + 2 * max(s.out_bytes for s in sizes))
+
+
+def device_kib(sizes, starts, combos_, tier: str, full: bool) -> int:
+    """KiB the worst phase needs (each term rounded up to KiB, as the ILP counts): resident weights, a window of
+    two of the largest streamed layer, every layer's activations in its role (the head's included), the
+    transient reserve, and with the state on the device the trained layers' fp32 state and bf16 gradients."""
+    n = len(sizes) - 2
+    w = [c[0] for c in combos_]
+    resident = sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "gpu")
+    streamed = [kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] != "gpu"]
+    window = 2 * max(streamed) if streamed else 0
+    bounds = list(starts) + [n + 1]
+    need = 0
+    for first, end in zip(bounds, bounds[1:]):
+        trained = range(n + 2) if full else range(first, end)
+        acts = 0
+        for i in range(n + 2):
+            role = "active" if full or first <= i < end else "below" if i < first else "above"
+            acts += kib(activation_bytes(sizes[i], combos_[i][1], role))
+        state = sum(kib(sizes[i].params * 12 + sizes[i].param_bytes) for i in trained) if tier == "gpu" else 0
+        need = max(need, resident + window + acts + kib(transient_bytes(sizes, tier)) + state)
+    return need
 
 
 def configurations(prof, hw, req: Request):
@@ -64,20 +111,8 @@ def configurations(prof, hw, req: Request):
                 for i in range(n + 2):
                     role = "active" if full or first <= i < end else "below" if i < first else "above"
                     cost += price(i, combos_[i], role, tier)
-            # memory of every phase, in KiB as the ILP counts it
+            need = device_kib(sizes, starts, combos_, tier, full)
             w = [c[0] for c in combos_]
-            w_gpu = sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "gpu")
-            streamed = [kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] != "gpu"]
-            fixed = (w_gpu + (2 * max(streamed) if streamed else 0) + kib(ilp.transient_bytes(sizes, tier))
-                     + kib(ilp.act_bytes(sh, h[1], "active" if full else "above")))
-            state = kib(sd.params * STATE_BYTES + sd.param_bytes) if tier == "gpu" else 0
-            if full and tier == "gpu":
-                fixed += kib((se.params + sh.params) * STATE_BYTES + se.param_bytes + sh.param_bytes)
-            need = 0
-            for first, end in blocks:
-                acts = sum(kib(ilp.act_bytes(sizes[i], combos_[i][1], "above")) for i in range(end, n + 1))
-                acts += sum(kib(ilp.act_bytes(sizes[i], combos_[i][1], "active")) for i in range(first, end))
-                need = max(need, fixed + acts + state * (end - first))
             lmax = max(end - first for first, end in blocks)
             extra = (se.params + sh.params) if full else 0
             keep_all = kib((n * sd.params + extra) * STATE_BYTES)
@@ -157,6 +192,21 @@ def test_ilp_matches_enumeration(prof, prof2, case, slack):
     # The ILP rounds costs to 1/2000 of the dearest layer pass; its optimum is the true one within that.
     assert ilp_cost == pytest.approx(brute[0], rel=2e-3)
     assert found.bound_s == pytest.approx(ilp_cost, rel=1e-9)  # proven: gap 0
+    _assert_fits(p, hw, req, found, cap)
+
+
+def _assert_fits(prof, hw, req, found, cap: int) -> None:
+    """What the ILP chose fits `cap`: by this file's own byte count, and by the schedule's memory replay."""
+    sol, mb = found.solution, found.micro_batch
+    sizes = [layer_sizes(lp, mb, req.seq_len) for lp in prof.layers]
+    combos_ = tuple((p.weights, p.activations) for p in sol.placements)
+    tier = sol.placements[1].master
+    need = device_kib(sizes, sol.starts, combos_, tier, req.method == "full")
+    assert need <= cap // 1024, (need, cap // 1024, sol.starts, combos_, tier)
+    plan = _assemble(prof, hw, req, cap, 0, found)
+    for ph in build_schedule(plan, prof).phases:
+        peak, _, _ = memory_timeline(ph)
+        assert peak <= cap, (ph.block, peak, cap)
 
 
 def test_enumeration_is_not_trivial(prof):
