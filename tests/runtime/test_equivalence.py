@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from planner.profile import profile_model
 from runtime.data import TokenData
 from runtime.hf import hf_state_from_layers, load_layers_from_hf_state
 from runtime.optim import AdamWConfig
-from runtime.trainer import TrainConfig, Trainer, lr_at
+from runtime.trainer import TrainConfig, Trainer
 
 TINY = CATALOG["tiny"]   # 4 decoder layers: plan layers 0 (embedding) .. 5 (head)
 
@@ -78,6 +79,16 @@ def train(plan: Plan, data_path: str, tc: TrainConfig, steps: int | None = None)
         tr.close()
 
 
+def reference_lr(step: int, tc: TrainConfig) -> float:
+    """The learning rate of (0-based) step `step`, written out here rather than imported from the runtime: linear
+    warmup that reaches tc.lr at step warmup-1 (step 0 trains at lr/warmup, not at 0), then a half cosine from
+    tc.lr at step `warmup` to tc.min_lr at step tc.steps, flat after."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    t = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
+    return tc.min_lr + (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * t)) / 2
+
+
 def reference_bcd(plan: Plan, init: dict, data_path: str, tc: TrainConfig, steps: int):
     """The plain PyTorch BCD loop; returns (losses, final weights under HF names)."""
     cfg = plan.model
@@ -103,7 +114,7 @@ def reference_bcd(plan: Plan, init: dict, data_path: str, tc: TrainConfig, steps
             opt = new() if plan.switch_state == "reset" else kept.setdefault(block, new())
             active = block
         for group in opt.param_groups:
-            group["lr"] = lr_at(s, tc)
+            group["lr"] = reference_lr(s, tc)
         total = torch.zeros(())
         for _ in range(g):
             x, y = data.next_batch(mb)
@@ -139,6 +150,14 @@ CASES = {
                              P(3, "gpu", "gpu", "cpu"), P(4, "cpu", "cpu", "gpu"), P(5, "gpu", "gpu", "recompute")],
                  method="full"),
 }
+
+
+def test_reference_lr_schedule_by_hand():
+    """TC: lr 1e-2, min_lr 1e-3, warmup 2 of 12 steps; the cosine's midpoint is step 7."""
+    lrs = [reference_lr(s, TC) for s in range(13)]
+    assert lrs[:3] == pytest.approx([5e-3, 1e-2, 1e-2], rel=1e-12)
+    assert lrs[7] == pytest.approx(5.5e-3, rel=1e-12) and lrs[12] == pytest.approx(1e-3, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
 
 
 @pytest.mark.parametrize("case", list(CASES))
