@@ -7,6 +7,8 @@ import os
 import sys
 from collections import Counter
 
+import pytest
+
 from planner.costs import STREAMS
 from planner.plan import write_atomic
 from planner.profile import profile_model
@@ -71,3 +73,26 @@ def test_trace_and_summary(tmp_path):
 def _layers(plan):
     from runtime.model import meta_layers
     return meta_layers(plan.model)
+
+
+def test_overlap_ratio_of_hand_built_spans():
+    """Two steps of 1 s and 3 s (4 s of wall). Compute busy 0.9 + 2.5 s; an h2d copy of 0.5 s inside step 0 and one
+    of 2 s inside step 1; an NVMe read of 0.6 s belonging to no step (a switch): not counted. Busy 5.9 s over 4 s of
+    wall: the streams ran side by side 1.475 times over. Serial spans in the same steps give busy / wall < 1."""
+    from runtime.trace import Tracer
+
+    def summary(spans):
+        tr = Tracer(enabled=True)
+        tr.steps = [(0, 0, 10.0, 11.0), (1, 0, 11.0, 14.0)]
+        tr.spans = [{"name": n, "stream": s, "start_s": a, "end_s": b, "id": k, "kind": "x", "layer": 0,
+                     "bytes": 0, "step": st, "block": 0} for k, (n, s, a, b, st) in enumerate(spans)]
+        return tr.summary(peak_device_bytes=0, phase_peak_bytes={}, predicted_peak_bytes={})
+    s = summary([("fwd", "compute", 10.0, 10.9, 0), ("load", "h2d", 10.2, 10.7, 0),
+                 ("bwd", "compute", 11.0, 13.5, 1), ("fetch", "h2d", 11.5, 13.5, 1),
+                 ("read", "nvme_read", 9.0, 9.6, -1)])
+    assert s["wall_seconds"] == pytest.approx(4.0) and s["overlap_ratio"] == pytest.approx(5.9 / 4.0)
+    assert s["busy_seconds_by_stream"]["h2d"] == pytest.approx(2.5)
+    assert s["step_seconds_by_phase"] == {"0": pytest.approx(2.0)}
+    serial = summary([("fwd", "compute", 10.0, 10.5, 0), ("load", "h2d", 10.5, 11.0, 0),
+                      ("bwd", "compute", 11.0, 12.0, 1)])
+    assert serial["overlap_ratio"] == pytest.approx(2.0 / 4.0)
