@@ -169,6 +169,8 @@ CASES = [  # (hardware overrides, request overrides, model): slow links make pla
     (dict(pcie_gbps=2.0, cpu_adam_params_per_s=1e6), dict(method="bcd", switch_state="keep_cpu"), "t3"),
     (dict(pcie_gbps=0.05, nvme_gib=1.0, nvme_read_gbps=0.02), dict(method="bcd"), "t2"),
     (dict(pcie_gbps=0.5), dict(method="full"), "t3"),
+    # a slow CPU optimizer and link: the state wants the device, as long as it fits
+    (dict(pcie_gbps=0.05, cpu_adam_params_per_s=1e4), dict(method="bcd"), "t3"),
 ]
 _CONFIGS: dict = {}
 
@@ -193,6 +195,31 @@ def test_ilp_matches_enumeration(prof, prof2, case, slack):
     assert ilp_cost == pytest.approx(brute[0], rel=2e-3)
     assert found.bound_s == pytest.approx(ilp_cost, rel=1e-9)  # proven: gap 0
     _assert_fits(p, hw, req, found, cap)
+
+
+@pytest.mark.parametrize("case", [0, 4])
+def test_ilp_just_below_each_tiers_smallest_budget(prof, prof2, case):
+    """Budgets 1 KiB under the smallest that lets the optimizer state live on each tier: a term the ILP forgot
+    for that tier (the device state's gradients, say) would let it pick the tier where it does not fit."""
+    hw_kw, req_kw, model = CASES[case]
+    p = prof if model == "t3" else prof2
+    hw = make_hardware(gpu="rtx4090", **hw_kw)
+    req = Request(seq_len=64, batch=2, steps_per_block=3, time_limit_s=20, **req_kw)
+    if case not in _CONFIGS:
+        _CONFIGS[case] = configurations(p, hw, req)
+    configs = _CONFIGS[case]
+    checked = 0
+    for tier in {c[5] for c in configs}:
+        cap = (min(c[1] for c in configs if c[5] == tier) - 1) * 1024
+        brute = best_under(configs, cap)
+        if brute is None:
+            continue
+        found = search(p, hw, req, cap)
+        assert found is not None and found.solution.placements[1].master != tier
+        assert found.solution.objective_s * (req.batch // found.micro_batch) == pytest.approx(brute[0], rel=2e-3)
+        _assert_fits(p, hw, req, found, cap)
+        checked += 1
+    assert checked
 
 
 def _assert_fits(prof, hw, req, found, cap: int) -> None:

@@ -47,6 +47,8 @@ def test_a_plan_with_nvme_weights_and_state_prices_every_nvme_op_by_the_link():
         nvme_busy = {"nvme_read": 0.0, "nvme_write": 0.0}
         for op in ph.ops:
             if op.stream in nvme_busy:
+                # writes queue on the drive's write stream, reads on its read stream
+                assert op.stream == ("nvme_write" if op.kind.startswith("write") else "nvme_read"), op.name
                 want = seconds(op.bytes, 2.5 if op.stream == "nvme_read" else 1.25)
                 assert op.bytes > 0 and res.finish[op.id] - res.start[op.id] == pytest.approx(want, rel=1e-9)
                 nvme_busy[op.stream] += want
@@ -55,3 +57,23 @@ def test_a_plan_with_nvme_weights_and_state_prices_every_nvme_op_by_the_link():
             assert res.busy_seconds[stream] == pytest.approx(busy, rel=1e-9)
             assert res.step_seconds >= busy   # one drive queue: a step lasts at least its reads
     assert kinds >= {"read_weights", "read_state", "write_state", "write_weights"}
+
+
+def test_switches_move_state_through_the_drive_and_count_in_the_cycle():
+    """keep_nvme: at each switch the block's device or host state is read from and written to the drive, both
+    queues at once; the cycle is steps_per_block steps of every phase plus its switch."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime"))
+    from test_equivalence import P, tiny_plan
+    plan = tiny_plan([P(i, "gpu", "gpu" if i % 2 else "cpu", "gpu") for i in range(6)], switch_state="keep_nvme",
+                     steps_per_block=3)
+    sim = simulate(plan, HW)
+    for ph, res in zip(sim.schedule.phases, sim.phases):
+        reads = [op.bytes for op in ph.switch_ops if op.kind == "load_state"]
+        writes = [op.bytes for op in ph.switch_ops if op.kind == "save_state"]
+        assert reads and len(reads) == len(writes) == len(ph.layers)
+        assert {op.stream for op in ph.switch_ops} == {"nvme_read", "nvme_write"}
+        want = max(sum(seconds(n, 2.5) for n in reads), sum(seconds(n, 1.25) for n in writes))
+        assert res.switch_seconds == pytest.approx(want, rel=1e-12) and want > 0
+    cycle = sum(3 * res.step_seconds + res.switch_seconds for res in sim.phases)
+    assert sim.cycle_seconds == pytest.approx(cycle, rel=1e-12)
+    assert sim.tokens_per_s == pytest.approx(3 * len(sim.phases) * plan.shape.tokens_per_step / cycle, rel=1e-12)
