@@ -2,7 +2,7 @@
 should catch it. A mutant that passes its tests "survived": the suite cannot tell that code from the real one.
 
     python benchmarks/mutants.py               # every mutant, two at a time (about 10-20 minutes on two cores)
-    python benchmarks/mutants.py -k ilp -j 1   # the mutants whose name or file contains "ilp", one at a time
+    python benchmarks/mutants.py -k ilp,data -j 1   # mutants whose name or file contains "ilp" or "data", serially
     python benchmarks/mutants.py --list
 
 Each mutant is (name, file, exact old snippet, new snippet, tests): the old snippet must occur exactly once in the
@@ -10,7 +10,8 @@ file. One that does not is reported as STALE, loudly, and counts against the run
 Mutants are applied to a temporary copy of the working tree (never to the tree itself); its tests run with
 `-x -q` under a per-mutant time limit (a mutant that deadlocks is caught by pytest-timeout or by that limit).
 Not run in CI: it is a check on the tests, run by hand after changing them or the code they guard.
-Exit status: 0 when every mutant is caught, 1 otherwise.
+The tests are first run on the unmutated copy (a failing baseline stops the run: exit 2). Exit status: 0 when
+every mutant is caught, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -211,14 +212,38 @@ def _run_one(root: str, m: Mutant, limit_s: float, python: str) -> tuple[str, fl
     return verdict, time.perf_counter() - t0, tail
 
 
+def _baseline(roots: list[str], tests: list[str], limit_s: float, python: str) -> list[str]:
+    """Run the chosen mutants' tests on the unmutated copies (split across them); the failing chunks' tails."""
+    chunks = [tests[k::len(roots)] for k in range(len(roots))]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def run(root_chunk):
+        root, chunk = root_chunk
+        if not chunk:
+            return None
+        try:
+            proc = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *chunk], cwd=root,
+                                  env={**env, "PYTHONPATH": root}, capture_output=True, text=True,
+                                  timeout=4 * limit_s)
+        except subprocess.TimeoutExpired:
+            return f"{chunk}: timed out"
+        return None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-1500:]
+    with ThreadPoolExecutor(len(roots)) as ex:
+        return [r for r in ex.map(run, zip(roots, chunks)) if r]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-k", default="", help="only mutants whose name or file contains this")
+    ap.add_argument("-k", default="", help="only mutants whose name or file contains this (a,b: either)")
     ap.add_argument("-j", type=int, default=2, help="mutants run at once, each in its own copy (default 2)")
     ap.add_argument("--limit-s", type=float, default=300.0, help="time limit per mutant (default 300 s)")
     ap.add_argument("--list", action="store_true", help="list the mutants and stop")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip running the tests on the unmutated copy first (they must pass for a verdict to mean "
+                         "anything)")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if args.k in m.name or args.k in m.file]
+    keys = args.k.split(",")
+    chosen = [m for m in MUTANTS if any(k in m.name or k in m.file for k in keys)]
     if args.list:
         for m in chosen:
             print(f"{m.name:34s} {m.file:24s} {m.why}")
@@ -233,6 +258,15 @@ def main(argv=None) -> int:
         free = list(roots)
         results = {}
         started = time.perf_counter()
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            failed = _baseline(roots, tests, args.limit_s, sys.executable)
+            if failed:
+                print("BASELINE FAILED: the unmutated tests do not pass, so no verdict would mean anything:\n"
+                      + "\n".join(failed))
+                return 2
+            print(f"baseline: {len(tests)} test targets pass unmutated ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
         print(f"{len(chosen)} mutants, {jobs} at a time, copies under {work}", flush=True)
 
         def task(m: Mutant):
