@@ -12,10 +12,11 @@ on meta tensors and record:
   - bytes that non-matmul ops read and write, for the memory-bound share of the time.
 
 Every quantity depends on micro-batch b and sequence s. Matmul and elementwise work grow with b*s, attention
-with b*s^2, RoPE tables with s alone; so we measure at four (b, s) points and fit
+with b*s^2, RoPE tables with s alone; so we measure at five (b, s) points and fit
     value(b, s) = c0 + c1*s + b*(c2 + c3*s + c4*s^2)
-exactly (five terms, five points). Decoder layers of one model are identical, so one is measured and its
-profile stands for all: that is also what lets the ILP treat them symmetrically.
+exactly (five terms, five points, solved in rational arithmetic: the same on every CPU). Decoder layers of one
+model are identical, so one is measured and its profile stands for all: that is also what lets the ILP treat them
+symmetrically.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from fractions import Fraction
 
 from planner.models import ModelConfig
 
@@ -43,11 +45,23 @@ class Poly:
 
     @staticmethod
     def fit(values: list[float]) -> "Poly":
-        import numpy as np
-        a = np.array([[1.0, s, b, b * s, b * s * s] for b, s in _POINTS])
-        c = np.linalg.solve(a, np.array(values, dtype=float))
-        c = tuple(0.0 if abs(x) < 1e-6 else round(float(x), 6) for x in c)
-        return Poly(c=c)
+        """The five coefficients through the five measurements, solved in exact rational arithmetic.
+
+        The measurements are counts (FLOPs, bytes: integers) and the basis at the integer fit points is integer, so
+        Gauss-Jordan elimination over Fractions gives the exact solution, and each coefficient is then rounded once
+        to the nearest float. A floating-point solve leaves residues that depend on the CPU and the BLAS build (a
+        -1e-06 where the truth is 0): the same measurements must give the same profile on every machine."""
+        basis = [(1, s, b, b * s, b * s * s) for b, s in _POINTS]
+        rows = [[Fraction(x) for x in row] + [Fraction(v)] for row, v in zip(basis, values, strict=True)]
+        n = len(basis)
+        for col in range(n):
+            pivot = next(r for r in range(col, n) if rows[r][col] != 0)  # the basis is nonsingular at _POINTS
+            rows[col], rows[pivot] = rows[pivot], rows[col]
+            for r in range(n):
+                if r != col and rows[r][col] != 0:
+                    f = rows[r][col] / rows[col][col]
+                    rows[r] = [x - f * y for x, y in zip(rows[r], rows[col])]
+        return Poly(c=tuple(float(rows[i][n] / rows[i][i]) for i in range(n)))
 
 
 @dataclass(frozen=True, kw_only=True)
