@@ -13,10 +13,9 @@ import os
 from dataclasses import dataclass, field
 
 from planner.errors import UserError, check_positive, closest, read_json
+from planner.units import GB, GIB, size_gib
 
 GPU_DIR = os.path.join(os.path.dirname(__file__), "catalog", "gpus")
-GIB = 1 << 30
-GB = 10**9
 
 
 def gpu_names() -> list[str]:
@@ -167,8 +166,8 @@ def check_hardware(hw: Hardware, where: str = "hardware") -> None:
         raise UserError(f"{where}: gpu.id and gpu.name must be strings.")
 
 
-def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, vram_gib: float | None = None,
-                  host_ram_gib: float | None = None, nvme_gib: float | None = None,
+def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, vram_gib: float | str | None = None,
+                  host_ram_gib: float | str | None = None, nvme_gib: float | str | None = None,
                   pcie_gbps: float | None = None, nvme_read_gbps: float | None = None,
                   nvme_write_gbps: float | None = None, cpu_adam_params_per_s: float | None = None) -> Hardware:
     """Catalog GPU or a calibrated profile, with the command line's overrides applied (validated here)."""
@@ -179,16 +178,15 @@ def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, v
                           cpu_adam_params_per_s=cpu_adam_params_per_s)
 
 
-def with_overrides(hw: Hardware, *, vram_gib: float | None = None, host_ram_gib: float | None = None,
-                   nvme_gib: float | None = None, pcie_gbps: float | None = None,
+def with_overrides(hw: Hardware, *, vram_gib: float | str | None = None, host_ram_gib: float | str | None = None,
+                   nvme_gib: float | str | None = None, pcie_gbps: float | None = None,
                    nvme_read_gbps: float | None = None, nvme_write_gbps: float | None = None,
                    cpu_adam_params_per_s: float | None = None) -> Hardware:
-    """`hw` with the command line's overrides applied (validated here); None leaves a figure as it is."""
-    check_positive("--vram", vram_gib, upper=4096)
-    check_positive("--host-ram", host_ram_gib, upper=65536)
-    if nvme_gib is not None and (not isinstance(nvme_gib, (int, float)) or not math.isfinite(nvme_gib)
-                                 or nvme_gib < 0 or nvme_gib > 10**6):
-        raise UserError(f"--nvme must be a capacity in GB between 0 and 1000000, got {nvme_gib!r}.")
+    """`hw` with the command line's overrides applied (validated here); None leaves a figure as it is.
+    Sizes are GiB, or strings with a unit (planner.units: `24`, `24GiB`, `2TB`)."""
+    vram_gib = size_gib("--vram", vram_gib, upper_gib=4096)
+    host_ram_gib = size_gib("--host-ram", host_ram_gib, upper_gib=65536)
+    nvme_gib = size_gib("--nvme", nvme_gib, allow_zero=True, upper_gib=10**6)
     check_positive("--pcie-gbps", pcie_gbps, upper=1000)
     check_positive("--nvme-read-gbps", nvme_read_gbps, upper=1000)
     check_positive("--nvme-write-gbps", nvme_write_gbps, upper=1000)

@@ -12,15 +12,16 @@ from planner.errors import UserError, check_positive
 from planner.hardware import make_hardware
 from planner.models import load_model_config
 from planner.plan import ORDERS, SWITCH_POLICIES, Plan, write_atomic
+from planner.units import SIZE_HELP, size_gib
 
 
 def add_hardware_args(p) -> None:
     """Hardware flags shared by plan, simulate and sweep."""
     p.add_argument("--gpu", default=None, help="catalog GPU (rtx3090, rtx4090, a100-80g, h100-sxm, ...)")
     p.add_argument("--hardware", default=None, help="a hardware profile written by `blockfit calibrate`")
-    p.add_argument("--vram", type=float, default=None, help="VRAM budget in GiB (default: the GPU's)")
-    p.add_argument("--host-ram", type=float, default=None, help="host RAM in GiB (default 64)")
-    p.add_argument("--nvme", type=float, default=None, help="NVMe capacity in GB for the plan (default 0: none)")
+    p.add_argument("--vram", default=None, help=f"VRAM budget ({SIZE_HELP}; default: the GPU's)")
+    p.add_argument("--host-ram", default=None, help=f"host RAM ({SIZE_HELP}; default 64)")
+    p.add_argument("--nvme", default=None, help=f"NVMe capacity for the plan ({SIZE_HELP}; default 0: none)")
     p.add_argument("--pcie-gbps", type=float, default=None, help="achieved pinned host<->device GB/s")
     p.add_argument("--nvme-read-gbps", type=float, default=None)
     p.add_argument("--nvme-write-gbps", type=float, default=None)
@@ -38,7 +39,7 @@ def register(sub) -> None:
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="7b, 8b, 13b, 70b, 1b, tiny, or a HF config.json")
     add_hardware_args(p)
-    p.add_argument("--reserve", type=float, default=1.5, help="GiB kept free for CUDA context and slack")
+    p.add_argument("--reserve", default=1.5, help=f"kept free for CUDA context and slack ({SIZE_HELP}; default 1.5)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch (default: chosen)")
@@ -61,7 +62,7 @@ def register(sub) -> None:
 
 def request_from_args(a, method: str):
     from planner.planning import Request
-    check_positive("--reserve", a.reserve, upper=1024)
+    reserve_gib = size_gib("--reserve", a.reserve, upper_gib=1024)
     check_positive("--seq", a.seq, integer=True, upper=1 << 20)
     check_positive("--batch", a.batch, integer=True, upper=1 << 16)
     check_positive("--micro-batch", a.micro_batch, integer=True, upper=1 << 16)
@@ -77,7 +78,8 @@ def request_from_args(a, method: str):
     check_positive("--time-limit", a.time_limit, upper=86400)
     if not 0 <= a.seed < 1 << 63:
         raise UserError(f"--seed must be an integer from 0 to 2^63 - 1, got {a.seed}.")
-    return Request(method=method, vram_gib=a.vram, reserve_gib=a.reserve, seq_len=a.seq, batch=a.batch,
+    vram_gib = size_gib("--vram", a.vram, upper_gib=4096)
+    return Request(method=method, vram_gib=vram_gib, reserve_gib=reserve_gib, seq_len=a.seq, batch=a.batch,
                    micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
                    switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo)
 

@@ -15,6 +15,7 @@ import os
 
 from planner.errors import UserError
 from planner.plan import load_plan, write_atomic
+from planner.units import SIZE_HELP, size_gib
 
 
 def register(subparsers) -> None:
@@ -27,10 +28,10 @@ def register(subparsers) -> None:
     g = p.add_argument_group("what if (the plan kept unless --replan)")
     g.add_argument("--gpu", help="another catalog GPU")
     g.add_argument("--hardware", help="a hardware profile written by `blockfit calibrate`")
-    g.add_argument("--vram", type=float, help="VRAM budget in GiB")
+    g.add_argument("--vram", help=f"VRAM budget ({SIZE_HELP})")
     g.add_argument("--pcie-gbps", type=float, help="host<->device GB/s, both directions")
     g.add_argument("--nvme-gbps", type=float, help="NVMe read and write GB/s")
-    g.add_argument("--host-ram", type=float, help="host RAM in GiB")
+    g.add_argument("--host-ram", help=f"host RAM ({SIZE_HELP})")
     g.add_argument("--micro-batch", type=int, help="micro-batch (the batch per step is kept)")
     g.add_argument("--seq", type=int, help="sequence length")
     g.add_argument("--replan", action="store_true", help="plan again for the new hardware and shape")
@@ -65,8 +66,9 @@ def run(a) -> int:
 
     check_writable(a.trace, a.plot, a.summary)
     plan = load_plan(a.plan)
-    ov = Overrides(gpu=a.gpu, hardware_file=a.hardware, vram_gib=a.vram, pcie_gbps=a.pcie_gbps,
-                   nvme_gbps=a.nvme_gbps, host_ram_gib=a.host_ram, micro_batch=a.micro_batch, seq_len=a.seq)
+    vram, host_ram = size_gib("--vram", a.vram, upper_gib=4096), size_gib("--host-ram", a.host_ram, upper_gib=65536)
+    ov = Overrides(gpu=a.gpu, hardware_file=a.hardware, vram_gib=vram, pcie_gbps=a.pcie_gbps,
+                   nvme_gbps=a.nvme_gbps, host_ram_gib=host_ram, micro_batch=a.micro_batch, seq_len=a.seq)
     prof = profile_model(plan.model)
     before = None
     if ov.any() or a.replan:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict
 
 from planner.errors import UserError, check_positive
+from planner.units import SIZE_HELP, size_gib
 
 
 def register(subparsers) -> None:
@@ -23,12 +23,13 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="comma-separated models (7b,8b,... or config.json paths)")
     p.add_argument("--gpu", required=True, help="comma-separated catalog GPUs, or 'all'")
-    p.add_argument("--vram", help="comma-separated budgets in GiB (default: each card's VRAM); a:b:step for a range")
+    p.add_argument("--vram", help=f"comma-separated budgets ({SIZE_HELP}; default: each card's VRAM); a:b:step "
+                                  "for a range")
     p.add_argument("--method", default="bcd", help="bcd, full, or both comma-separated (default bcd)")
     p.add_argument("--compare-methods", action="store_true", help="BCD and full side by side, with costs")
     p.add_argument("--seq", type=int, default=2048, help="sequence length (capped at the model's maximum)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
-    p.add_argument("--host-ram", type=float, help="host RAM in GiB (default 64)")
+    p.add_argument("--host-ram", help=f"host RAM ({SIZE_HELP}; default 64)")
     p.add_argument("--blocks", type=int, help="fix BCD's number of blocks (default: the planner's choice, the "
                                               "fewest that fit)")
     p.add_argument("--cpu-adam", type=float, help="CPU AdamW parameters per second (default 0.2e9, torch's)")
@@ -51,21 +52,18 @@ def _names(s: str) -> list[str]:
 def parse_vram(s: str | None) -> list[float | None]:
     if s is None:
         return [None]
-    try:
-        if ":" in s:
-            a, b, step = (float(x) for x in s.split(":"))
-            if not all(math.isfinite(x) for x in (a, b, step)) or step <= 0 or b < a or a <= 0:
-                raise ValueError
-            n = int(round((b - a) / step)) + 1
-            if n > 100_000:
-                raise UserError(f"--vram {s} makes {n} budgets; that is too many.")
-            return [round(a + k * step, 6) for k in range(n)]
-        out = [float(x) for x in _names(s)]
-        if not all(math.isfinite(x) and x > 0 for x in out):
-            raise ValueError
-        return out
-    except ValueError:
-        raise UserError(f"--vram must be GiB values separated by commas, or start:stop:step; got '{s}'.") from None
+    if ":" in s:
+        parts = s.split(":")
+        if len(parts) != 3:
+            raise UserError(f"--vram must be sizes separated by commas, or start:stop:step; got '{s}'.")
+        a, b, step = (size_gib("--vram", x, upper_gib=4096) for x in parts)
+        if b < a:
+            raise UserError(f"--vram {s}: the range ends below its start.")
+        n = int(round((b - a) / step)) + 1
+        if n > 100_000:
+            raise UserError(f"--vram {s} makes {n} budgets; that is too many.")
+        return [round(a + k * step, 6) for k in range(n)]
+    return [size_gib("--vram", x, upper_gib=4096) for x in _names(s)]
 
 
 def run(a) -> int:
@@ -78,14 +76,14 @@ def run(a) -> int:
     check_positive("--workers", a.workers, integer=True, upper=256)
     check_positive("--seq", a.seq, integer=True, upper=1 << 20)
     check_positive("--batch", a.batch, integer=True, upper=1 << 16)
-    check_positive("--host-ram", a.host_ram, upper=65536)
+    host_ram = size_gib("--host-ram", a.host_ram, upper_gib=65536)
     check_positive("--tokens", a.tokens, upper=1e18)
     check_positive("--cpu-adam", a.cpu_adam, upper=1e12)
     check_positive("--blocks", a.blocks, integer=True, upper=10**4)
     gpus = gpu_names() if a.gpu.strip() == "all" else _names(a.gpu)
     methods = ["bcd", "full"] if a.compare_methods else _names(a.method)
     configs = sweep.grid(_names(a.model), gpus, parse_vram(a.vram), methods, seq_len=a.seq, batch=a.batch,
-                         host_ram_gib=a.host_ram, cpu_adam_params_per_s=a.cpu_adam, blocks=a.blocks, exact=a.exact)
+                         host_ram_gib=host_ram, cpu_adam_params_per_s=a.cpu_adam, blocks=a.blocks, exact=a.exact)
     rows = sweep.run(configs, workers=a.workers)
     if a.csv:
         sweep.write_csv(a.csv, rows)

@@ -78,7 +78,7 @@ def test_the_console_script_is_the_plan_command():
     (["--model", "7b", "--reserve", "30", "--vram", "24"], "--reserve .* must be smaller"),
     (["--model", "7b", "--hardware", "/nonexistent/hw.json"], "hardware profile '/nonexistent/hw.json' does not"),
     (["--model", "7b", "--out", "/nonexistent/dir/p.json", "--gpu", "h200"], "cannot write '/nonexistent/dir"),
-    (["--model", "7b", "--vram", "abc"], "invalid float value: 'abc'"),
+    (["--model", "7b", "--vram", "abc"], "--vram must be a positive number of GiB, or a size with a unit"),
     (["--model", "7b", "--blocks", "4", "--max-blocks", "6"], "--blocks N fixes the block count"),
     (["--model", "7b", "--min-blocks", "5", "--max-blocks", "4"], "--min-blocks 5 is more than --max-blocks 4"),
     (["--model", "7b", "--blocks", "33"], "at least 33 blocks asked for, but 7b has 32 decoder layers"),
