@@ -24,7 +24,8 @@ _UNITS = {"": GIB, "b": 1,
           "kb": 10**3, "mb": 10**6, "gb": GB, "tb": TB}
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
 
-SIZE_HELP = "GiB, or with a unit: 24GiB = 24G = 24, 800MiB, 1.5TiB; decimal 512GB, 2TB"
+SIZE_EXAMPLES = "24 = 24G = 24GiB, 800MiB, 1.5TiB; decimal 512GB, 2TB"
+SIZE_HELP = f"GiB, or with a unit: {SIZE_EXAMPLES}"
 
 
 def size_gib(flag: str, value, *, allow_zero: bool = False, upper_gib: float | None = None) -> float | None:
@@ -35,7 +36,7 @@ def size_gib(flag: str, value, *, allow_zero: bool = False, upper_gib: float | N
     if value is None:
         return None
     what = "a capacity (0 for none)" if allow_zero else "a positive number"
-    bad = UserError(f"{flag} must be {what} of GiB, or a size with a unit ({SIZE_HELP}); got {value!r}.")
+    bad = UserError(f"{flag} must be {what} of GiB, or a size with a unit ({SIZE_EXAMPLES}); got {value!r}.")
     if isinstance(value, bool):
         raise bad
     if isinstance(value, (int, float)):
@@ -62,3 +63,12 @@ def fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def flag_size(gib: float) -> str:
+    """A size to suggest on the command line, rounded up (so it is still enough): '306.7GiB', '2.4MiB'."""
+    for unit, scale in (("TiB", 1 / 1024), ("GiB", 1.0), ("MiB", 1024.0), ("KiB", 1024.0**2)):
+        x = gib * scale
+        if x >= 1 or unit == "KiB":
+            return f"{math.ceil(x * 10 - 1e-9) / 10:g}{unit}"
+    raise AssertionError("unreachable")

@@ -21,6 +21,7 @@ from planner.errors import UserError
 from planner.models import load_model_config
 from planner.plan import Plan, check_fingerprint
 from planner.profile import profile_model
+from planner.units import fmt_bytes
 from runtime.checkpoint import KEEP, Checkpoint, capture_rng, load_checkpoint, restore_rng
 from runtime.data import TokenData
 
@@ -106,17 +107,17 @@ def check_nvme(plan: Plan, nvme_dir: str | None, need_bytes: int) -> None:
         raise UserError(f"--nvme-dir '{nvme_dir}' is a file, not a directory.")
     free = psutil.disk_usage(_existing(nvme_dir)).free
     if free < need_bytes:
-        raise UserError(f"--nvme-dir '{nvme_dir}' has {free / GIB:.2f} GiB free, but the plan needs "
-                        f"{need_bytes / GIB:.2f} GiB there (weights and optimizer state); free some space or "
+        raise UserError(f"--nvme-dir '{nvme_dir}' has {fmt_bytes(free)} free, but the plan needs "
+                        f"{fmt_bytes(need_bytes)} there (weights and optimizer state); free some space or "
                         f"point --nvme-dir at a bigger drive.")
 
 
 def check_host_ram(need_bytes: int) -> None:
     avail = psutil.virtual_memory().available
     if avail < need_bytes:
-        raise UserError(f"this machine has {avail / GIB:.2f} GiB of host RAM available, but the plan needs "
-                        f"{need_bytes / GIB:.2f} GiB (pinned weights, optimizer state, staging buffers); plan again "
-                        f"with --host-ram {avail / GIB:.0f} so more goes to NVMe, or free memory.")
+        raise UserError(f"this machine has {fmt_bytes(avail)} of host RAM available, but the plan needs "
+                        f"{fmt_bytes(need_bytes)} (pinned weights, optimizer state, staging buffers); plan again "
+                        f"with --host-ram {avail >> 20}MiB so more goes to NVMe, or free memory.")
 
 
 def resume_signature(plan: Plan) -> dict:
@@ -276,8 +277,8 @@ def check_ckpt_dir(ckpt_dir: str | None, need_bytes: int, saves: int = KEEP + 1)
     need = need_bytes * new_dirs
     free = psutil.disk_usage(base).free
     if free < need:
-        raise UserError(f"--ckpt-dir '{ckpt_dir}' has {free / GIB:.2f} GiB free, but the run's checkpoints need "
-                        f"{need / GIB:.2f} GiB ({new_dirs} more of {need_bytes / GIB:.2f} GiB each: {KEEP} are kept "
+        raise UserError(f"--ckpt-dir '{ckpt_dir}' has {fmt_bytes(free)} free, but the run's checkpoints need "
+                        f"{fmt_bytes(need)} ({new_dirs} more of {fmt_bytes(need_bytes)} each: {KEEP} are kept "
                         f"and a new one is written before the oldest goes); free some space or choose another "
                         f"directory.")
 

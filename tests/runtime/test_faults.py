@@ -316,7 +316,8 @@ def test_ckpt_dir_without_room_for_the_checkpoints_is_refused(tmp_path, capsys, 
     write_tokens(tmp_path / "tokens.bin")
     free = guards.psutil.disk_usage(str(tmp_path))
     monkeypatch.setattr(guards.psutil, "disk_usage", lambda p: free._replace(free=1 << 20))
-    _fails(capsys, _args(tmp_path, steps=4), 2, "--ckpt-dir", "GiB free, but the run's checkpoints need")
+    # 1 MiB free, in a unit that shows it (not "0.00 GiB free")
+    _fails(capsys, _args(tmp_path, steps=4), 2, "--ckpt-dir", "has 1.00 MiB free, but the run's checkpoints need")
 
 
 def test_a_second_trainer_on_one_ckpt_dir_is_refused(setup, capsys):
@@ -410,5 +411,5 @@ def test_ckpt_dir_space_is_what_the_saves_and_pruning_need(tmp_path, monkeypatch
         if room >= want:
             guards.check_ckpt_dir(str(ck), size, saves)
         else:
-            with pytest.raises(guards.UserError, match="GiB free"):
+            with pytest.raises(guards.UserError, match=r"has [0-9.]+ (B|KiB|MiB|GiB|TiB) free"):
                 guards.check_ckpt_dir(str(ck), size, saves)

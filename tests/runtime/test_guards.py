@@ -9,7 +9,7 @@ from collections import namedtuple
 import pytest
 
 from planner.models import ModelConfig
-from planner.plan import write_atomic
+from planner.plan import load_plan, write_atomic
 from runtime import guards
 from runtime.hf import hf_config_dict
 from tools.cli import run as cli
@@ -47,6 +47,14 @@ def _refused(capsys, args, *phrases, before=None) -> None:
     assert set(os.listdir(tmp)) == before   # no checkpoint dir, no NVMe files, no metrics, no trace
 
 
+def _need_in_message(capsys, args) -> float:
+    """The bytes the refusal says the plan needs (a figure with a binary unit)."""
+    import re
+    assert cli(args) == 2
+    m = re.search(r"the plan needs ([0-9.]+) (B|KiB|MiB|GiB|TiB)", capsys.readouterr().err)
+    return float(m.group(1)) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].index(m.group(2)) * 1.005  # 2 decimals
+
+
 def test_a_plan_for_another_model(setup, capsys):
     other = ModelConfig(name="other", hidden=128, layers=4, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=512)
     (setup / "hf").mkdir()
@@ -56,7 +64,12 @@ def test_a_plan_for_another_model(setup, capsys):
 
 def test_nvme_without_space(setup, capsys, monkeypatch):
     monkeypatch.setattr(guards.psutil, "disk_usage", lambda path: Disk(10**12, 10**12 - 4096, 4096, 100.0))
-    _refused(capsys, _train(setup), "has 0.00 GiB free, but the plan needs", "--nvme-dir")
+    # sizes in a unit that shows them (it said "0.00 GiB free, needs 0.00 GiB"): 4096 bytes free, and the plan's
+    # need, which is at least its predicted NVMe bytes
+    _refused(capsys, _train(setup), "has 4.00 KiB free, but the plan needs", "--nvme-dir")
+    err_need = _need_in_message(capsys, _train(setup))
+    plan = load_plan(str(setup / "plan.json"))
+    assert err_need >= plan.predicted.nvme_bytes > 0
 
 
 def test_nvme_tier_without_a_directory(setup, capsys):
@@ -65,7 +78,8 @@ def test_nvme_tier_without_a_directory(setup, capsys):
 
 def test_host_ram_below_the_plans_need(setup, capsys, monkeypatch):
     monkeypatch.setattr(guards.psutil, "virtual_memory", lambda: Mem(1 << 30, 1024))
-    _refused(capsys, _train(setup), "GiB of host RAM available, but the plan needs")
+    _refused(capsys, _train(setup), "has 1.00 KiB of host RAM available, but the plan needs")
+    assert _need_in_message(capsys, _train(setup)) >= load_plan(str(setup / "plan.json")).predicted.host_ram_bytes > 0
 
 
 def test_data_shorter_than_one_step(setup, capsys):
