@@ -44,6 +44,7 @@ class Host:
     nvme_gib: float = 0.0                 # NVMe capacity for the plan; 0 means no NVMe tier
     nvme_read_gbps: float = 3.7           # async I/O on one Gen4 drive (hardware.md)
     nvme_write_gbps: float = 3.2
+    nvme_tbw: float = 1200.0              # the drive's endurance, TB (10^12 bytes) written (planner.wear)
     cpu_adam_params_per_s: float = 0.2e9  # torch's CPU AdamW (hardware.md); calibrate measures ours
     pageable_factor: float = 0.5          # pageable copies run at this fraction of pinned (unverified)
 
@@ -169,19 +170,20 @@ def check_hardware(hw: Hardware, where: str = "hardware") -> None:
 def make_hardware(*, gpu: str | None = None, hardware_file: str | None = None, vram_gib: float | str | None = None,
                   host_ram_gib: float | str | None = None, nvme_gib: float | str | None = None,
                   pcie_gbps: float | None = None, nvme_read_gbps: float | None = None,
-                  nvme_write_gbps: float | None = None, cpu_adam_params_per_s: float | None = None) -> Hardware:
+                  nvme_write_gbps: float | None = None, cpu_adam_params_per_s: float | None = None,
+                  nvme_tbw: float | None = None) -> Hardware:
     """Catalog GPU or a calibrated profile, with the command line's overrides applied (validated here)."""
     hw = load_hardware_file(hardware_file) if hardware_file is not None else \
         Hardware(gpu=load_gpu("rtx4090" if gpu is None else gpu))
     return with_overrides(hw, vram_gib=vram_gib, host_ram_gib=host_ram_gib, nvme_gib=nvme_gib, pcie_gbps=pcie_gbps,
                           nvme_read_gbps=nvme_read_gbps, nvme_write_gbps=nvme_write_gbps,
-                          cpu_adam_params_per_s=cpu_adam_params_per_s)
+                          cpu_adam_params_per_s=cpu_adam_params_per_s, nvme_tbw=nvme_tbw)
 
 
 def with_overrides(hw: Hardware, *, vram_gib: float | str | None = None, host_ram_gib: float | str | None = None,
                    nvme_gib: float | str | None = None, pcie_gbps: float | None = None,
                    nvme_read_gbps: float | None = None, nvme_write_gbps: float | None = None,
-                   cpu_adam_params_per_s: float | None = None) -> Hardware:
+                   cpu_adam_params_per_s: float | None = None, nvme_tbw: float | None = None) -> Hardware:
     """`hw` with the command line's overrides applied (validated here); None leaves a figure as it is.
     Sizes are GiB, or strings with a unit (planner.units: `24`, `24GiB`, `2TB`)."""
     vram_gib = size_gib("--vram", vram_gib, upper_gib=4096)
@@ -191,6 +193,7 @@ def with_overrides(hw: Hardware, *, vram_gib: float | str | None = None, host_ra
     check_positive("--nvme-read-gbps", nvme_read_gbps, upper=1000)
     check_positive("--nvme-write-gbps", nvme_write_gbps, upper=1000)
     check_positive("--cpu-adam", cpu_adam_params_per_s, upper=1e12)
+    check_positive("--nvme-tbw", nvme_tbw, upper=1e6)
     g, h = hw.gpu, hw.host
     if vram_gib is not None:
         g = dataclasses.replace(g, vram_gib=vram_gib)
@@ -199,5 +202,6 @@ def with_overrides(hw: Hardware, *, vram_gib: float | str | None = None, host_ra
     h = dataclasses.replace(
         h, **{k: v for k, v in dict(ram_gib=host_ram_gib, nvme_gib=nvme_gib, nvme_read_gbps=nvme_read_gbps,
                                     nvme_write_gbps=nvme_write_gbps,
-                                    cpu_adam_params_per_s=cpu_adam_params_per_s).items() if v is not None})
+                                    cpu_adam_params_per_s=cpu_adam_params_per_s,
+                                    nvme_tbw=nvme_tbw).items() if v is not None})
     return dataclasses.replace(hw, gpu=g, host=h)

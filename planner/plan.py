@@ -74,6 +74,8 @@ class Prediction:
     nvme_bytes: int
     cycle_seconds: float          # every block trained steps_per_block steps, switches included
     tokens_per_s: float           # tokens processed per second, averaged over a cycle
+    nvme_write_bytes_per_step: int = 0     # written to NVMe per optimizer step, a mean over the cycle (planner.wear)
+    nvme_write_bytes_per_day: float = 0.0  # ... per day at the predicted rate
 
     @property
     def peak_vram_bytes(self) -> int:

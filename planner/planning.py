@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from planner import ilp, memory
+from planner import ilp, memory, wear
 from planner.costs import layer_sizes
 from planner.errors import UserError
 from planner.hardware import GIB, Hardware
@@ -33,6 +33,7 @@ class Request:
     time_limit_s: float = 10.0
     max_blocks: int | None = None
     min_blocks: int | None = None        # bcd: at least this many blocks (--blocks N sets both to N)
+    max_nvme_write_bytes_per_day: float | None = None  # cap on NVMe wear (planner.wear); None: no cap
 
 
 def candidates(req: Request) -> list[int]:
@@ -73,10 +74,33 @@ def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfil
         plan = _assemble(prof, hw, req, budget, reserve, found)
         over = max(p.peak_vram_bytes for p in plan.predicted.phases) - cap
         if over <= 0:
-            return plan
+            return _within_write_cap(plan, prof, hw, req)
         cap -= over + (1 << 20)  # the schedule's replay found more than the ILP counted: tighten, solve again
     raise UserError("the planner could not make the schedule's memory fit the budget; raise --reserve or "
                     "the budget.")
+
+
+def _within_write_cap(plan: Plan, prof: ModelProfile, hw: Hardware, req: Request) -> Plan:
+    """`plan` if it writes no more to NVMe a day than the request's cap, else the best plan without NVMe.
+
+    What a plan writes a day depends on its step time, known once it is assembled, so the cap is checked here on
+    the predicted figure. Every NVMe placement is written while its block trains (optimizer state after each step,
+    weights written back), so the plan that writes nothing is the one without the drive: it respects any cap. It
+    is not always the fastest that does (a slower plan with fewer NVMe placements might also), which is why the
+    message says what the cap cost."""
+    cap = req.max_nvme_write_bytes_per_day
+    per_day = plan.predicted.nvme_write_bytes_per_day
+    if cap is None or per_day <= cap:
+        return plan
+    try:
+        alt = make_plan(prof.model, dataclasses.replace(hw, host=dataclasses.replace(hw.host, nvme_gib=0.0)),
+                        dataclasses.replace(req, max_nvme_write_bytes_per_day=None), profile=prof)
+    except UserError as e:
+        raise UserError(
+            f"the fastest plan for {prof.model.name} writes {per_day / 1e12:,.2f} TB a day to NVMe, more than "
+            f"--max-nvme-writes-per-day allows ({cap / 1e12:,.2f} TB), and without NVMe no plan fits ({e}). Raise "
+            f"the cap, or give more host RAM so that optimizer state can stay off NVMe.") from None
+    return dataclasses.replace(alt, hardware=hw)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,9 +257,10 @@ def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Pre
         phases.append(PhasePrediction(block=k, peak_vram_bytes=int(peak), breakdown=breakdown,
                                       step_seconds=g * per_mb + opt, switch_seconds=sw))
     cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
+    per_step, per_day = wear.per_step_and_day(sched, steps_per_block=plan.steps_per_block, cycle_seconds=cycle)
     return Prediction(phases=tuple(phases), host_ram_bytes=memory.host_bytes(plan, sizes, window=sched.window_layers),
-                      nvme_bytes=memory.nvme_bytes(plan, sizes),
-                      cycle_seconds=cycle, tokens_per_s=rate)
+                      nvme_bytes=memory.nvme_bytes(plan, sizes), cycle_seconds=cycle, tokens_per_s=rate,
+                      nvme_write_bytes_per_step=per_step, nvme_write_bytes_per_day=per_day)
 
 
 def _infeasible(prof, hw, req, budget, reserve) -> UserError:

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from planner.errors import UserError, check_positive
-from planner.hardware import make_hardware
+from planner.hardware import GIB, make_hardware
 from planner.models import load_model_config
 from planner.plan import ORDERS, SWITCH_POLICIES, Plan, write_atomic
 from planner.units import SIZE_HELP, size_gib
+from planner.wear import wear_warning
 
 
 def add_hardware_args(p) -> None:
@@ -26,12 +28,15 @@ def add_hardware_args(p) -> None:
     p.add_argument("--nvme-read-gbps", type=float, default=None)
     p.add_argument("--nvme-write-gbps", type=float, default=None)
     p.add_argument("--cpu-adam", type=float, default=None, help="CPU AdamW parameters per second")
+    p.add_argument("--nvme-tbw", type=float, default=None,
+                   help="the NVMe drive's endurance in TB written (default 1200, a 2 TB Gen4 drive's rating); "
+                        "the plan warns when a day's writes exceed the drive's daily share over five years")
 
 
 def hardware_from_args(a):
     return make_hardware(gpu=a.gpu, hardware_file=a.hardware, vram_gib=a.vram, host_ram_gib=a.host_ram,
                          nvme_gib=a.nvme, pcie_gbps=a.pcie_gbps, nvme_read_gbps=a.nvme_read_gbps,
-                         nvme_write_gbps=a.nvme_write_gbps, cpu_adam_params_per_s=a.cpu_adam)
+                         nvme_write_gbps=a.nvme_write_gbps, cpu_adam_params_per_s=a.cpu_adam, nvme_tbw=a.nvme_tbw)
 
 
 def register(sub) -> None:
@@ -54,6 +59,9 @@ def register(sub) -> None:
     p.add_argument("--min-blocks", type=int, default=None,
                    help="bcd: at least this many blocks (the planner otherwise prefers the fewest that fit)")
     p.add_argument("--blocks", type=int, default=None, help="bcd: exactly this many blocks")
+    p.add_argument("--max-nvme-writes-per-day", default=None,
+                   help=f"cap on bytes written to NVMe per day of training ({SIZE_HELP}, e.g. 10TB); a plan "
+                        "over it is replaced by one without NVMe")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds the solver may take")
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.add_argument("--json", action="store_true", help="print machine-readable output")
@@ -79,9 +87,11 @@ def request_from_args(a, method: str):
     if not 0 <= a.seed < 1 << 63:
         raise UserError(f"--seed must be an integer from 0 to 2^63 - 1, got {a.seed}.")
     vram_gib = size_gib("--vram", a.vram, upper_gib=4096)
+    cap_gib = size_gib("--max-nvme-writes-per-day", a.max_nvme_writes_per_day, allow_zero=True, upper_gib=1e9)
     return Request(method=method, vram_gib=vram_gib, reserve_gib=reserve_gib, seq_len=a.seq, batch=a.batch,
                    micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
-                   switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo)
+                   switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo,
+                   max_nvme_write_bytes_per_day=None if cap_gib is None else cap_gib * GIB)
 
 
 def run(a) -> int:
@@ -109,6 +119,9 @@ def run(a) -> int:
     if a.json:
         out = {m: (p.to_dict() if isinstance(p, Plan) else {"error": str(p)}) for m, p in plans.items()}
         print(json.dumps(out if a.compare else out[methods[0]], indent=1))
+        warning = wear_warning(main.predicted.nvme_write_bytes_per_day, main.hardware.host.nvme_tbw)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     from tools.plan_view import show_compare, show_plan
     show_plan(main, prof)

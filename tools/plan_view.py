@@ -7,6 +7,7 @@ from rich.table import Table
 from planner.errors import UserError
 from planner.hardware import GIB
 from planner.plan import Plan
+from planner.wear import days_to_wear_out, wear_warning
 
 
 def _gib(x: float) -> str:
@@ -72,6 +73,15 @@ def show_plan(plan: Plan, prof, console: Console | None = None) -> None:
     t.add_row("budget", _gib(plan.budget_bytes))
     c.print(t)
 
+    w = pred.nvme_write_bytes_per_day
+    if w > 0:
+        tbw = hw.host.nvme_tbw
+        c.print(f"NVMe writes: {pred.nvme_write_bytes_per_step / 1e9:,.1f} GB per optimizer step, {w / 1e12:,.2f} TB "
+                f"per day at the predicted rate; a {tbw:,.0f} TBW drive takes that for "
+                f"{days_to_wear_out(w, tbw):,.0f} days")
+        warning = wear_warning(w, tbw)
+        if warning:
+            c.print(f"[bold yellow]warning:[/] {warning}")
     s = plan.solver
     c.print(f"predicted: {pred.tokens_per_s:,.0f} tokens/s averaged over a cycle of {len(plan.blocks)} blocks x "
             f"{plan.steps_per_block} steps ({pred.cycle_seconds / 60:.1f} min); host RAM {_gib(pred.host_ram_bytes)} "
