@@ -37,7 +37,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     limit = min(2.0, req.time_limit_s)
 
     def fitting(h, ts) -> list[str]:
-        """The tiers of `ts` with a plan on hardware `h` (stops at the first unless asked for all)."""
+        """The tiers of `ts` in which a plan fits on hardware `h`."""
         pb = _problem(prof, h, req, mb, budget - reserve)
         return [t for t in ts if getattr(ilp.solve(pb, u, t, time_limit_s=limit, feasibility=True), "status",
                                          "UNKNOWN") != "UNKNOWN"]
@@ -77,7 +77,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     # each resource that binds alone, the smallest increase (as a factor of what is given) first
     binds = []
     if host is not None:
-        binds.append((host / hw.host.ram_gib, f"Host RAM binds: with --host-ram {flag_size(host)} "
+        binds.append((host / hw.host.ram_gib, f"host RAM binds: with --host-ram {flag_size(host)} "
                       f"({fmt_bytes(host * GIB * host_usable)} usable) it plans"))
     if nvme is not None:
         binds.append((nvme / hw.host.nvme_gib if hw.host.nvme_gib > 0 else math.inf,
@@ -87,7 +87,9 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     if vram is not None:
         binds.append((vram * GIB / budget, f"VRAM binds: the smallest budget that is feasible here is "
                       f"{vram:.4g} GiB (--vram {flag_size(vram)}; with micro-batch {mb}, everything "
-                      f"offloadable offloaded and activations recomputed)"))
+                      f"offloadable offloaded and activations recomputed" + (
+                          f"; more than the {hw.gpu.name}'s {hw.gpu.vram_gib:g} GiB" if vram > hw.gpu.vram_gib
+                          else "") + ")"))
     binds.sort(key=lambda x: x[0])
     free = [name for name, figure in (("host RAM (--host-ram)", host), ("NVMe (--nvme)", nvme)) if figure is None]
     tips = ([f"more {' or '.join(free)} alone does not make it fit"] if free else []) + (
@@ -97,5 +99,5 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
             f"no plan fits {what} with {have}, and no one of VRAM, host RAM and NVMe alone would make it fit "
             f"(each tried up to its flag's limit): give more of several, or a shorter sequence (--seq).")
     return UserError(
-        f"no plan fits {what} with {have}. {'; '.join(b for _, b in binds)} (each alone, everything else as "
-        f"given)." + (f" Also: {'; '.join(tips)}." if tips else ""))
+        f"no plan fits {what} with {have}. One resource at a time, everything else as given: "
+        f"{'; '.join(b for _, b in binds)}." + (f" Also: {'; '.join(tips)}." if tips else ""))

@@ -37,8 +37,8 @@ def test_full_70b_names_host_ram_not_vram(capsys):
     base = ["plan", "--model", "70b", "--gpu", "rtx4090", "--vram", "24", "--method", "full", "--nvme", "2000"]
     code, err = cli(capsys, *base, "--host-ram", "256")
     assert code == 2 and "Traceback" not in err
-    assert "Host RAM binds" in err and "VRAM binds" in err
-    assert err.index("Host RAM binds") < err.index("VRAM binds")  # the smaller step first
+    assert "host RAM binds" in err and "VRAM binds" in err
+    assert err.index("host RAM binds") < err.index("VRAM binds")  # the smaller step first
     assert "more NVMe (--nvme) alone does not make it fit" in err
     need = figure(err, "--host-ram")
     grads = 4 * profile_model(CATALOG["70b"]).total_params
@@ -51,7 +51,7 @@ def test_tiny_names_each_binding_resource_with_a_sufficient_figure(capsys):
     base = [*TINY, "--vram", "3MiB"]
     code, err = cli(capsys, *base, "--host-ram", "0.5MiB")
     assert code == 2
-    assert "Host RAM binds" in err and "NVMe binds" in err and "VRAM binds" in err
+    assert "host RAM binds" in err and "NVMe binds" in err and "VRAM binds" in err
     host, nvme, vram = figure(err, "--host-ram"), figure(err, "--nvme"), figure(err, "--vram")
     assert cli(capsys, *base, "--host-ram", f"{host * GIB:.0f}B")[0] == 0
     assert cli(capsys, *base, "--host-ram", below(host))[0] == 2
