@@ -9,7 +9,7 @@ import math
 
 from planner import ilp, memory
 from planner.errors import UserError
-from planner.hardware import GIB
+from planner.hardware import GIB, gpu_names, load_gpu
 from planner.units import flag_size, fmt_bytes
 
 
@@ -43,7 +43,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
                                          "UNKNOWN") != "UNKNOWN"]
 
     def smallest(field: str, top: float) -> float | None:
-        """The smallest capacity (GiB) of host.<field> that fits, to 0.5% (None if even `top` does not)."""
+        """The smallest capacity (GiB) of host.<field> that fits, to 0.2% (None if even `top` does not)."""
         def hw_at(x):
             return dataclasses.replace(hw, host=dataclasses.replace(hw.host, **{field: x}))
         ts = fitting(hw_at(top), memory.tiers(hw_at(top)))  # only these tiers can fit below `top`
@@ -54,7 +54,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
             return None
         # bisect on a log scale: capacities span KiB (tests) to TiB; what is given does not fit
         lo, hi = max(getattr(hw.host, field), 2.0**-20), top
-        while hi > lo * 1.005:
+        while hi > lo * 1.002:
             mid = math.sqrt(lo * hi)
             lo, hi = (lo, mid) if at(mid) else (mid, hi)
         return hi
@@ -74,6 +74,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     have = (f"a {fmt_bytes(budget)} VRAM budget ({fmt_bytes(reserve)} reserved), {fmt_bytes(hw.host.ram_gib * GIB)} "
             f"host RAM ({fmt_bytes(hw.host.ram_gib * GIB * host_usable)} usable) and "
             + (f"{fmt_bytes(hw.host.nvme_gib * GIB)} NVMe" if hw.host.nvme_gib > 0 else "no NVMe tier"))
+    card = load_gpu(hw.gpu.id) if hw.gpu.id in gpu_names() else None  # the catalog card (--vram overrides hw's)
     # each resource that binds alone, the smallest increase (as a factor of what is given) first
     binds = []
     if host is not None:
@@ -88,7 +89,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
         binds.append((vram * GIB / budget, f"VRAM binds: the smallest budget that is feasible here is "
                       f"{vram:.4g} GiB (--vram {flag_size(vram)}; with micro-batch {mb}, everything "
                       f"offloadable offloaded and activations recomputed" + (
-                          f"; more than the {hw.gpu.name}'s {hw.gpu.vram_gib:g} GiB" if vram > hw.gpu.vram_gib
+                          f"; more than the {card.name}'s {card.vram_gib:g} GiB" if card and vram > card.vram_gib
                           else "") + ")"))
     binds.sort(key=lambda x: x[0])
     free = [name for name, figure in (("host RAM (--host-ram)", host), ("NVMe (--nvme)", nvme)) if figure is None]

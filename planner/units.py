@@ -66,9 +66,11 @@ def fmt_bytes(n: float) -> str:
 
 
 def flag_size(gib: float) -> str:
-    """A size to suggest on the command line, rounded up (so it is still enough): '306.7GiB', '2.4MiB'."""
+    """A size to suggest on the command line, rounded up to 4 significant digits (so it is still enough, and at
+    most 0.1% more): '306.2GiB', '2.134GiB', '621.1MiB'."""
     for unit, scale in (("TiB", 1 / 1024), ("GiB", 1.0), ("MiB", 1024.0), ("KiB", 1024.0**2)):
         x = gib * scale
         if x >= 1 or unit == "KiB":
-            return f"{math.ceil(x * 10 - 1e-9) / 10:g}{unit}"
+            decimals = max(0, 3 - math.floor(math.log10(x))) if x > 0 else 0
+            return f"{math.ceil(x * 10**decimals - 1e-9) / 10**decimals:.{decimals}f}{unit}"
     raise AssertionError("unreachable")

@@ -54,3 +54,10 @@ def test_byte_counts_in_messages_have_a_unit():
     assert fmt_bytes(3 * 2**20) == "3.00 MiB"
     assert fmt_bytes(257 * 2**30) == "257.00 GiB"
     assert fmt_bytes(1.5 * 2**40) == "1.50 TiB"
+
+
+@pytest.mark.parametrize("gib", [306.13, 2.1339, 621.1 / 1024, 909.41, 0.002969, 1500.0, 1.0, 0.9999, 1e-7, 65536.0])
+def test_a_suggested_size_parses_back_to_enough_and_at_most_a_tenth_of_a_percent_more(gib):
+    from planner.units import flag_size
+    back = size_gib("--x", flag_size(gib))
+    assert gib <= back <= gib * 1.001

@@ -73,36 +73,38 @@ def _plan(capsys, *args):
 
 
 def test_the_plan_respects_a_cap_on_writes_per_day(capsys):
-    """With 1 MiB of host RAM the fastest plan the planner finds keeps optimizer state on NVMe; under a cap below
-    its writes it takes a plan that writes less (here none: a finer partition keeps the state in host RAM)."""
-    code, free, _ = _plan(capsys, "--host-ram", "1MiB")
+    """With 3 MiB of host RAM the plan the planner prefers keeps optimizer state on NVMe; under a cap below its
+    writes it takes a plan that writes less (here none: a finer partition keeps the state in host RAM)."""
+    code, free, _ = _plan(capsys, "--host-ram", "3MiB")
     assert code == 0
     writes = free["predicted"]["nvme_write_bytes_per_day"]
     assert writes > 0
-    code, capped, _ = _plan(capsys, "--host-ram", "1MiB", "--max-nvme-writes-per-day", f"{int(writes / 2)}B")
+    code, capped, _ = _plan(capsys, "--host-ram", "3MiB", "--max-nvme-writes-per-day", f"{int(writes / 2)}B")
     assert code == 0
     assert capped["predicted"]["nvme_write_bytes_per_day"] <= writes / 2
     assert capped["hardware"]["host"]["nvme_gib"] == free["hardware"]["host"]["nvme_gib"]  # the machine as given
-    code, loose, _ = _plan(capsys, "--host-ram", "1MiB", "--max-nvme-writes-per-day", f"{int(writes) + 1}B")
+    code, loose, _ = _plan(capsys, "--host-ram", "3MiB", "--max-nvme-writes-per-day", f"{int(writes) + 1}B")
     assert code == 0 and loose["predicted"] == free["predicted"]  # a cap above the writes changes nothing
 
 
 def test_a_cap_nothing_can_meet_is_refused_naming_it(capsys):
-    code, free, _ = _plan(capsys, "--host-ram", "0.6MiB")
+    # keep_nvme saves each block's state to NVMe at its switch: no plan without the drive exists
+    code, free, _ = _plan(capsys, "--host-ram", "3MiB", "--switch-state", "keep_nvme", "--blocks", "2")
     assert code == 0 and free["predicted"]["nvme_write_bytes_per_day"] > 0
-    code, _, err = _plan(capsys, "--host-ram", "0.6MiB", "--max-nvme-writes-per-day", "1MB")
+    code, _, err = _plan(capsys, "--host-ram", "3MiB", "--switch-state", "keep_nvme", "--blocks", "2",
+                         "--max-nvme-writes-per-day", "1MB")
     assert code == 2 and "--max-nvme-writes-per-day" in err and "TB a day" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flag, bad", [("--max-nvme-writes-per-day", "nan"), ("--max-nvme-writes-per-day", "-1TB"),
                                        ("--nvme-tbw", "nan"), ("--nvme-tbw", "0"), ("--nvme-tbw", "-5")])
 def test_bad_wear_flags_exit_2(capsys, flag, bad):
-    code, _, err = _plan(capsys, "--host-ram", "1MiB", f"{flag}={bad}")
+    code, _, err = _plan(capsys, "--host-ram", "3MiB", f"{flag}={bad}")
     assert code == 2 and flag in err
 
 
 def test_plan_view_shows_writes_and_warns(capsys):
-    code = run([*PLAN[:-1], "--host-ram", "1MiB"])
+    code = run([*PLAN[:-1], "--host-ram", "3MiB"])
     out = capsys.readouterr().out
     assert code == 0
     assert "NVMe writes:" in out and "GB per optimizer step" in out and "TB per day" in out

@@ -8,6 +8,7 @@ import pytest
 
 from planner import planning
 from planner.hardware import GIB
+from planner.memory import Tier
 from planner.models import CATALOG
 from planner.profile import profile_model
 from planner.units import size_gib
@@ -42,22 +43,24 @@ def test_full_70b_names_host_ram_not_vram(capsys):
     assert "more NVMe (--nvme) alone does not make it fit" in err
     need = figure(err, "--host-ram")
     grads = 4 * profile_model(CATALOG["70b"]).total_params
-    assert need * GIB * planning.ilp.HOST_RAM_USABLE >= grads
+    assert need * GIB * Tier.CPU.usable_fraction >= grads
     assert cli(capsys, *base, "--host-ram", f"{need}")[0] == 0
     assert cli(capsys, *base, "--host-ram", below(need))[0] == 2
 
 
-def test_tiny_names_each_binding_resource_with_a_sufficient_figure(capsys):
-    base = [*TINY, "--vram", "3MiB"]
-    code, err = cli(capsys, *base, "--host-ram", "0.5MiB")
+def test_each_binding_resource_is_named_with_a_sufficient_figure(capsys):
+    """1B at sequence 512 in a 3 GiB budget with 2 GiB of host RAM and no drive: more VRAM, more host RAM or an NVMe
+    drive would each do; the message gives each figure, and each is enough and not 1% more than enough."""
+    base = ["plan", "--model", "1b", "--gpu", "rtx4090", "--seq", "512"]
+    code, err = cli(capsys, *base, "--vram", "3", "--host-ram", "2")
     assert code == 2
     assert "host RAM binds" in err and "NVMe binds" in err and "VRAM binds" in err
     host, nvme, vram = figure(err, "--host-ram"), figure(err, "--nvme"), figure(err, "--vram")
-    assert cli(capsys, *base, "--host-ram", f"{host * GIB:.0f}B")[0] == 0
-    assert cli(capsys, *base, "--host-ram", below(host))[0] == 2
-    assert cli(capsys, *base, "--host-ram", "0.5MiB", "--nvme", f"{nvme * GIB:.0f}B")[0] == 0
-    assert cli(capsys, *base, "--host-ram", "0.5MiB", "--nvme", below(nvme))[0] == 2
-    assert cli(capsys, *TINY, "--vram", f"{vram * GIB:.0f}B", "--host-ram", "0.5MiB")[0] == 0
+    assert cli(capsys, *base, "--vram", "3", "--host-ram", f"{host * GIB:.0f}B")[0] == 0
+    assert cli(capsys, *base, "--vram", "3", "--host-ram", below(host))[0] == 2
+    assert cli(capsys, *base, "--vram", "3", "--host-ram", "2", "--nvme", f"{nvme * GIB:.0f}B")[0] == 0
+    assert cli(capsys, *base, "--vram", "3", "--host-ram", "2", "--nvme", below(nvme))[0] == 2
+    assert cli(capsys, *base, "--vram", f"{vram * GIB:.0f}B", "--host-ram", "2")[0] == 0
 
 
 def test_a_resource_that_does_not_bind_is_said_not_to(capsys):
@@ -74,7 +77,7 @@ def test_keep_nvme_without_a_drive_asks_for_one(capsys):
     assert "NVMe tier" in err and "--nvme" in err and "bf16" not in err
     # 12 bytes of fp32 master and moments per trained (decoder) parameter, over the drive's usable share
     prof = profile_model(CATALOG["tiny"])
-    need = sum(lp.params for lp in prof.layers if lp.kind == "decoder") * 12 / planning.ilp.NVME_USABLE
+    need = sum(lp.params for lp in prof.layers if lp.kind == "decoder") * 12 / Tier.NVME.usable_fraction
     suggested = figure(err, "--nvme")
     assert need <= suggested * GIB <= need * 1.05
     assert cli(capsys, *base, "--nvme", f"{suggested * GIB:.0f}B")[0] == 0

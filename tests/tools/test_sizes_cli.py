@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from planner import ilp
 from planner.hardware import GIB
+from planner.memory import Tier
 from planner.models import CATALOG
 from planner.profile import profile_model
 from tools.cli import run
@@ -72,19 +72,19 @@ def test_simulate_bad_sizes_exit_2(tmp_path, capsys):
 def test_nvme_capacity_boundary(capsys):
     """With --switch-state keep_nvme every trained parameter's fp32 master and two AdamW moments (4 + 4 + 4 bytes)
     live on NVMe; nothing else needs to (VRAM and host RAM are ample). That is X; the ILP counts in KiB, rounded
-    up, against the usable share of the drive (ilp.NVME_USABLE, the constant the planner uses)."""
+    up, against the usable share of the drive (Tier.NVME.usable_fraction, the constant the planner uses)."""
     cfg = CATALOG["tiny"]
     prof = profile_model(cfg)
     decoder_params = sum(lp.params for lp in prof.layers if lp.kind == "decoder")  # bcd trains the decoders
     x_bytes = decoder_params * (4 + 4 + 4)
     x_kib = math.ceil(x_bytes / 1024)
-    enough = math.ceil(x_kib * 1024 / ilp.NVME_USABLE) + 2  # bytes; usable share >= X (2 bytes of float slack)
+    enough = math.ceil(x_kib * 1024 / Tier.NVME.usable_fraction) + 2  # bytes: usable share >= X, 2 B of slack
     base = ["plan", "--model", "tiny", "--gpu", "rtx4090", "--seq", "128", "--switch-state", "keep_nvme", "--json"]
     code, out, err = cli(capsys, *base, "--nvme", f"{enough}B")
     assert code == 0, err
     p = json.loads(out)
     assert p["predicted"]["nvme_bytes"] == x_bytes
-    assert p["predicted"]["nvme_bytes"] <= enough * ilp.NVME_USABLE
+    assert p["predicted"]["nvme_bytes"] <= enough * Tier.NVME.usable_fraction
     code, _, err = cli(capsys, *base, "--nvme", f"{enough - 1100}B")  # about 1 KiB less drive
     assert code == 2, "a plan needing more NVMe than the drive's usable share was accepted"
     assert "NVMe" in err
