@@ -138,7 +138,8 @@ def load_hardware_file(path: str) -> Hardware:
 # fields that must be finite and positive (rates divide sizes; a zero or negative one makes time infinite or
 # negative), and those that must be finite and >= 0
 _POSITIVE = {"gpu": ("vram_gib", "memory_gbps", "bf16_tflops", "h2d_gbps", "d2h_gbps"),
-             "host": ("ram_gib", "nvme_read_gbps", "nvme_write_gbps", "cpu_adam_params_per_s", "pageable_factor"),
+             "host": ("ram_gib", "nvme_read_gbps", "nvme_write_gbps", "cpu_adam_params_per_s", "pageable_factor",
+                      "nvme_tbw"),
              "eff": ("matmul_max", "memory", "link")}
 _NON_NEGATIVE = {"gpu": ("nvlink_gbps",), "host": ("nvme_gib",), "eff": ("matmul_half_tokens",)}
 _UPPER = {"vram_gib": 1 << 16, "ram_gib": 1 << 22, "nvme_gib": 1 << 30, "matmul_max": 1.0, "memory": 1.0,

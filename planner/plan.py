@@ -204,10 +204,12 @@ def validate(plan: Plan) -> None:
     if len(plan.predicted.phases) != len(plan.blocks):
         bad("one predicted phase per block is required")
     pr = plan.predicted
-    if not all(_posint(x + 1) for x in [pr.host_ram_bytes, pr.nvme_bytes] + [p.peak_vram_bytes for p in pr.phases]):
+    if not all(_posint(x + 1) for x in [pr.host_ram_bytes, pr.nvme_bytes, pr.nvme_write_bytes_per_step]
+               + [p.peak_vram_bytes for p in pr.phases]):
         bad("predicted byte counts must be non-negative integers")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
-               for x in [pr.cycle_seconds, pr.tokens_per_s] + [p.step_seconds for p in pr.phases]
+               for x in [pr.cycle_seconds, pr.tokens_per_s, pr.nvme_write_bytes_per_day]
+               + [p.step_seconds for p in pr.phases]
                + [p.switch_seconds for p in pr.phases]):
         bad("predicted times and rates must be finite non-negative numbers")
 
