@@ -8,7 +8,7 @@ For a micro-batch size and a number of blocks U (the planner loops over both, pr
 blocks are numbered from the top (j = 0 holds the last decoder layer). Decisions:
   m[j][c]  how many layers of block j take placement combination c = (bf16 weights tier, activations tier);
            sum_c m[j][c] = size of block j >= 1: blocks are contiguous and may differ in size;
-  e[c], h[c]  the embedding's and the head's placement (both frozen in BCD, trained in `full`);
+  e[c], h[c]  the embedding's and the head's placement (frozen in BCD unless train_embeddings; trained in `full`);
   o[t]     the tier of the active block's optimizer state (fp32 master + AdamW moments): gpu, cpu or nvme;
            gradients stay on the device with it, and stream to the host otherwise;
   win      the prefetch window: two streamed layers (the one computing and the one loading).
@@ -20,6 +20,15 @@ j is below in j phases and above in U-1-j phases, so the cycle costs
     sum_{j,c} m[j][c] * (j*Cb(c) + (U-1-j)*Cab(c)) + sum_j act[j] + U*(Cb(embedding) + Cab(head)),
 linear for a given U. Each C is the layer's schedule ops priced by the one cost model, taking per pass the
 busiest stream (compute and transfers overlap).
+
+Pretraining (Problem.train_embeddings) puts the embedding and the head into blocks too. Whether each joins
+the bottom / top decoder block or trains in a phase of its own is a separate subproblem (solve's `own`, which
+the search enumerates like the state tier), so the model stays linear: with P = U + own phases, the embedding runs
+forward only in P-1 phases and is trained in one, the head runs backward for the chain rule in P-1 and is trained
+in one; an own embedding phase runs backward through every decoder layer (all above it), an own head phase runs
+every decoder layer forward only (all below it). Their optimizer state, gradients and saved activations count in
+the phase that trains them (a 128k x 4096 head: 525M parameters, 6.3 GB of fp32 master and moments); an own
+phase is one more memory constraint.
 
 Memory, for every phase j: resident weights + window + activations of the blocks above j (frozen-weight sizes)
 and of block j (trainable sizes) + the head's + block j's optimizer state and gradients + a transient reserve
@@ -53,6 +62,16 @@ class Problem:
     cap_bytes: int                  # budget - reserve
     steps_per_block: int
     switch_state: str
+    train_embeddings: bool = False  # bcd: the embedding and the head are trained in blocks too (pretraining)
+
+
+OWN = ((False, False), (True, False), (False, True), (True, True))  # (embedding, head) in a block of its own
+
+
+def layouts(pb: Problem) -> tuple[tuple[bool, bool], ...]:
+    """The `own` choices solve() takes for this problem: the four ways to place a trained embedding and head
+    (joined to the bottom / top decoder block, or alone), or only the frozen one."""
+    return OWN if pb.train_embeddings and pb.method == "bcd" else OWN[:1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +80,7 @@ class Solution:
     objective_s: float        # cycle seconds per micro-batch-step unit (see module doc), from the solver
     bound_s: float
     solve_seconds: float
-    starts: tuple[int, ...]   # decoder layers where blocks start (bcd) or (0,) for full
+    starts: tuple[int, ...]   # layers where blocks start, bottom-up ((0,) for full; 0 / n+1 when trained)
     placements: tuple[Placement, ...]
     window_bytes: int
 
@@ -160,16 +179,22 @@ def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     k = min(n, max(0, room // max(1, pb.sizes[1].param_bytes)))
     forward = k * min(on_gpu, off) + (n - k) * off
     chain = max(0.0, min(d["above"]) - max(d["below"]))
-    return ((blocks - 1) * forward + n * active + blocks * (min(e["below"]) + min(h["above"]))
-            + blocks * (blocks - 1) / 2 * chain)
+    ends = blocks * (min(e["below"]) + min(h["above"]))
+    if pb.train_embeddings:  # each trained in one phase (its own or a decoder block's), cheapest way
+        ends = ((blocks - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][tier])
+                + min(h["active"][tier]))
+    return (blocks - 1) * forward + n * active + ends + blocks * (blocks - 1) / 2 * chain
 
 
 def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, workers: int = 1,
-          min_memory: bool = False, feasibility: bool = False) -> Solution | None:
-    """Solve for exactly `blocks` blocks (1 for `full`) with the optimizer state on `tier`. With min_memory,
-    minimise the worst phase's device bytes instead (to tell the user the smallest feasible budget).
-    None when infeasible; status UNKNOWN when time ran out before a solution or a proof. With feasibility,
-    any solution will do (its cost is not minimal)."""
+          min_memory: bool = False, feasibility: bool = False, own: tuple[bool, bool] = (False, False)
+          ) -> Solution | None:
+    """Solve for exactly `blocks` blocks of decoder layers (1 for `full`) with the optimizer state on `tier`.
+    With min_memory, minimise the worst phase's device bytes instead (to tell the user the smallest feasible
+    budget). None when infeasible; status UNKNOWN when time ran out before a solution or a proof. With
+    feasibility, any solution will do (its cost is not minimal). `own` (with pb.train_embeddings): whether the
+    embedding / the head train in a block of their own (one of layouts(pb)) instead of joining the bottom / top
+    decoder block."""
     from ortools.sat.python import cp_model
 
     hw, sizes = pb.hw, pb.sizes
@@ -180,6 +205,9 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     U = 1 if full else blocks
     if U > n or U < 1 or tier not in tiers or (pb.switch_state == "keep_nvme" and not nvme):
         return None
+    te = pb.train_embeddings and not full
+    own_e, own_h = own if te else (False, False)
+    P = U + own_e + own_h   # phases in a cycle
     d, E, H = t["decoder"], t["embedding"], t["head"]
     nc, ne, nh = len(d["combos"]), len(E["combos"]), len(H["combos"])
     top = max(max(d["above"]), max(d["active"][tier]), max(E["below"]), max(H["above"]),
@@ -204,9 +232,13 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     m.add_exactly_one(h)
 
     # --- objective: scaled seconds per micro-batch over one cycle
-    terms = [mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c] + d["active"][tier][c])
+    terms = [mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c] + d["active"][tier][c]
+                          + own_e * d["above"][c] + own_h * d["below"][c])
              for j in range(U) for c in range(nc)]
-    if full:
+    if te:  # trained in one phase, frozen in the P - 1 others
+        terms += [q((P - 1) * E["below"][c] + E["active"][tier][c]) * e[c] for c in range(ne)]
+        terms += [q((P - 1) * H["above"][c] + H["active"][tier][c]) * h[c] for c in range(nh)]
+    elif full:
         terms += [q(E["active"][tier][c]) * e[c] for c in range(ne)]
         terms += [q(H["active"][tier][c]) * h[c] for c in range(nh)]
     else:
@@ -238,15 +270,27 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     fixed = win + w_gpu + head_act + kib(transient_bytes(sizes, tier))
     if full:
         fixed += kib(sum(memory.trained_layer_device_bytes(x.params, x.param_bytes, tier) for x in (se, sh)))
+    # a trained embedding / head: its state and gradients, and the head's saved activations at trainable size
+    e_extra = kib(memory.trained_layer_device_bytes(se.params, se.param_bytes, tier)) if te else 0
+    h_extra = (sum((kib(act_bytes(sh, H["combos"][c][1], "active")) - kib(act_bytes(sh, H["combos"][c][1], "above")))
+                   * h[c] for c in range(nh)) + kib(memory.trained_layer_device_bytes(sh.params, sh.param_bytes, tier))
+               if te else 0)
     peak = m.new_int_var(0, 1 << 50, "peak") if min_memory else None
     above = 0  # activations of the blocks above block j, built up as j descends
+    phase_bytes = []
     for j in range(U):
         acts = above + sum(kib(d["act_active"][c]) * mc[j][c] for c in range(nc))
-        expr = fixed + acts + state * size[j]
-        m.add(peak >= expr) if min_memory else m.add(expr <= int(pb.cap_bytes // 1024))
+        phase_bytes.append(fixed + acts + state * size[j] + (h_extra if te and j == 0 and not own_h else 0)
+                           + (e_extra if te and j == U - 1 and not own_e else 0))
         nxt = m.new_int_var(0, 1 << 50, f"above{j}")
         m.add(nxt == above + sum(kib(d["act_above"][c]) * mc[j][c] for c in range(nc)))
         above = nxt
+    if own_e:  # every decoder layer above the embedding
+        phase_bytes.append(fixed + above + e_extra)
+    if own_h:  # every decoder layer below the head: nothing saved
+        phase_bytes.append(fixed + h_extra)
+    for expr in phase_bytes:
+        m.add(peak >= expr) if min_memory else m.add(expr <= int(pb.cap_bytes // 1024))
 
     # --- host RAM and NVMe, KiB: planner.memory's rules over the counts. lmax, the largest block, holds the
     # most trained-layer bytes; a layer's weights tier is not known per block, so the costliest one counts.
@@ -255,21 +299,37 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
         m.add(lmax >= size[j])
     act_cpu = (kib(sd.saved_bytes) * count(Tier.CPU, 1)[0] + kib(sh.saved_bytes) * count(Tier.CPU, 1)[2])
     edges = (se, sh) if full else ()
+    trained_edges = (se, sh) if full or te else ()
 
     def layer_host(x) -> int:
         return max(memory.trained_layer_host_bytes(x.params, x.param_bytes, tier, w) for w in tiers)
-    keep_all = kib((n * sd.params + sum(x.params for x in edges)) * STATE_BYTES)
-    big = max((sd,) + edges, key=lambda x: x.params)
+
+    def largest_block(layer_kib, name: str):
+        """KiB of the block holding the most, layer_kib(x) per layer (pretraining: the embedding and the head
+        count in the block or the phase that trains them)."""
+        if not te:
+            return layer_kib(sd) * lmax
+        most = m.new_int_var(0, 1 << 50, name)
+        for j in range(U):
+            m.add(most >= layer_kib(sd) * size[j] + (layer_kib(se) if j == U - 1 and not own_e else 0)
+                  + (layer_kib(sh) if j == 0 and not own_h else 0))
+        m.add(most >= layer_kib(se) * own_e)
+        m.add(most >= layer_kib(sh) * own_h)
+        return most
+    keep_all = kib((n * sd.params + sum(x.params for x in trained_edges)) * STATE_BYTES)
+    big = max((sd,) + trained_edges, key=lambda x: x.params)
     window = memory.step_host_bytes(big.params, big.param_bytes, tier, nvme_weights=nvme)
     # the prefetch window (win) is at most two of the largest layers, so is the NVMe staging that follows it
     staging = memory.nvme_staging_bytes(2, max(x.param_bytes for x in (sd, se, sh))) if nvme else 0
     host = (weight_kib(Tier.CPU) + act_cpu + kib(staging) + (keep_all if pb.switch_state == "keep_cpu" else 0)
-            + kib(layer_host(sd)) * lmax + kib(sum(layer_host(x) for x in edges)) + kib(window))
+            + largest_block(lambda x: kib(layer_host(x)), "host_block") + kib(sum(layer_host(x) for x in edges))
+            + kib(window))
     m.add(host <= memory.host_usable_bytes(hw) // 1024)
     if nvme:
         nv = weight_kib(Tier.NVME) + (keep_all if pb.switch_state == "keep_nvme" else 0)
         if tier == Tier.NVME:
-            nv += kib(sd.params * STATE_BYTES) * lmax + kib(sum(x.params for x in edges) * STATE_BYTES)
+            nv += (largest_block(lambda x: kib(x.params * STATE_BYTES), "nvme_block")
+                   + kib(sum(x.params for x in edges) * STATE_BYTES))
         m.add(nv <= memory.nvme_usable_bytes(hw) // 1024)
 
     if not feasibility:  # a feasibility check stops at the first solution
@@ -299,6 +359,9 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
             pls.append(_placement(i, d["combos"][c], tier))
             i += 1
     pls.append(_placement(i, H["combos"][next(c for c in range(nh) if solver.value(h[c]))], tier))
+    if te:  # the embedding's block starts at 0; an own head block at n + 1
+        starts = [0] + starts if own_e else [0] + starts[1:]
+        starts += [n + 1] if own_h else []
     return Solution(status=solver.status_name(status), objective_s=solver.objective_value * scale,
                     bound_s=solver.best_objective_bound * scale, solve_seconds=took,
                     starts=(0,) if full else tuple(starts), placements=tuple(pls),

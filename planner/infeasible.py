@@ -39,8 +39,8 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     def fitting(h, ts) -> list[str]:
         """The tiers of `ts` in which a plan fits on hardware `h`."""
         pb = _problem(prof, h, req, mb, budget - reserve)
-        return [t for t in ts if getattr(ilp.solve(pb, u, t, time_limit_s=limit, feasibility=True), "status",
-                                         "UNKNOWN") != "UNKNOWN"]
+        return [t for t in ts if any(getattr(ilp.solve(pb, u, t, own=own, time_limit_s=limit, feasibility=True),
+                                             "status", "UNKNOWN") != "UNKNOWN" for own in ilp.layouts(pb))]
 
     def smallest(field: str, top: float) -> float | None:
         """The smallest capacity (GiB) of host.<field> that fits, to 0.2% (None if even `top` does not)."""
@@ -60,8 +60,8 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
         return hi
 
     pb = _problem(prof, hw, req, mb, 1 << 62)
-    peaks = [sol.objective_s for t in memory.tiers(hw)
-             if (sol := ilp.solve(pb, u, t, time_limit_s=limit, min_memory=True)) is not None
+    peaks = [sol.objective_s for t in memory.tiers(hw) for own in ilp.layouts(pb)
+             if (sol := ilp.solve(pb, u, t, own=own, time_limit_s=limit, min_memory=True)) is not None
              and sol.status != "UNKNOWN"]
     vram = (min(peaks) + reserve) / GIB if peaks else None
     if vram is not None and min(peaks) <= budget - reserve:

@@ -33,6 +33,7 @@ class Request:
     max_blocks: int | None = None
     min_blocks: int | None = None        # bcd: at least this many blocks (--blocks N sets both to N)
     max_nvme_write_bytes_per_day: float | None = None  # cap on NVMe wear (planner.wear); None: no cap
+    train_embeddings: bool = False       # bcd: train the embedding and the head in blocks too (pretraining)
 
 
 def candidates(req: Request) -> list[int]:
@@ -123,7 +124,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     started = time.perf_counter()
     quick = max(0.02, min(0.1, req.time_limit_s / 100))
     best = None                       # (cost, mb, solution)
-    pending = []                      # (bound, mb, u, tier, problem) not yet proven
+    pending = []                      # (bound, mb, u, (tier, own), problem) not yet proven
     took, solved = 0.0, 0
     counts = [1] if req.method == "full" else list(range(req.min_blocks or 1, min(n, req.max_blocks or n) + 1))
     problems = {mb: _problem(prof, hw, req, mb, cap) for mb in candidates(req)}
@@ -143,17 +144,18 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
         return best is not None and time.perf_counter() - started >= req.time_limit_s
 
     open_bounds = []
-    frontier = []                     # (bound, mb, tier, index into counts): best-first over all subproblems
+    frontier = []                     # (bound, mb, (tier, own), index into counts): best-first over all subproblems
     tiers = memory.tiers(hw)
     for mb, pb in problems.items():
-        for tier in tiers:
+        # the state tier, and where a trained embedding and head go (ilp.layouts): separate subproblems
+        for tier in [(t, own) for t in tiers for own in ilp.layouts(pb)]:
             # Finer partitions never need more memory (smaller block state, more activations at frozen
             # sizes), so feasibility is monotone in the block count: bisect for the fewest blocks that fit.
             lo_u = counts[0] if len(counts) == 1 else _fewest_blocks(pb, counts, tier, 10 * quick)
             solved += len(counts) > 1
             if lo_u is not None:
                 k = counts.index(lo_u)
-                heapq.heappush(frontier, (ilp.lower_bound(pb, lo_u, tier) * (req.batch // mb), mb, tier, k))
+                heapq.heappush(frontier, (ilp.lower_bound(pb, lo_u, tier[0]) * (req.batch // mb), mb, tier, k))
     while frontier:
         lb, mb, tier, k = heapq.heappop(frontier)
         if best is not None and lb >= best[0]:
@@ -162,11 +164,11 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
             open_bounds.append(lb)  # the smallest bound of everything left
             break
         pb, g, u = problems[mb], req.batch // mb, counts[k]
-        sol = record(ilp.solve(pb, u, tier, time_limit_s=quick), mb)
+        sol = record(ilp.solve(pb, u, tier[0], own=tier[1], time_limit_s=quick), mb)
         if sol is not None and sol.status != "OPTIMAL":
             pending.append((max(sol.bound_s * g, lb), mb, u, tier, pb))
         if k + 1 < len(counts):  # the bound grows with the block count
-            heapq.heappush(frontier, (ilp.lower_bound(pb, counts[k + 1], tier) * g, mb, tier, k + 1))
+            heapq.heappush(frontier, (ilp.lower_bound(pb, counts[k + 1], tier[0]) * g, mb, tier, k + 1))
     pending.sort(key=lambda x: x[0])
     for bound, mb, u, tier, pb in pending:
         left = req.time_limit_s - (time.perf_counter() - started)
@@ -175,7 +177,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
         if left <= 0.05:
             open_bounds.append(bound)
             continue
-        sol = record(ilp.solve(pb, u, tier, time_limit_s=left), mb)
+        sol = record(ilp.solve(pb, u, tier[0], own=tier[1], time_limit_s=left), mb)
         if sol is not None and sol.status != "OPTIMAL":
             open_bounds.append(max(bound, sol.bound_s * (req.batch // mb)))
     if best is None:
@@ -185,11 +187,11 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
                   candidates=len(problems))
 
 
-def _fewest_blocks(pb, counts: list[int], tier: str, limit_s: float) -> int | None:
+def _fewest_blocks(pb, counts: list[int], tier: tuple[str, tuple], limit_s: float) -> int | None:
     """Smallest block count with any feasible solution (None if even the finest partition does not fit).
-    An undecided check counts as feasible, so nothing that might fit is skipped."""
+    An undecided check counts as feasible, so nothing that might fit is skipped. `tier`: (state tier, own)."""
     def fits(u: int) -> bool:
-        return ilp.solve(pb, u, tier, time_limit_s=limit_s, feasibility=True) is not None
+        return ilp.solve(pb, u, tier[0], own=tier[1], time_limit_s=limit_s, feasibility=True) is not None
     if not fits(counts[-1]):
         return None
     lo, hi = 0, len(counts) - 1
@@ -205,7 +207,8 @@ def _fewest_blocks(pb, counts: list[int], tier: str, limit_s: float) -> int | No
 def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) -> ilp.Problem:
     sizes = tuple(layer_sizes(lp, mb, req.seq_len) for lp in prof.layers)
     return ilp.Problem(sizes=sizes, hw=hw, method=req.method, grad_accum=req.batch // mb,
-                       cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state)
+                       cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
+                       train_embeddings=req.train_embeddings and req.method == "bcd")
 
 
 def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
@@ -214,7 +217,7 @@ def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
     if req.method == "full":
         blocks = (Block(first=0, last=n + 1),)
     else:
-        starts = list(sol.starts) + [n + 1]
+        starts = list(sol.starts) + [n + 2 if req.train_embeddings else n + 1]
         blocks = tuple(Block(first=a, last=b - 1) for a, b in zip(starts, starts[1:]))
     g = req.batch // mb
     shape = Shape(micro_batch=mb, seq_len=req.seq_len, grad_accum=g)

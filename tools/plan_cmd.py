@@ -62,6 +62,8 @@ def register(sub) -> None:
     p.add_argument("--max-nvme-writes-per-day", default=None,
                    help=f"cap on bytes written to NVMe per day of training ({SIZE_HELP}, e.g. 10TB); a plan "
                         "over it is replaced by one without NVMe")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="bcd: train the embedding and the head in blocks too (pretraining; default: frozen)")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds the solver may take")
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.add_argument("--json", action="store_true", help="print machine-readable output")
@@ -91,7 +93,8 @@ def request_from_args(a, method: str):
     return Request(method=method, vram_gib=vram_gib, reserve_gib=reserve_gib, seq_len=a.seq, batch=a.batch,
                    micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
                    switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo,
-                   max_nvme_write_bytes_per_day=None if cap_gib is None else cap_gib * GIB)
+                   max_nvme_write_bytes_per_day=None if cap_gib is None else cap_gib * GIB,
+                   train_embeddings=getattr(a, "train_embeddings", False))
 
 
 def run(a) -> int:
