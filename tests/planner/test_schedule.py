@@ -82,6 +82,11 @@ def _plans() -> dict:
         "tiny full, streamed": (_force(base, tprof, method="full", blocks=(Block(first=0, last=5),),
                                        place=_set(weights="cpu", **_state("cpu"))), tprof),
         "tiny keep_cpu switch": (_force(base, tprof, blocks=three, switch_state="keep_cpu"), tprof),
+        # pretraining: the embedding and the head in blocks of their own, every tier in play
+        "tiny pretraining, own blocks": (_force(base, tprof, place=_mixed, blocks=tuple(
+            Block(first=a, last=b) for a, b in ((0, 0), (1, 2), (3, 4), (5, 5)))), tprof),
+        "tiny pretraining planned": (make_plan(tiny, hw, Request(seq_len=64, batch=4, micro_batch=2, steps_per_block=2,
+                                                                 reserve_gib=0.25, train_embeddings=True)), tprof),
     }
     big = make_plan(one_b, make_hardware(gpu="rtx4090", vram_gib=24),
                     Request(seq_len=2048, batch=8, time_limit_s=2))
@@ -98,8 +103,8 @@ def _plans() -> dict:
 
 NAMES = ["tiny planned", "tiny 3 blocks", "tiny weights cpu", "tiny weights nvme, recompute", "tiny mixed tiers",
          "tiny state cpu, acts cpu", "tiny state nvme, weights nvme", "tiny state nvme, weights gpu",
-         "tiny one micro-batch, mixed, state cpu", "tiny full, streamed", "tiny keep_cpu switch", "1b planned",
-         "1b 4 blocks, nvme"]
+         "tiny one micro-batch, mixed, state cpu", "tiny full, streamed", "tiny keep_cpu switch",
+         "tiny pretraining, own blocks", "tiny pretraining planned", "1b planned", "1b 4 blocks, nvme"]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -357,7 +362,7 @@ def test_predicted_peaks_are_the_replay(case):
         assert sum(breakdown.values()) == peak >= max(trace)
 
 
-@pytest.mark.parametrize("name", ["tiny planned", "1b planned"])
+@pytest.mark.parametrize("name", ["tiny planned", "tiny pretraining planned", "1b planned"])
 def test_make_plan_peaks_fit_the_budget(name):
     plan, _ = _plans()[name]
     assert plan.predicted.peak_vram_bytes <= plan.budget_bytes - plan.reserve_bytes
@@ -382,3 +387,27 @@ def test_op_names_are_unique_within_a_phase(case):
         assert len(set(names)) == len(names), [n for n, c in Counter(names).items() if c > 1]
         switch = [op.name for op in ph.switch_ops]
         assert len(set(switch)) == len(switch)
+
+
+def test_pretraining_phases_train_the_embedding_and_the_head():
+    """The embedding's phase runs backward down to layer 0 with its weight gradient (no input gradient below it)
+    and steps it; the head's own phase runs every other layer forward only, saving nothing, and backward through
+    the head alone. A planned pretraining run puts both in blocks."""
+    plan, prof = _plans()["tiny pretraining, own blocks"]
+    sched = build_schedule(plan, prof)
+    head = plan.n_layers - 1
+    emb, top = sched.phases[0], sched.phases[-1]
+    bwd0 = [op for op in emb.ops if op.kind == "backward" and op.layer == 0]
+    assert len(bwd0) == plan.shape.grad_accum
+    # the weight gradient of a lookup is a scatter-add: memory traffic, no matmul FLOPs
+    assert all(op.flops == sched.sizes[0].bwd_flops and op.traffic_bytes == 2 * sched.sizes[0].traffic_bytes > 0
+               and op.alloc_bytes == 0 for op in bwd0)
+    assert [op.layer for op in emb.ops if op.kind == "optimizer_step"] == [0]
+    assert emb.static["master"] == sched.sizes[0].params * 4
+    assert {op.layer for op in top.ops if op.kind == "backward"} == {head}
+    assert all(op.alloc_bytes == sched.sizes[op.layer].out_bytes for op in top.ops
+               if op.kind == "forward" and 0 < op.layer < head)
+    assert [op.layer for op in top.ops if op.kind == "optimizer_step"] == [head]
+    assert all(op.flops == sched.sizes[head].bwd_flops for op in top.ops if op.kind == "backward")
+    planned, _ = _plans()["tiny pretraining planned"]
+    assert planned.blocks[0].first == 0 and planned.blocks[-1].last == head
