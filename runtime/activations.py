@@ -228,7 +228,7 @@ class ComputeOps:
         if self.roles[i] == "active" and self.plan.placement(i).grads == Tier.CPU:
             params = [p for p in self.layers[i].parameters()]
             self.pending_grads[(i, mb)] = [p.grad for p in params]
-            grad_bytes = sum(p.grad.nbytes for p in params)
+            grad_bytes = sum(p.grad.nbytes for p in params if p.grad is not None)  # a tied head's copy: none
             for p in params:
                 p.grad = None
         rec.saved.release(gpu)

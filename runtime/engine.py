@@ -228,7 +228,7 @@ class PhaseOps(ComputeOps):
         elif k == "fetch_act":
             m.book("activations", alloc=self.recs[key].saved.nbytes)
         elif k == "grad_offload":
-            self.deferred[op.id] = sum(g.nbytes for g in self.pending_grads[key])
+            self.deferred[op.id] = sum(g.nbytes for g in self.pending_grads[key] if g is not None)
         elif op.id in self.mem:
             alloc, transient, free = self.mem.pop(op.id)
             m.book("workspace" if k == "optimizer_step" else "activations", alloc=alloc, transient=transient,
@@ -305,7 +305,8 @@ class PhaseOps(ComputeOps):
         self.optim.offload_grads(op.layer, grads, first=op.micro_batch == 0)
         if gpu is not None:
             for g in grads:
-                g.record_stream(gpu)
+                if g is not None:  # a tied head's copy of the matrix has none
+                    g.record_stream(gpu)
 
     # -- the optimizer step -------------------------------------------------------------------------------------
 

@@ -29,15 +29,7 @@ GIB = 1 << 30
 
 
 def check_supported(plan: Plan) -> None:
-    if plan.model.tie_embeddings:
-        head = plan.n_layers - 1
-        trained = sorted({i for b in plan.blocks for i in b.layers if i in (0, head)})
-        if trained:
-            what = " and ".join("the embedding (layer 0)" if i == 0 else f"the head (layer {head})" for i in trained)
-            raise UserError(f"model '{plan.model.name}' ties its embedding and lm_head, and this plan trains "
-                            f"{what}. Tied weights train here only while both stay frozen, as in BCD, whose blocks "
-                            f"hold decoder layers: plan with --method bcd (the default) and keep them out of the "
-                            f"blocks.")
+    """Plan options this runtime does not execute. (A tied embedding trains: runtime.model.TiedMatrix.)"""
     for p in plan.placements:
         if p.master != p.moments:
             raise UserError(f"plan: layer {p.layer} keeps its master weights on '{p.master}' but its moments on "

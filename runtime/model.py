@@ -7,8 +7,9 @@ bigger than host RAM can start from NVMe. The modules keep meta-free, 0-element 
 binds them to a flat buffer: resident layers now, streamed layers whenever the copy engine loads them.
 
 Tied embeddings: the head holds its own copy of the embedding matrix (the plan sizes the head with it: it must be
-where the head runs), so the embedding and the head stream independently. That is exact while both are frozen,
-as in BCD, where blocks hold decoder layers; a plan that trains either is refused (runtime/guards.py).
+where the head runs), so the embedding and the head stream independently, each on the tier the plan chose. When
+the matrix is trained (TiedMatrix), it is one parameter: the embedding's, trained in the embedding's block with
+the gradients of both uses summed, and the head's copy is rewritten from it after every step that changed it.
 """
 from __future__ import annotations
 
@@ -102,3 +103,66 @@ def state_dict(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore) 
             if name == hf_name(i, cfg.layers, local):  # a tied lm_head is saved once, as the embedding
                 out[name] = view.clone()
     return out
+
+
+class TiedMatrix:
+    """A tied embedding matrix trained under BCD: one parameter (the embedding's), in one block (the embedding's),
+    receiving the gradients of both uses; the head's copy follows it.
+
+    Why two copies and not one tensor: the plan places the embedding and the head independently (the embedding
+    may stream from NVMe while the head stays on the device), and every layer's weights are one flat buffer on
+    its tier; one shared tensor would pin both layers to one tier. Two copies cost one matrix write after a step
+    that changed it, and they cannot diverge because only the embedding's copy is ever stepped:
+
+    - while the embedding's block trains, the head's copy requires grad too (the head runs backward for the chain
+      rule there, so only its weight gradient is added); a hook takes that gradient off the head after each
+      micro-batch's backward through the head and adds it to the embedding's gradient of the same micro-batch
+      before autograd accumulates it. That is the sum autograd forms for a tensor used twice (h + e, then added
+      to the running .grad), so clipping and AdamW see exactly a tied model's gradient;
+    - while the head's block trains, the head's copy stays frozen (no gradient, not stepped): the head's other
+      parameters (the final norm) train;
+    - after any step of either block, sync() writes the embedding's matrix into the head's copy, on its tier.
+    Checkpoints save the matrix once, as the embedding (state_dict)."""
+
+    def __init__(self, layers: nn.ModuleList, layouts: list[FlatLayout], store: TieredStore):
+        self.layers, self.layouts, self.store = layers, layouts, store
+        self.head = len(layers) - 1
+        self.copy = layers[self.head].lm_head.weight
+        self.pending: list[torch.Tensor] = []   # the head's gradient of the matrix, per micro-batch, in order
+        emb = layers[0].embed_tokens.weight
+        for p in (self.copy, emb):
+            p.requires_grad_(True)  # hooks go on tensors that require grad; the trainer sets it per phase
+        self.copy.register_post_accumulate_grad_hook(self._take)
+        emb.register_hook(self._add)
+        for p in (self.copy, emb):
+            p.requires_grad_(False)
+
+    def _take(self, p: torch.Tensor) -> None:
+        self.pending.append(p.grad)
+        p.grad = None
+
+    def _add(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad + self.pending.pop(0) if self.pending else grad
+
+    def enter(self, layers) -> None:
+        """A block starts training: the head's copy takes gradients iff the block trains the embedding."""
+        self.copy.requires_grad_(0 in layers)
+        self.pending.clear()
+
+    def leave(self) -> None:
+        self.copy.requires_grad_(False)
+        self.copy.grad = None
+        self.pending.clear()
+
+    def changes(self, layers) -> bool:
+        """Whether a step of this block writes the matrix (or the head's stale copy of it)."""
+        return 0 in layers or self.head in layers
+
+    def sync(self) -> None:
+        """The embedding's matrix into the head's copy, wherever each lives (no copy engine op may be using the
+        head's weights: the trainer calls this between steps)."""
+        emb = self.store.get(0)
+        lay = self.layouts[self.head]
+        flat = self.store.get(self.head)
+        lay.views(flat)[lay.names.index("lm_head.weight")].copy_(self.layouts[0].views(emb)[0])
+        self.store.put(self.head, flat)

@@ -100,6 +100,7 @@ class BlockOptimizer:
         self.kept: dict[int, LayerState] = {}      # keep_* policies: other blocks' states, where the policy keeps
         self.host_grads: dict[int, torch.Tensor] = {}
         self._grad_staging: torch.Tensor | None = None   # CUDA: pinned, where device gradients land on the host
+        self.no_grad: dict[int, set[int]] = {}      # layer -> parameters without a gradient (a tied head's copy)
         self._clip_lock = threading.Lock()
         self._clip_done = False
         self.grad_norm: torch.Tensor | None = None
@@ -222,6 +223,7 @@ class BlockOptimizer:
         lay = self.layouts[layer]
         if layer not in self.host_grads:
             self.host_grads[layer] = self.store.host.empty(lay.numel, torch.float32, pin=False)
+        self.no_grad[layer] = {k for k, g in enumerate(grads) if g is None}
         acc = lay.views(self.host_grads[layer])
         if self.target.cuda:
             # one pinned staging buffer for every layer, the largest's size: the d2h worker is one thread and
@@ -231,21 +233,27 @@ class BlockOptimizer:
                 if tmp is not None:
                     self.store.host.release(tmp)
                 tmp = self._grad_staging = None
-                tmp = self._grad_staging = self.store.host.empty(lay.numel, grads[0].dtype)
+                tmp = self._grad_staging = self.store.host.empty(lay.numel, next(g for g in grads if g is not None).dtype)
             views = lay.views(tmp)
             for v, g in zip(views, grads):
-                v.copy_(g, non_blocking=True)
+                if g is not None:
+                    v.copy_(g, non_blocking=True)
             torch.cuda.current_stream().synchronize()
-            grads = views
+            grads = [None if g is None else v for v, g in zip(views, grads)]
         for a, g in zip(acc, grads):
+            if g is None:
+                continue
             if first:
                 a.copy_(g)
             else:
                 a.add_(g)
 
-    def grads(self, layer: int, params) -> list[torch.Tensor]:
+    def grads(self, layer: int, params) -> list[torch.Tensor | None]:
+        """The layer's gradients in layout order; None for a parameter that has none (a tied head's copy of the
+        matrix, frozen while the head's block trains: only the embedding's copy is stepped)."""
         if self.grad_tiers[layer] == Tier.CPU:
-            return self.layouts[layer].views(self.host_grads[layer])
+            none = self.no_grad.get(layer, set())
+            return [None if k in none else g for k, g in enumerate(self.layouts[layer].views(self.host_grads[layer]))]
         return [p.grad for p in params]
 
     def clip(self, block_grads) -> None:
@@ -258,7 +266,7 @@ class BlockOptimizer:
         with self._clip_lock:
             if self._clip_done:
                 return
-            grads = [g for gs in block_grads() for g in gs]
+            grads = [g for gs in block_grads() for g in gs if g is not None]
             total = torch.nn.utils.get_total_norm(grads)
             loss = self._loss
             finite = bool(torch.isfinite(total)) and (loss is None or bool(torch.isfinite(loss)))
@@ -281,6 +289,9 @@ class BlockOptimizer:
         if self.nonfinite:  # a bad step: weights and moments stay as they were
             return st.buf[:n].to(self.target.weight_dtype), 0
         master, m, v = self.split(layer, st.buf)
+        keep = [k for k, g in enumerate(grads) if g is not None]  # a parameter without a gradient is not stepped
+        if len(keep) < len(grads):
+            master, m, v, grads = ([x[k] for k in keep] for x in (master, m, v, grads))
         st.step += 1
         if self.target.cuda and dev.type == "cuda":
             # one parameter at a time bounds the temporaries (the sqrt and the fp32 gradient) to the largest

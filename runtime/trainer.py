@@ -126,6 +126,10 @@ class Trainer:
             else:
                 rmodel.init_random(plan.model, self.layouts, self.store, seed=cfg.seed)
             rmodel.materialise(self.layers, self.layouts, self.store)
+            head = plan.n_layers - 1
+            trains_matrix = any(i in (0, head) for b in plan.blocks for i in b.layers)
+            self.tied = (rmodel.TiedMatrix(self.layers, self.layouts, self.store)
+                         if plan.model.tie_embeddings and trains_matrix else None)
             self.store.meter.book("weights", alloc=self.store.resident_bytes())
             if resume is not None and self.active is not None:
                 self._enter(self.active, switch=False)
@@ -147,6 +151,8 @@ class Trainer:
         for i in layers:
             for p in self.layers[i].parameters():
                 p.requires_grad_(True)
+        if self.tied:
+            self.tied.enter(layers)
         self.ops = PhaseOps(plan=self.plan, phase=phase, layers=self.layers, layouts=self.layouts, store=self.store,
                             optim=self.optim, act_buffers=self.act_buffers, streams=self.streams,
                             track_temporaries=self.cfg.track_temporaries)
@@ -171,6 +177,8 @@ class Trainer:
             for p in self.layers[i].parameters():
                 p.requires_grad_(False)
                 p.grad = None
+        if self.tied:
+            self.tied.leave()
         self.active, self.ops = None, None
 
     # -- one step -----------------------------------------------------------------------------------------------
@@ -198,6 +206,8 @@ class Trainer:
         self._carried = self.executor.run(phase.ops, self.ops, carried=self._carried, ahead=ahead,
                                           ahead_ctx=(s + 1, self.active))
         self.ops.end_step()
+        if self.tied and self.tied.changes(self.plan.blocks[self.active].layers):
+            self.tied.sync()  # the head's copy of a tied matrix follows the embedding's
         loss = self.ops.loss.item()
         grad_norm = self.optim.grad_norm.item() if self.optim.grad_norm is not None else 0.0
         seconds = self.tracer.end_step(s, self.active, start)
@@ -218,7 +228,8 @@ class Trainer:
         """The next step's first NVMe reads, issued at the end of this one: those that wait for nothing, of
         layers this phase never writes (below or above the block: frozen)."""
         block = self.plan.blocks[phase.block]
-        return [op for op in phase.ops if op.kind == "read_weights" and not op.deps and op.layer not in block.layers]
+        written = set(block.layers) | ({self.tied.head} if self.tied and self.tied.changes(block.layers) else set())
+        return [op for op in phase.ops if op.kind == "read_weights" and not op.deps and op.layer not in written]
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

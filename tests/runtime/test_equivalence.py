@@ -1,6 +1,8 @@
 """The runtime computes exactly what a plain PyTorch BCD loop computes.
 
-The reference below is the textbook loop: the whole model under ordinary autograd, the frozen layers with
+The reference below is the textbook loop: the whole model under ordinary autograd (a tied model's lm_head is its
+embedding's tensor, so autograd sums the gradients of both uses; the matrix trains with the embedding's block,
+as one parameter, and the head's block trains the head's other parameters), the frozen layers with
 requires_grad=False, torch.optim.AdamW over the active block's parameters only (a new one at every switch under
 `reset`, one per block kept across switches otherwise), clip_grad_norm_, loss / grad_accum per micro-batch. On the
 CPU in fp32 the runtime's losses and weights must equal it bitwise, under plans that together use every option:
@@ -106,7 +108,9 @@ def reference_bcd(plan: Plan, init: dict, data_path: str, tc: TrainConfig, steps
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-            params = [p for i in plan.blocks[block].layers for p in model.layers[i].parameters()]
+            head = cfg.layers + 1
+            params = [p for i in plan.blocks[block].layers for name, p in model.layers[i].named_parameters()
+                      if not (cfg.tie_embeddings and i == head and name == "lm_head.weight")]
             for p in params:
                 p.requires_grad_(True)
             new = functools.partial(torch.optim.AdamW, params, lr=tc.lr, betas=(a.beta1, a.beta2), eps=a.eps,

@@ -1,8 +1,10 @@
 """Tied embeddings (lm_head shares the embedding matrix: Qwen2 0.5B-3B, Llama 3.2 1B/3B). A tied transformers
 model trained from its save_pretrained directory: tests/runtime/test_equivalence.py (HF_CASES).
 
-The runtime gives the head its own copy of the matrix, so the embedding and the head stream independently; that is
-exact while both stay frozen, as in BCD's blocks of decoder layers, and a plan that trains either is refused.
+The runtime gives the head its own copy of the matrix, so the embedding and the head stream independently. Frozen,
+the copies stay equal trivially; trained (pretraining, runtime.model.TiedMatrix), the matrix is one parameter,
+trained in the embedding's block with the gradients of both uses, and the head's copy is rewritten from it, so a
+run equals a real tied model's plain PyTorch BCD loop bitwise and the copies never diverge.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import sys
 import pytest
 import torch
 
-from planner.errors import UserError
 from planner.profile import profile_model
 from runtime.data import TokenData
 from runtime.guards import check_supported
@@ -26,6 +27,9 @@ TIED = dataclasses.replace(TINY, name="tiny-tied", tie_embeddings=True)
 # the embedding streamed from NVMe, the head from pinned host memory: the two copies of the matrix move apart
 PLACEMENTS = [P(0, "nvme", "gpu", "gpu"), P(1, "gpu", "cpu", "recompute"), P(2, "cpu", "gpu", "cpu"),
               P(3, "nvme", "gpu", "gpu"), P(4, "gpu", "nvme", "recompute"), P(5, "cpu", "gpu", "gpu")]
+# optimizer state and gradients of the embedding and the head on the host, the head's copy on NVMe
+HOST_STATE = [P(0, "gpu", "cpu", "gpu"), P(1, "cpu", "gpu", "recompute"), P(2, "nvme", "nvme", "cpu"),
+              P(3, "gpu", "gpu", "gpu"), P(4, "cpu", "cpu", "gpu"), P(5, "nvme", "cpu", "recompute")]
 
 
 def test_the_profile_counts_the_matrix_once_but_sizes_the_heads_copy():
@@ -34,10 +38,9 @@ def test_the_profile_counts_the_matrix_once_but_sizes_the_heads_copy():
     assert tied.layers[-1].param_bytes == untied.layers[-1].param_bytes  # the head holds the matrix where it runs
 
 
-def test_bcd_with_tied_embeddings_equals_plain_pytorch_bitwise(tmp_path):
-    plan = tiny_plan(PLACEMENTS, cfg=TIED, blocks=((1, 2), (3, 4)), order="descending", switch_state="keep_cpu")
+def _run(plan, tmp_path, steps: int):
     data = write_tokens(tmp_path / "tokens.bin")
-    tc = dataclasses.replace(TC, nvme_dir=str(tmp_path / "nvme"), steps=8)
+    tc = dataclasses.replace(TC, nvme_dir=str(tmp_path / "nvme"), steps=steps)
     tokens = TokenData.open(data, seq_len=plan.shape.seq_len, seed=0)
     tr = Trainer(plan, tokens, dataclasses.replace(tc, force_cpu=True))
     try:
@@ -45,24 +48,47 @@ def test_bcd_with_tied_embeddings_equals_plain_pytorch_bitwise(tmp_path):
         losses = [tr.step()["loss"] for _ in range(tc.steps)]
         final = tr.weights()
         head = tr.store.get(plan.n_layers - 1)  # the head's own copy of the matrix, where the plan put it
-        head = tr.layouts[-1].views(head)[tr.layouts[-1].names.index("lm_head.weight")]
+        head = tr.layouts[-1].views(head)[tr.layouts[-1].names.index("lm_head.weight")].clone()
     finally:
         tr.close()
+    ref_losses, ref_final = reference_bcd(plan, init, data, tc, tc.steps)  # a real tied LlamaModel
+    return losses, init, final, head, ref_losses, ref_final
+
+
+def test_bcd_with_tied_embeddings_frozen_equals_plain_pytorch_bitwise(tmp_path):
+    plan = tiny_plan(PLACEMENTS, cfg=TIED, blocks=((1, 2), (3, 4)), order="descending", switch_state="keep_cpu")
+    losses, init, final, head, ref_losses, ref_final = _run(plan, tmp_path, 8)
     assert "lm_head.weight" not in init and "lm_head.weight" not in final  # saved once, as Hugging Face does
     assert torch.equal(head, init["model.embed_tokens.weight"])
     assert torch.equal(head, final["model.embed_tokens.weight"])
-    ref_losses, ref_final = reference_bcd(plan, init, data, tc, tc.steps)  # a real tied LlamaModel
     assert losses == ref_losses
     assert all(torch.equal(final[k], ref_final[k]) for k in final)
     assert any(not torch.equal(final[k], init[k]) for k in final)
 
 
-@pytest.mark.parametrize("blocks, method, what", [(((0, 2), (3, 5)), "bcd", "the embedding (layer 0) and the head"),
-                                                  (None, "full", "the embedding (layer 0) and the head")])
-def test_training_a_tied_embedding_or_head_is_refused(blocks, method, what):
-    kw = {"blocks": blocks} if blocks else {}
-    plan = tiny_plan(PLACEMENTS, cfg=TIED, method=method, **kw)
-    with pytest.raises(UserError, match="ties its embedding and lm_head") as e:
-        check_supported(plan)
-    assert what in str(e.value)
-    check_supported(tiny_plan(PLACEMENTS, cfg=TIED, blocks=((1, 4),)))  # decoder layers only: fine
+TRAINED = {
+    # joined to the bottom / top blocks; keep_cpu carries the head's state (and its stale slice of the matrix)
+    # across the embedding's phase: the copy must still follow the embedding
+    "joined keep_cpu": dict(placements=PLACEMENTS, blocks=((0, 1), (2, 3), (4, 5)), switch_state="keep_cpu",
+                            steps_per_block=1),
+    # alone, the state and gradients on the host, two micro-batches summing both uses per micro-batch
+    "own blocks, host state": dict(placements=HOST_STATE, blocks=((0, 0), (1, 4), (5, 5)), order="random",
+                                   steps_per_block=2),
+    "full": dict(placements=HOST_STATE, method="full"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINED))
+def test_a_trained_tied_matrix_is_one_parameter_bitwise(tmp_path, case):
+    plan = tiny_plan(cfg=TIED, **TRAINED[case])
+    assert plan.shape.grad_accum == 2
+    check_supported(plan)   # refused before pretraining existed
+    losses, init, final, head, ref_losses, ref_final = _run(plan, tmp_path, 9)
+    assert "lm_head.weight" not in final
+    emb = final["model.embed_tokens.weight"]
+    assert not torch.equal(emb, init["model.embed_tokens.weight"])   # trained
+    assert torch.equal(head, emb)                                    # the head's copy followed it
+    assert losses == ref_losses
+    assert final.keys() == ref_final.keys()
+    assert all(torch.equal(final[k], ref_final[k]) for k in final), \
+        [k for k in final if not torch.equal(final[k], ref_final[k])]
