@@ -83,6 +83,7 @@ def plot(curves: dict, path: str, tokens_per_step: int) -> None:
     fig.savefig(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -91,7 +91,8 @@ def replan(plan: Plan, ov: Overrides, profile: ModelProfile | None = None, *, ti
     req = Request(method=plan.method, vram_gib=_budget_gib(plan, hw, ov), reserve_gib=plan.reserve_bytes / GIB,
                   seq_len=s.seq_len, batch=s.micro_batch * s.grad_accum,
                   micro_batch=ov.micro_batch, steps_per_block=plan.steps_per_block, order=plan.order, seed=plan.seed,
-                  switch_state=plan.switch_state, time_limit_s=time_limit_s)
+                  switch_state=plan.switch_state, time_limit_s=time_limit_s,
+                  train_embeddings=plan.method == "bcd" and plan.blocks[0].first == 0)  # a pretraining plan
     return make_plan(plan.model, hw, req, profile or profile_model(plan.model))
 
 
