@@ -155,3 +155,24 @@ def test_a_fixed_or_minimum_block_count_is_kept(capsys):
     assert len(fixed) == 4 and fixed[0]["first"] == 1 and fixed[-1]["last"] == 22   # every decoder layer, once
     assert all(a["last"] + 1 == b["first"] for a, b in zip(fixed, fixed[1:]))
     assert len(blocks("--min-blocks", "3")) >= 3
+
+
+def test_train_embeddings_puts_the_embedding_and_the_head_into_blocks(capsys):
+    """--train-embeddings: the first block starts at the embedding (layer 0) and the last ends at the head, whose
+    fp32 master weights count in its phase; without it they stay out of the blocks (frozen, fine-tuning)."""
+    args = ["--model", "1b", "--gpu", "rtx4090", "--vram", "24", "--blocks", "4", "--json"]
+    plans = {}
+    for extra in ([], ["--train-embeddings"]):
+        code, text, _ = plan(capsys, *args, *extra)
+        assert code == 0
+        plans[bool(extra)] = json.loads(text)
+    n = 22
+    frozen, trained = plans[False], plans[True]
+    assert (frozen["blocks"][0]["first"], frozen["blocks"][-1]["last"]) == (1, n)
+    assert (trained["blocks"][0]["first"], trained["blocks"][-1]["last"]) == (0, n + 1)
+    assert len(trained["blocks"]) == 4
+    head = 32000 * 2048 + 2048   # lm_head and the final norm
+    top = trained["predicted"]["phases"][-1]["breakdown"]
+    if trained["placements"][n + 1]["master"] == "gpu":
+        assert top["master"] >= 4 * head
+    assert all(ph["peak_vram_bytes"] <= 24 * GIB - trained["reserve_bytes"] for ph in trained["predicted"]["phases"])
