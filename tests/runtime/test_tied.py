@@ -92,3 +92,33 @@ def test_a_trained_tied_matrix_is_one_parameter_bitwise(tmp_path, case):
     assert final.keys() == ref_final.keys()
     assert all(torch.equal(final[k], ref_final[k]) for k in final), \
         [k for k in final if not torch.equal(final[k], ref_final[k])]
+
+
+def test_a_trained_tied_matrix_resumes_exactly_and_is_saved_once(tmp_path):
+    """Stopped inside the embedding's phase (the head's copy and the hooks' state must come back) and resumed:
+    the same losses, weights and optimizer state as the straight run; the matrix saved once."""
+    from planner.plan import write_atomic
+    from runtime.checkpoint import load_checkpoint
+    from tools.cli import run as cli
+
+    plan = tiny_plan(HOST_STATE, cfg=TIED, blocks=((0, 2), (3, 5)), switch_state="keep_cpu", steps_per_block=2)
+    write_atomic(str(tmp_path / "plan.json"), plan.to_json())
+    write_tokens(tmp_path / "tokens.bin")
+
+    def train(ckpt, *extra):
+        return cli(["train", "--plan", str(tmp_path / "plan.json"), "--data", str(tmp_path / "tokens.bin"),
+                    "--steps", "7", "--cpu", "--quiet", "--ckpt-dir", str(tmp_path / ckpt), "--nvme-dir",
+                    str(tmp_path / f"nvme-{ckpt}"), "--lr", "1e-2", "--metrics", str(tmp_path / f"{ckpt}.jsonl"),
+                    *extra])
+    assert train("straight") == 0
+    assert train("stopped", "--stop-after", "5") == 0    # mid-phase: step 5 opens the embedding's second phase
+    assert train("stopped", "--resume") == 0
+    want, got = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "stopped"))
+    assert (tmp_path / "straight.jsonl").read_text().count("loss") == 7
+    losses = [line.split('"loss": ')[1].split(",")[0] for line in (tmp_path / "stopped.jsonl").read_text().splitlines()]
+    assert losses == [line.split('"loss": ')[1].split(",")[0]
+                      for line in (tmp_path / "straight.jsonl").read_text().splitlines()]
+    assert "lm_head.weight" not in got.weights and "model.embed_tokens.weight" in got.weights
+    assert got.weights.keys() == want.weights.keys()
+    assert all(torch.equal(got.weights[k], want.weights[k]) for k in want.weights)
+    assert all(torch.equal(got.optimizer[k], want.optimizer[k]) for k in want.optimizer)
