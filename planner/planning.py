@@ -14,7 +14,7 @@ from planner.infeasible import explain_infeasible
 from planner.models import ModelConfig
 from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Plan, Prediction, Shape, SolverReport, cycle_rate
 from planner.profile import ModelProfile, profile_model
-from planner.schedule import build_schedule, memory_timeline, role
+from planner.schedule import build_schedule, memory_timeline, priced_as
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +252,7 @@ def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Pre
         peak, breakdown, _ = memory_timeline(ph)
         k = ph.block
         bl = plan.blocks[k]
-        per_mb = sum(ilp.layer_cost(sizes[i], plan.placement(i), role(plan, k, i), hw, lowest=(i == bl.first))
+        per_mb = sum(ilp.layer_cost(sizes[i], *priced_as(plan, k, i), hw, lowest=(i == bl.first))
                      for i in range(plan.n_layers))
         opt = sum(ilp.step_cost(sizes[i], plan.placement(i), hw) for i in bl.layers)
         sw = sum(ilp.switch_cost(sizes[i], plan.placement(i).master, plan.switch_state, hw) for i in bl.layers)

@@ -84,6 +84,17 @@ def role(plan: Plan, block: int, layer: int) -> str:
     return "above"
 
 
+def priced_as(plan: Plan, block: int, layer: int) -> tuple[Placement, str]:
+    """(placement, role) a layer's passes are built and priced with in a phase: its own, except a tied model's
+    head while the embedding's block trains without it. The head then forms the tied matrix's weight gradient
+    too (runtime.model.TiedMatrix), so its passes are those of a trained layer, its gradient kept on the device
+    until the embedding's backward adds it (build_phase), and no optimizer step: the embedding's holds the matrix."""
+    bl, head = plan.blocks[block], plan.n_layers - 1
+    if plan.model.tie_embeddings and bl.first == 0 and bl.last < head and layer == head:
+        return replace(plan.placement(layer), grads=Tier.GPU), "active"
+    return plan.placement(layer), role(plan, block, layer)
+
+
 class Builder:
     """Appends ops with ids; `emit` returns the new op's id. Tracks the prefetch window across the phase."""
 
@@ -229,16 +240,22 @@ def _switch_ops(plan: Plan, sizes, layers) -> tuple[Op, ...]:
 def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
     n = plan.n_layers
     bl = plan.blocks[block]
-    roles = [role(plan, block, i) for i in range(n)]
+    priced = [priced_as(plan, block, i) for i in range(n)]
     b = Builder(window)
     prev = None
     for mb in range(plan.shape.grad_accum):
         for i in range(n):
             in_bytes = sizes[i - 1].out_bytes if i else 0
-            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "fwd", mb, prev, in_bytes, False)
+            prev = pass_ops(b, priced[i][0], sizes[i], priced[i][1], "fwd", mb, prev, in_bytes, False)
         for i in range(n - 1, bl.first - 1, -1):
             in_bytes = sizes[i - 1].out_bytes if i else 0
-            prev = pass_ops(b, plan.placement(i), sizes[i], roles[i], "bwd", mb, prev, in_bytes, i == bl.first)
+            prev = pass_ops(b, priced[i][0], sizes[i], priced[i][1], "bwd", mb, prev, in_bytes, i == bl.first)
+    if priced[-1][1] != role(plan, block, n - 1):  # a tied head's gradient waits for the embedding's backward
+        for mb in range(plan.shape.grad_accum):
+            h, e = (next(op for op in b.ops if op.kind == "backward" and op.layer == i and op.micro_batch == mb)
+                    for i in (n - 1, 0))
+            b.ops[h.id] = replace(h, alloc_bytes=h.alloc_bytes + sizes[-1].param_bytes)
+            b.ops[e.id] = replace(e, free_bytes=e.free_bytes + sizes[-1].param_bytes)
     # Every step waits for the last backward and for every gradient of the block to reach the host: the first step
     # clips by the block's global gradient norm. A host-stepped layer starts (its NVMe state read, or its step)
     # only once the one STATE_WINDOW host-stepped layers before is done (state written back, new weights sent

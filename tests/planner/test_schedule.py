@@ -411,3 +411,39 @@ def test_pretraining_phases_train_the_embedding_and_the_head():
     assert all(op.flops == sched.sizes[head].bwd_flops for op in top.ops if op.kind == "backward")
     planned, _ = _plans()["tiny pretraining planned"]
     assert planned.blocks[0].first == 0 and planned.blocks[-1].last == head
+
+
+def test_a_tied_head_is_priced_as_trained_while_the_embeddings_block_trains():
+    """A tied model's head forms the matrix's weight gradient in the embedding's phase (the runtime adds it to the
+    embedding's): its backward costs a trained layer's FLOPs, it saves what a trained layer saves, and its
+    gradient stays on the device until the embedding's backward of the same micro-batch; it takes no optimizer
+    step there. The untied model's head, in the same plan, only passes the gradient on."""
+    plan, prof = _plans()["tiny pretraining, own blocks"]
+    tied_cfg = dataclasses.replace(plan.model, name="tiny-tied", tie_embeddings=True)
+    tprof = profile_model(tied_cfg)
+    blocks = tuple(Block(first=a, last=b) for a, b in ((0, 2), (3, 5)))
+    untied = _force(plan, prof, blocks=blocks)
+    tied = _force(plan, tprof, blocks=blocks, model=tied_cfg, fingerprint=tied_cfg.fingerprint())
+    head = plan.n_layers - 1
+    frees = {}
+    for p, pr, trained in ((untied, prof, False), (tied, tprof, True)):
+        sched = build_schedule(p, pr)
+        sz = sched.sizes[head]
+        ph = sched.phases[0]
+        bwd = [op for op in ph.ops if op.kind == "backward" and op.layer == head]
+        emb = [op for op in ph.ops if op.kind == "backward" and op.layer == 0]
+        assert all(op.flops == (sz.bwd_flops if trained else sz.bwd_input_flops) for op in bwd)
+        frees[trained] = [op.free_bytes for op in emb]
+        held = [op.alloc_bytes - (sched.sizes[head - 1].out_bytes + (sz.param_bytes if trained else 0)) for op in bwd]
+        assert held == [0] * len(bwd)
+        fwd = [op for op in ph.ops if op.kind == "forward" and op.layer == head]
+        kept = sz.saved_bytes if trained else sz.saved_frozen_bytes
+        if p.placement(head).activations == "gpu":
+            assert all(op.alloc_bytes == sz.out_bytes + kept for op in fwd)
+        assert head not in [op.layer for op in ph.ops if op.kind == "optimizer_step"]
+    head_bytes = build_schedule(tied, tprof).sizes[head].param_bytes
+    assert frees[True] == [f + head_bytes for f in frees[False]]   # the embedding's backward consumes it
+    # the head's gradient is live between its backward and the embedding's
+    t_peak = memory_timeline(build_schedule(tied, tprof).phases[0])[0]
+    u_peak = memory_timeline(build_schedule(untied, prof).phases[0])[0]
+    assert t_peak > u_peak
