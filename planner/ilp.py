@@ -28,7 +28,8 @@ forward only in P-1 phases and is trained in one, the head runs backward for the
 in one; an own embedding phase runs backward through every decoder layer (all above it), an own head phase runs
 every decoder layer forward only (all below it). Their optimizer state, gradients and saved activations count in
 the phase that trains them (a 128k x 4096 head: 525M parameters, 6.3 GB of fp32 master and moments); an own
-phase is one more memory constraint.
+phase is one more memory constraint. A tied head also forms the matrix's weight gradient in the embedding's
+phase (schedule.priced_as): there it is priced as a trained pass without a step, holding its gradient.
 
 Memory, for every phase j: resident weights + window + activations of the blocks above j (frozen-weight sizes)
 and of block j (trainable sizes) + the head's + block j's optimizer state and gradients + a transient reserve
@@ -63,6 +64,7 @@ class Problem:
     steps_per_block: int
     switch_state: str
     train_embeddings: bool = False  # bcd: the embedding and the head are trained in blocks too (pretraining)
+    tied: bool = False              # the head's matrix is the embedding's (schedule.priced_as)
 
 
 OWN = ((False, False), (True, False), (False, True), (True, True))  # (embedding, head) in a block of its own
@@ -155,6 +157,8 @@ def _price(pb: Problem, tiers: tuple[Tier, ...]):
                        for tier in tiers},
             "act_above": [act_bytes(sz, c[1], "above") for c in cs],
             "act_active": [act_bytes(sz, c[1], "active") for c in cs],
+            # a tied head while the embedding's block trains: a trained pass, no step (schedule.priced_as)
+            "tied": [layer_cost(sz, _placement(i, c, "gpu"), "active", hw) for c in cs],
         }
     return t, tiers
 
@@ -208,6 +212,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     te = pb.train_embeddings and not full
     own_e, own_h = own if te else (False, False)
     P = U + own_e + own_h   # phases in a cycle
+    # a tied head forms the matrix's gradient in the embedding's phase, when that is not the head's own
+    tied = pb.tied and te and P > 1
     d, E, H = t["decoder"], t["embedding"], t["head"]
     nc, ne, nh = len(d["combos"]), len(E["combos"]), len(H["combos"])
     top = max(max(d["above"]), max(d["active"][tier]), max(E["below"]), max(H["above"]),
@@ -237,7 +243,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
              for j in range(U) for c in range(nc)]
     if te:  # trained in one phase, frozen in the P - 1 others
         terms += [q((P - 1) * E["below"][c] + E["active"][tier][c]) * e[c] for c in range(ne)]
-        terms += [q((P - 1) * H["above"][c] + H["active"][tier][c]) * h[c] for c in range(nh)]
+        terms += [q((P - 1 - tied) * H["above"][c] + H["active"][tier][c] + tied * H["tied"][c]) * h[c]
+                  for c in range(nh)]
     elif full:
         terms += [q(E["active"][tier][c]) * e[c] for c in range(ne)]
         terms += [q(H["active"][tier][c]) * h[c] for c in range(nh)]
@@ -272,6 +279,10 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
         fixed += kib(sum(memory.trained_layer_device_bytes(x.params, x.param_bytes, tier) for x in (se, sh)))
     # a trained embedding / head: its state and gradients, and the head's saved activations at trainable size
     e_extra = kib(memory.trained_layer_device_bytes(se.params, se.param_bytes, tier)) if te else 0
+    # the tied head in the embedding's phase: saves at trainable size, its gradient held on the device
+    h_tied = (sum((kib(act_bytes(sh, H["combos"][c][1], "active")) - kib(act_bytes(sh, H["combos"][c][1], "above")))
+                  * h[c] for c in range(nh)) + kib(sh.param_bytes)) if tied else 0
+    e_extra = e_extra + h_tied
     h_extra = (sum((kib(act_bytes(sh, H["combos"][c][1], "active")) - kib(act_bytes(sh, H["combos"][c][1], "above")))
                    * h[c] for c in range(nh)) + kib(memory.trained_layer_device_bytes(sh.params, sh.param_bytes, tier))
                if te else 0)

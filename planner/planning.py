@@ -208,7 +208,8 @@ def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) 
     sizes = tuple(layer_sizes(lp, mb, req.seq_len) for lp in prof.layers)
     return ilp.Problem(sizes=sizes, hw=hw, method=req.method, grad_accum=req.batch // mb,
                        cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
-                       train_embeddings=req.train_embeddings and req.method == "bcd")
+                       train_embeddings=req.train_embeddings and req.method == "bcd",
+                       tied=prof.model.tie_embeddings)
 
 
 def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
