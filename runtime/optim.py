@@ -289,9 +289,11 @@ class BlockOptimizer:
         if self.nonfinite:  # a bad step: weights and moments stay as they were
             return st.buf[:n].to(self.target.weight_dtype), 0
         master, m, v = self.split(layer, st.buf)
+        denom = self._denom(layer) if self.tiers[layer] != Tier.GPU else None
         keep = [k for k, g in enumerate(grads) if g is not None]  # a parameter without a gradient is not stepped
         if len(keep) < len(grads):
             master, m, v, grads = ([x[k] for k in keep] for x in (master, m, v, grads))
+            denom = None if denom is None else [denom[k] for k in keep]
         st.step += 1
         if self.target.cuda and dev.type == "cuda":
             # one parameter at a time bounds the temporaries (the sqrt and the fp32 gradient) to the largest
@@ -299,8 +301,7 @@ class BlockOptimizer:
                             for p, g, a, b in zip(master, grads, m, v))
         else:
             grads = [g.to(dev, torch.float32) for g in grads]
-            transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg,
-                               denom=self._denom(layer) if self.tiers[layer] != Tier.GPU else None)
+            transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg, denom=denom)
         n = self.layouts[layer].numel
         return st.buf[:n].to(self.target.weight_dtype), transient
 
