@@ -233,7 +233,8 @@ class BlockOptimizer:
                 if tmp is not None:
                     self.store.host.release(tmp)
                 tmp = self._grad_staging = None
-                tmp = self._grad_staging = self.store.host.empty(lay.numel, next(g for g in grads if g is not None).dtype)
+                dtype = next(g for g in grads if g is not None).dtype  # a tied head's copy has none
+                tmp = self._grad_staging = self.store.host.empty(lay.numel, dtype)
             views = lay.views(tmp)
             for v, g in zip(views, grads):
                 if g is not None:

@@ -16,7 +16,6 @@ margins leave room for another torch's kernels).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
