@@ -278,7 +278,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     if full:
         fixed += kib(sum(memory.trained_layer_device_bytes(x.params, x.param_bytes, tier) for x in (se, sh)))
     # a trained embedding / head: its state and gradients, and the head's saved activations at trainable size
-    e_extra = kib(memory.trained_layer_device_bytes(se.params, se.param_bytes, tier)) if te else 0
+    e_extra = (kib(memory.trained_layer_device_bytes(se.params, se.param_bytes, tier))
+               + kib(act_bytes(se, Tier.GPU, "active")) if te else 0)   # it saves the token ids
     # the tied head in the embedding's phase: saves at trainable size, its gradient held on the device
     h_tied = (sum((kib(act_bytes(sh, H["combos"][c][1], "active")) - kib(act_bytes(sh, H["combos"][c][1], "above")))
                   * h[c] for c in range(nh)) + kib(sh.param_bytes)) if tied else 0

@@ -7,6 +7,7 @@ counted here from the layer sizes (activation_bytes, transient_bytes below), not
 ILP's chosen solution is checked to fit twice: by that count and by the schedule's memory replay."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -22,6 +23,9 @@ from planner.schedule import build_schedule, memory_timeline
 
 CFG = ModelConfig(name="t3", hidden=64, layers=3, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=512)
 CFG2 = ModelConfig(name="t2", hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, vocab=256, max_seq=512)
+# a vocabulary whose embedding and head outweigh a decoder layer (65k parameters each against 50k), as 128k x 4096
+# does against a 7B layer: where they train decides what fits
+CFG3V = ModelConfig(name="t3v", hidden=64, layers=3, heads=4, kv_heads=2, ffn=176, vocab=1024, max_seq=512)
 
 
 def kib(x) -> int:
@@ -50,22 +54,27 @@ def transient_bytes(sizes, tier: str) -> int:
             + 2 * max(s.out_bytes for s in sizes))
 
 
-def device_kib(sizes, starts, combos_, tier: str, full: bool) -> int:
+def device_kib(sizes, starts, combos_, tier: str, full: bool, te: bool = False, tied: bool = False) -> int:
     """KiB the worst phase needs (each term rounded up to KiB, as the ILP counts): resident weights, a window of
     two of the largest streamed layer, every layer's activations in its role (the head's included), the
-    transient reserve, and with the state on the device the trained layers' fp32 state and bf16 gradients."""
+    transient reserve, and with the state on the device the trained layers' fp32 state and bf16 gradients.
+    te: the embedding and the head are in blocks (the last ends at the head); tied: in the embedding's phase a
+    tied head saves what a trained layer saves and holds its gradient of the matrix (bf16) on the device."""
     n = len(sizes) - 2
     w = [c[0] for c in combos_]
     resident = sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "gpu")
     streamed = [kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] != "gpu"]
     window = 2 * max(streamed) if streamed else 0
-    bounds = list(starts) + [n + 1]
+    bounds = list(starts) + [n + 2 if te else n + 1]
     need = 0
     for first, end in zip(bounds, bounds[1:]):
         trained = range(n + 2) if full else range(first, end)
         acts = 0
         for i in range(n + 2):
             role = "active" if full or first <= i < end else "below" if i < first else "above"
+            if tied and i == n + 1 and first == 0 and role == "above":
+                role = "active"
+                acts += kib(sizes[i].param_bytes)
             acts += kib(activation_bytes(sizes[i], combos_[i][1], role))
         state = sum(kib(sizes[i].params * 12 + sizes[i].param_bytes) for i in trained) if tier == "gpu" else 0
         need = max(need, resident + window + acts + kib(transient_bytes(sizes, tier)) + state)
@@ -77,6 +86,8 @@ def configurations(prof, hw, req: Request):
     combos, tier) whose host RAM and NVMe needs fit, by brute force over partitions and placements."""
     nvme = hw.host.nvme_gib > 0
     full = req.method == "full"
+    te = req.train_embeddings and not full   # the embedding and the head in blocks: joined or alone
+    tied = te and prof.model.tie_embeddings  # the head forms the matrix's gradient in the embedding's phase
     n = prof.n_decoder
     tiers = ["gpu", "cpu"] + (["nvme"] if nvme else [])
     out = []
@@ -90,8 +101,8 @@ def configurations(prof, hw, req: Request):
         def price(i, combo, role, tier, sizes=sizes, memo=memo, g=g):
             key = (sizes[i].kind, combo, role, tier)
             if key not in memo:
-                pl = ilp._placement(i, combo, tier)
-                c = ilp.layer_cost(sizes[i], pl, role, hw)
+                pl = ilp._placement(i, combo, "gpu" if role == "tied" else tier)
+                c = ilp.layer_cost(sizes[i], pl, "active" if role == "tied" else role, hw)  # tied: no step
                 if role == "active":
                     c += (ilp.step_cost(sizes[i], pl, hw) / g
                           + ilp.switch_cost(sizes[i], tier, req.switch_state, hw) / (g * req.steps_per_block))
@@ -100,22 +111,31 @@ def configurations(prof, hw, req: Request):
         parts = [(1,)] if full else [
             (1,) + tuple(k + 1 for k, cut in enumerate(cuts, start=1) if cut)
             for cuts in itertools.product([0, 1], repeat=n - 1)]
+        if te:  # the embedding's block starts at 0 (alone: 0, 1, ...); the head joins the top one or is alone
+            parts = [(0,) + p[own_e:] + ((n + 1,) if own_h else ()) for p in parts
+                     for own_e in (0, 1) for own_h in (0, 1)]
         for tier, starts, e, h, dec in itertools.product(tiers, parts, ce, ch, itertools.product(cd, repeat=n)):
             if req.switch_state == "keep_nvme" and not nvme:
                 continue
             combos_ = (e,) + dec + (h,)
-            bounds = list(starts) + [n + 1]
+            bounds = list(starts) + [n + 2 if te else n + 1]
             blocks = list(zip(bounds, bounds[1:]))
             cost = 0.0
             for first, end in blocks:           # one phase per block
                 for i in range(n + 2):
                     role = "active" if full or first <= i < end else "below" if i < first else "above"
+                    if tied and i == n + 1 and first == 0 and role == "above":
+                        role = "tied"
                     cost += price(i, combos_[i], role, tier)
-            need = device_kib(sizes, starts, combos_, tier, full)
+            need = device_kib(sizes, starts, combos_, tier, full, te, tied)
             w = [c[0] for c in combos_]
-            lmax = max(end - first for first, end in blocks)
             extra = (se.params + sh.params) if full else 0
-            keep_all = kib((n * sd.params + extra) * STATE_BYTES)
+            keep_all = kib((n * sd.params + (se.params + sh.params if full or te else 0)) * STATE_BYTES)
+
+            def largest(layer_kib, blocks=blocks, sizes=sizes, sd=sd):  # KiB of the block holding the most
+                if full:
+                    return layer_kib(sd) * n
+                return max(sum(layer_kib(sizes[i]) for i in range(a, b)) for a, b in blocks)
 
             def layer_host(x, tier=tier):
                 """A trained layer's host bytes for the phase, its weights on the costliest tier: state on the
@@ -126,7 +146,7 @@ def configurations(prof, hw, req: Request):
                 return x.params * ((STATE_BYTES if tier == "cpu" else 0) + 4)
             # the host optimizer's window over the largest trained layer: two NVMe states, the CPU AdamW's
             # sqrt(v), one pinned gradient staging buffer and two layers' new bf16 weights; one NVMe weights read
-            big = max([sd, se, sh] if full else [sd], key=lambda x: x.params)
+            big = max([sd, se, sh] if full or te else [sd], key=lambda x: x.params)
             window = ((big.param_bytes if nvme else 0) + (2 * STATE_BYTES * big.params if tier == "nvme" else 0)
                       + (4 * big.params + 3 * big.param_bytes if tier != "gpu" else 0))
             host = (sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "cpu")
@@ -134,7 +154,8 @@ def configurations(prof, hw, req: Request):
                     + (kib(sh.saved_bytes) if h[1] == "cpu" else 0)
                     + (kib(2 * max(x.param_bytes for x in (sd, se, sh))) if nvme else 0)
                     + (keep_all if req.switch_state == "keep_cpu" else 0)
-                    + kib(layer_host(sd)) * lmax + kib(sum(layer_host(x) for x in ([se, sh] if full else [])))
+                    + largest(lambda x: kib(layer_host(x)))
+                    + kib(sum(layer_host(x) for x in ([se, sh] if full else [])))
                     + kib(window))
             if host > int(hw.host.ram_gib * GIB * 0.85) // 1024:   # 15% kept for the OS and page cache
                 continue
@@ -142,7 +163,7 @@ def configurations(prof, hw, req: Request):
                 nv = sum(kib(sizes[i].param_bytes) for i in range(n + 2) if w[i] == "nvme")
                 nv += keep_all if req.switch_state == "keep_nvme" else 0
                 if tier == "nvme":
-                    nv += kib(sd.params * STATE_BYTES) * lmax + kib(extra * STATE_BYTES)
+                    nv += largest(lambda x: kib(x.params * STATE_BYTES)) + kib(extra * STATE_BYTES)
                 if nv > int(hw.host.nvme_gib * GIB * 0.95) // 1024:
                     continue
             out.append((cost * g, need, mb, tuple(starts), combos_, tier))
@@ -171,7 +192,17 @@ CASES = [  # (hardware overrides, request overrides, model): slow links make pla
     (dict(pcie_gbps=0.5), dict(method="full"), "t3"),
     # a slow CPU optimizer and link: the state wants the device, as long as it fits
     (dict(pcie_gbps=0.05, cpu_adam_params_per_s=1e4), dict(method="bcd"), "t3"),
+    # pretraining: the embedding and the head trained, joined to a decoder block or alone. No host RAM to speak
+    # of keeps the state on the device, and the optimum moves from (embedding | L1 | L2 | L3 | head) at the
+    # smallest budget to (embedding+L1-L2 | L3+head) as it grows (default links: the ILP rounds its costs to
+    # 1/2000 of the dearest pass, which a 0.05 GB/s link would make coarse for these all-resident optima)
+    (dict(host_ram_gib=0.0005), dict(method="bcd", train_embeddings=True), "t3v"),
+    # the same, tied: the head forms the matrix's weight gradient in the embedding's phase (priced, held)
+    (dict(host_ram_gib=0.0005), dict(method="bcd", train_embeddings=True), "t3vt"),
+    (dict(pcie_gbps=0.05, nvme_gib=1.0, nvme_read_gbps=0.02), dict(method="bcd", train_embeddings=True,
+                                                                   switch_state="keep_cpu"), "t2"),
 ]
+PRETRAIN = 5   # CASES' first pretraining case
 _CONFIGS: dict = {}
 
 
@@ -179,7 +210,7 @@ _CONFIGS: dict = {}
 @pytest.mark.parametrize("slack", [1.0, 1.15, 1.6])
 def test_ilp_matches_enumeration(prof, prof2, case, slack):
     hw_kw, req_kw, model = CASES[case]
-    p = prof if model == "t3" else prof2
+    p = {"t3": prof, "t2": prof2}.get(model) or _profile_t3v(tied=model == "t3vt")
     hw = make_hardware(gpu="rtx4090", **hw_kw)
     req = Request(seq_len=64, batch=2, steps_per_block=3, time_limit_s=20, **req_kw)
     if case not in _CONFIGS:
@@ -195,6 +226,28 @@ def test_ilp_matches_enumeration(prof, prof2, case, slack):
     assert ilp_cost == pytest.approx(brute[0], rel=2e-3)
     assert found.bound_s == pytest.approx(ilp_cost, rel=1e-9)  # proven: gap 0
     _assert_fits(p, hw, req, found, cap)
+    if req.train_embeddings:  # the embedding's block starts at layer 0 and the head's ends at n + 1
+        assert found.solution.starts[0] == 0 and len(found.solution.placements) == p.n_decoder + 2
+
+
+def _profile_t3v(tied: bool = False):
+    key = "t3vt" if tied else "t3v"
+    if key not in _CONFIGS:
+        _CONFIGS[key] = profile_model(dataclasses.replace(CFG3V, name=key, tie_embeddings=tied))
+    return _CONFIGS[key]
+
+
+def test_pretraining_enumeration_is_not_trivial():
+    """The pretraining instance's optimum changes shape with the budget: own blocks for the embedding and the
+    head at the tightest budget, joined ones at a larger, so both branches of the ILP are compared."""
+    hw_kw, req_kw, _ = CASES[PRETRAIN]
+    configs = _CONFIGS.get(PRETRAIN) or configurations(_profile_t3v(), make_hardware(gpu="rtx4090", **hw_kw),
+                                                       Request(seq_len=64, batch=2, steps_per_block=3, **req_kw))
+    _CONFIGS[PRETRAIN] = configs
+    lo = min(c[1] for c in configs) * 1024
+    tight, roomy = best_under(configs, lo), best_under(configs, int(lo * 1.6))
+    assert tight[3][:2] == (0, 1) and tight[3][-1] == CFG3V.layers + 1   # embedding and head alone
+    assert tight[3] != roomy[3] and roomy[3][-1] != CFG3V.layers + 1
 
 
 @pytest.mark.parametrize("case", [0, 4])
@@ -228,7 +281,8 @@ def _assert_fits(prof, hw, req, found, cap: int) -> None:
     sizes = [layer_sizes(lp, mb, req.seq_len) for lp in prof.layers]
     combos_ = tuple((p.weights, p.activations) for p in sol.placements)
     tier = sol.placements[1].master
-    need = device_kib(sizes, sol.starts, combos_, tier, req.method == "full")
+    te = req.train_embeddings and req.method != "full"
+    need = device_kib(sizes, sol.starts, combos_, tier, req.method == "full", te, te and prof.model.tie_embeddings)
     assert need <= cap // 1024, (need, cap // 1024, sol.starts, combos_, tier)
     plan = _assemble(prof, hw, req, cap, 0, found)
     for ph in build_schedule(plan, prof).phases:
