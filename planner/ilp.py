@@ -81,7 +81,9 @@ class Solution:
     status: str
     objective_s: float        # cycle seconds per micro-batch-step unit (see module doc), from the solver
     bound_s: float
-    solve_seconds: float
+    solve_seconds: float      # wall clock (reported only; nothing decides on it)
+    work: float               # CP-SAT's deterministic time: the same on any machine and load
+    wall_capped: bool         # stopped by the wall-clock safety net rather than by `work_limit`
     starts: tuple[int, ...]   # layers where blocks start, bottom-up ((0,) for full; 0 / n+1 when trained)
     placements: tuple[Placement, ...]
     window_bytes: int
@@ -166,39 +168,70 @@ def _price(pb: Problem, tiers: tuple[Tier, ...]):
 def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     """A valid lower bound on the cycle cost with `blocks` blocks and the optimizer state on `tier`.
 
-    Every decoder layer runs in the U-1 phases that do not train it, at least as cheaply as its cheapest
-    placement; at most k of them can keep their weights on the device (k from the budget), the rest pay
-    for streaming. Each is trained once, at its cheapest trained pass. Phases above the bottom block also
-    run backward through the layers above them: at least U(U-1)/2 such layer-passes over a cycle."""
+    A decoder layer in block j (from the top) runs below the trained block in j phases (forward only, Cb) and
+    above it in U-1-j (forward and backward, Cab = Cb + (Cab - Cb)); so over its U-1 untrained phases it costs
+    at least (U-1) * min Cb of its weights' tier + (above-phases) * delta, delta the smallest Cab - Cb of any
+    placement. Each layer is trained once, at its cheapest trained pass.
+
+    Memory couples the rest. Let s be the largest block's size (at least ceil(n/U)). Its phase holds, beside
+    the transient reserve, its s layers' optimizer state and gradients (gpu tier), the k decoder layers whose
+    weights stay resident and, if any layer streams, the two-layer window: that caps k for each s. The sum of
+    above-phases over the layers is smallest when the bottom blocks are as large as s allows (a layer in the
+    bottom block is never above): each block gets one layer, the n-U others fill blocks s-1 at a time from the
+    bottom, giving U(U-1)/2 + (s-1) f(f-1)/2 + f r (f full blocks, r layers in the next). The bound is the
+    minimum over s. (These are the ILP's own device-memory terms, without the activations, which can all
+    leave the device, and without the embedding and head, which can stream.)"""
     t, tiers = _costs(pb)
     d, e, h = t["decoder"], t["embedding"], t["head"]
     n = sum(1 for s in pb.sizes if s.kind == "decoder")
     active = min(d["active"][tier])
     if pb.method == "full":
         return n * active + min(e["active"][tier]) + min(h["active"][tier])
-    pass_cost = [min(b, a) for b, a in zip(d["below"], d["above"])]
-    on_gpu = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] == Tier.GPU)
-    off = min(x for x, c in zip(pass_cost, d["combos"]) if c[0] != Tier.GPU)
+    u = blocks
+    on_gpu = min(x for x, c in zip(d["below"], d["combos"]) if c[0] == Tier.GPU)
+    off = min(x for x, c in zip(d["below"], d["combos"]) if c[0] != Tier.GPU)
+    delta = min(a - b for a, b in zip(d["above"], d["below"]))
+    sd = pb.sizes[1]
+    w = max(1, sd.param_bytes)
+    state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier)   # per trained layer
     room = pb.cap_bytes - transient_bytes(pb.sizes, tier)
-    k = min(n, max(0, room // max(1, pb.sizes[1].param_bytes)))
-    forward = k * min(on_gpu, off) + (n - k) * off
-    chain = max(0.0, min(d["above"]) - max(d["below"]))
-    ends = blocks * (min(e["below"]) + min(h["above"]))
+    ends = u * (min(e["below"]) + min(h["above"]))
     if pb.train_embeddings:  # each trained in one phase (its own or a decoder block's), cheapest way
-        ends = ((blocks - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][tier])
+        ends = ((u - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][tier])
                 + min(h["active"][tier]))
-    return (blocks - 1) * forward + n * active + ends + blocks * (blocks - 1) / 2 * chain
+    fixed = ends + n * active
+    best = float("inf")
+    # with no device state, s costs nothing: the largest s (the smallest chain) is the minimum
+    for s in ([n - u + 1] if state == 0 else range(-(-n // u), n - u + 2)):
+        left = room - s * state
+        if left < 0:
+            break
+        k = n if left >= n * w else max(0, min(n - 1, (left - 2 * w) // w))
+        forward = (u - 1) * (k * min(on_gpu, off) + (n - k) * off)
+        if delta >= 0:
+            f, r = divmod(n - u, s - 1) if s > 1 else (0, 0)
+            above = u * (u - 1) // 2 + (s - 1) * f * (f - 1) // 2 + f * r
+            chain = above * delta
+        else:  # cannot happen with these costs (backward is never free); kept valid anyway
+            chain = (u - 1) * n * delta
+        best = min(best, forward + chain + fixed)
+    return best
 
 
-def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, workers: int = 1,
-          min_memory: bool = False, feasibility: bool = False, own: tuple[bool, bool] = (False, False)
-          ) -> Solution | None:
+def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time_limit_s: float = 60.0,
+          workers: int = 1, min_memory: bool = False, feasibility: bool = False,
+          own: tuple[bool, bool] = (False, False)) -> Solution | None:
     """Solve for exactly `blocks` blocks of decoder layers (1 for `full`) with the optimizer state on `tier`.
     With min_memory, minimise the worst phase's device bytes instead (to tell the user the smallest feasible
-    budget). None when infeasible; status UNKNOWN when time ran out before a solution or a proof. With
+    budget). None when infeasible; status UNKNOWN when the work ran out before a solution or a proof. With
     feasibility, any solution will do (its cost is not minimal). `own` (with pb.train_embeddings): whether the
     embedding / the head train in a block of their own (one of layouts(pb)) instead of joining the bottom / top
-    decoder block."""
+    decoder block.
+
+    The solve is bounded by `work_limit`, CP-SAT's deterministic time (a count of the solver's basic
+    operations scaled to roughly seconds), so with one worker and a fixed seed the same problem gives the same
+    answer on any machine and under any load. `time_limit_s` is a wall-clock safety net only; when it stops the
+    solve first, the Solution says so (wall_capped) and the answer may depend on the machine."""
     from ortools.sat.python import cp_model
 
     hw, sizes = pb.hw, pb.sizes
@@ -347,18 +380,22 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
     if not feasibility:  # a feasibility check stops at the first solution
         m.minimize(peak if min_memory else sum(terms))
     solver = cp_model.CpSolver()
+    solver.parameters.max_deterministic_time = max(1e-3, work_limit)
     solver.parameters.max_time_in_seconds = max(0.02, time_limit_s)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = 1
     solver.parameters.linearization_level = 2  # the LP relaxation is what proves these optimal quickly
+    solver.parameters.max_presolve_iterations = 1  # small models: more presolve rounds cost more than they save
     t0 = time.perf_counter()
     status = solver.solve(m)
     took = time.perf_counter() - t0
+    work = solver.deterministic_time
+    capped = status not in (cp_model.OPTIMAL, cp_model.INFEASIBLE) and took >= 0.98 * max(0.02, time_limit_s)
     scale = 1024 if min_memory else unit
     if status == cp_model.UNKNOWN:
         return Solution(status="UNKNOWN", objective_s=float("inf"),
-                        bound_s=max(0.0, solver.best_objective_bound) * scale,
-                        solve_seconds=took, starts=(), placements=(), window_bytes=0)
+                        bound_s=max(0.0, solver.best_objective_bound) * scale, solve_seconds=took, work=work,
+                        wall_capped=capped, starts=(), placements=(), window_bytes=0)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     # Blocks are numbered from the top; layers are laid out bottom-up, each block's combos in sorted order.
@@ -375,6 +412,6 @@ def solve(pb: Problem, blocks: int, tier: str, *, time_limit_s: float = 10.0, wo
         starts = [0] + starts if own_e else [0] + starts[1:]
         starts += [n + 1] if own_h else []
     return Solution(status=solver.status_name(status), objective_s=solver.objective_value * scale,
-                    bound_s=solver.best_objective_bound * scale, solve_seconds=took,
-                    starts=(0,) if full else tuple(starts), placements=tuple(pls),
+                    bound_s=solver.best_objective_bound * scale, solve_seconds=took, work=work,
+                    wall_capped=capped, starts=(0,) if full else tuple(starts), placements=tuple(pls),
                     window_bytes=solver.value(win) * 1024)

@@ -23,6 +23,7 @@ SCHEMA_VERSION = 1
 ORDERS = ("ascending", "descending", "random")
 SWITCH_POLICIES = ("reset", "keep_cpu", "keep_nvme")
 METHODS = ("bcd", "full")
+OBJECTIVES = ("tokens", "cycle")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,13 +93,18 @@ def cycle_rate(phases, *, steps_per_block: int, tokens_per_step: int) -> tuple[f
 
 @dataclass(frozen=True, kw_only=True)
 class SolverReport:
-    status: str                   # OPTIMAL | FEASIBLE | ...
-    objective: float              # seconds per cycle per token of a step
-    bound: float
+    status: str                   # OPTIMAL | FEASIBLE | HEURISTIC
+    objective: float              # tokens: seconds per token (1 / tokens per second), what was minimised;
+                                  # cycle: seconds of one cycle through the blocks per token of a step
+    bound: float                  # a proven lower bound on `objective`, in its units
     gap: float                    # (objective - bound) / objective
-    solve_seconds: float
-    time_limit_s: float
-    candidates: int = 1           # micro-batch sizes solved
+    solve_seconds: float          # wall clock in the solver: the one field that varies between runs
+    time_limit_s: float           # the wall-clock safety net
+    candidates: int = 1           # subproblems solved
+    objective_kind: str = "cycle" # tokens | cycle (plans written before the tokens objective: cycle)
+    work: float = 0.0             # the solver's deterministic time spent (machine- and load-independent)
+    work_limit: float = 0.0       # the deterministic budget of the search
+    wall_capped: bool = False     # the safety net stopped the search: the plan may differ on another machine
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,11 +29,24 @@ class Request:
     order: str = "ascending"
     seed: int = 0
     switch_state: str = "reset"
-    time_limit_s: float = 10.0
+    objective: str = "tokens"            # tokens: most tokens per second | cycle: shortest cycle through the blocks
+    work_limit: float | None = None      # CP-SAT deterministic seconds for the whole search (same plan anywhere);
+                                         # default WORK_LIMIT
+    time_limit_s: float = 60.0           # wall-clock safety net; the plan says when it stopped the search
     max_blocks: int | None = None
     min_blocks: int | None = None        # bcd: at least this many blocks (--blocks N sets both to N)
     max_nvme_write_bytes_per_day: float | None = None  # cap on NVMe wear (planner.wear); None: no cap
     train_embeddings: bool = False       # bcd: train the embedding and the head in blocks too (pretraining)
+
+
+# CP-SAT deterministic seconds for a whole search by default (a few CPU seconds): enough to prove the 7B plan
+# on a 24 GiB card optimal, and for every row of benchmarks/plan_quality.py to come within 99% of the best
+# over an exhaustive scan of block counts (8B on a 40 GiB A100 needs the most)
+WORK_LIMIT = 1.6
+
+
+def work_limit(req: Request, prof: ModelProfile) -> float:
+    return req.work_limit if req.work_limit is not None else WORK_LIMIT
 
 
 def candidates(req: Request) -> list[int]:
@@ -107,91 +120,136 @@ def _within_write_cap(plan: Plan, prof: ModelProfile, hw: Hardware, req: Request
 class Search:
     micro_batch: int
     solution: ilp.Solution
-    bound_s: float        # global lower bound on the best cycle cost (per optimizer step's micro-batches)
-    solve_seconds: float
+    blocks: int
+    score_s: float        # the best plan's score (see `score`)
+    bound_s: float        # global lower bound on the best score
+    solve_seconds: float  # wall clock in CP-SAT (reported only)
+    work: float           # CP-SAT deterministic time spent, all solves together
+    wall_capped: bool     # the wall-clock safety net stopped the search
     solved: int           # subproblems solved
     candidates: int
 
 
-def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search | None:
-    """Every micro-batch candidate x every block count, as separate CP-SAT problems, best first.
+def score(cost_s: float, blocks: int, objective: str) -> float:
+    """What the search minimises, from a subproblem's cost (seconds of one cycle per step of each block:
+    every block's steps, optimizer steps and switches, divided by steps_per_block).
 
-    Pass 1 solves each briefly, best-first by a simple lower bound (which grows with the block count), until the
-    smallest bound left cannot beat the incumbent or the time limit is reached with a plan in hand. Pass 2 gives
-    more time to the problems whose proven bound is still below the incumbent, lowest bound first. The reported
-    bound is valid for everything not closed."""
+    tokens: cost / blocks, seconds per optimizer step averaged over the cycle. A cycle trains every block
+    steps_per_block steps of tokens_per_step tokens, so tokens/s = tokens_per_step / (cost / blocks):
+    minimising it maximises throughput, whatever the block count. cycle: the cost itself, the time to train
+    every layer once per steps_per_block steps, which favours the fewest blocks."""
+    return cost_s / blocks if objective == "tokens" else cost_s
+
+
+def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search | None:
+    """Every micro-batch candidate x state tier x block count, as separate CP-SAT problems: branch and bound,
+    best first.
+
+    All of it is bounded by deterministic work (CP-SAT's deterministic time, `req.work_limit` for the whole
+    search), never by the clock, so the same request gives the same plan on any machine under any load; the
+    wall clock (`req.time_limit_s`) is a safety net that the Search reports when it bites.
+
+    Every subproblem is queued under a cheap valid lower bound (ilp.lower_bound, divided by the block count
+    for the tokens objective: of the form a + b/U + c*U, not monotone in U, so each count gets its own).
+    The smallest is popped and solved with a small amount of work; unless that proves it, it goes back under
+    the solver's own bound (the LP relaxation's, much tighter than the cheap one) with four times the work for
+    next time. The search ends when the smallest bound left cannot beat the best plan (proven optimal), or the
+    work budget is spent with a plan in hand (the smallest bound left is then the reported bound).
+    Finer partitions never need more memory, so feasibility is monotone in the block count: an infeasible
+    count rules out the smaller ones of its family (for the cycle objective, which pops the fewest blocks
+    first, a bisection for the fewest feasible blocks does that up front)."""
     n = prof.n_decoder
     started = time.perf_counter()
-    quick = max(0.02, min(0.1, req.time_limit_s / 100))
-    best = None                       # (cost, mb, solution)
-    pending = []                      # (bound, mb, u, (tier, own), problem) not yet proven
-    took, solved = 0.0, 0
+    obj = req.objective
+    budget = work_limit(req, prof)
+    first = 0.01                      # deterministic seconds of a first solve, times _size
+    best = None                       # (score, mb, u, solution)
+    stats = {"took": 0.0, "work": 0.0, "solved": 0, "capped": False}
     counts = [1] if req.method == "full" else list(range(req.min_blocks or 1, min(n, req.max_blocks or n) + 1))
     problems = {mb: _problem(prof, hw, req, mb, cap) for mb in candidates(req)}
+    infeasible_upto = {}              # (mb, (tier, own)) -> every block count up to this one is infeasible
 
-    def record(sol, mb):
-        """Count a solved subproblem and keep it if it is the best so far."""
-        nonlocal best, took, solved
-        solved += 1
-        if sol is not None:
-            took += sol.solve_seconds
-            cost = sol.objective_s * (req.batch // mb)
-            if sol.status != "UNKNOWN" and (best is None or cost < best[0]):
-                best = (cost, mb, sol)
+    def wall_left() -> float:
+        return req.time_limit_s - (time.perf_counter() - started)
+
+    def run(mb, u, tier, work, **kw):
+        """One CP-SAT solve, counted; keep it if it is the best plan so far."""
+        nonlocal best
+        sol = ilp.solve(problems[mb], u, tier[0], own=tier[1], work_limit=work,
+                        time_limit_s=max(0.02, wall_left()), **kw)
+        stats["solved"] += 1
+        if sol is None:
+            infeasible_upto[(mb, tier)] = max(u, infeasible_upto.get((mb, tier), 0))
+            return None
+        stats["took"] += sol.solve_seconds
+        stats["work"] += sol.work
+        stats["capped"] |= sol.wall_capped
+        if not kw and sol.status != "UNKNOWN":
+            sc = score(sol.objective_s * (req.batch // mb), u + sum(tier[1]), obj)
+            if best is None or sc < best[0]:
+                best = (sc, mb, u + sum(tier[1]), sol)
         return sol
 
-    def out_of_time() -> bool:  # only once there is a plan to return
-        return best is not None and time.perf_counter() - started >= req.time_limit_s
+    def bound(mb, u, tier) -> float:
+        return score(ilp.lower_bound(problems[mb], u, tier[0]) * (req.batch // mb), u + sum(tier[1]), obj)
 
-    open_bounds = []
-    frontier = []                     # (bound, mb, (tier, own), index into counts): best-first over all subproblems
-    tiers = memory.tiers(hw)
-    for mb, pb in problems.items():
-        # the state tier, and where a trained embedding and head go (ilp.layouts): separate subproblems
-        for tier in [(t, own) for t in tiers for own in ilp.layouts(pb)]:
-            # Finer partitions never need more memory (smaller block state, more activations at frozen
-            # sizes), so feasibility is monotone in the block count: bisect for the fewest blocks that fit.
-            lo_u = counts[0] if len(counts) == 1 else _fewest_blocks(pb, counts, tier, 10 * quick)
-            solved += len(counts) > 1
-            if lo_u is not None:
-                k = counts.index(lo_u)
-                heapq.heappush(frontier, (ilp.lower_bound(pb, lo_u, tier[0]) * (req.batch // mb), mb, tier, k))
+    frontier = []                     # (bound, mb, tier, u, work for its next solve); u == 0: a family to bisect
+    for mb in problems:
+        # the state tier, and where a trained embedding and head go (ilp.layouts): separate families
+        for tier in [(t, own) for t in memory.tiers(hw) for own in ilp.layouts(problems[mb])]:
+            frontier.append((min(bound(mb, u, tier) for u in counts), mb, tier, 0, 0.0))
+    heapq.heapify(frontier)
+    left = None                       # the smallest bound not closed when the search stops
+    dropped = []                      # bounds of subproblems the safety net left unfinished
     while frontier:
-        lb, mb, tier, k = heapq.heappop(frontier)
-        if best is not None and lb >= best[0]:
+        lb, mb, tier, u, work = heapq.heappop(frontier)
+        if u and u <= infeasible_upto.get((mb, tier), 0):
+            continue
+        if best is not None and lb >= best[0] * (1 - 1e-9):
             break  # every subproblem left is bounded at least as high
-        if out_of_time():
-            open_bounds.append(lb)  # the smallest bound of everything left
+        if wall_left() <= 0:
+            stats["capped"] = True
+        if best is not None and (stats["capped"] or stats["work"] >= budget):
+            left = lb
             break
-        pb, g, u = problems[mb], req.batch // mb, counts[k]
-        sol = record(ilp.solve(pb, u, tier[0], own=tier[1], time_limit_s=quick), mb)
-        if sol is not None and sol.status != "OPTIMAL":
-            pending.append((max(sol.bound_s * g, lb), mb, u, tier, pb))
-        if k + 1 < len(counts):  # the bound grows with the block count
-            heapq.heappush(frontier, (ilp.lower_bound(pb, counts[k + 1], tier[0]) * g, mb, tier, k + 1))
-    pending.sort(key=lambda x: x[0])
-    for bound, mb, u, tier, pb in pending:
-        left = req.time_limit_s - (time.perf_counter() - started)
-        if best is not None and bound >= best[0] * (1 - 1e-9):
+        if u == 0:  # a family's first turn: does its finest partition fit at all (and, cycle: bisect)?
+            def fits(k, mb=mb, tier=tier):
+                return run(mb, k, tier, 2 * first * _size(problems[mb], k), feasibility=True) is not None
+            fewest = (_fewest_blocks(fits, counts) if obj == "cycle" or len(counts) == 1
+                      else counts[0] if fits(counts[-1]) else None)
+            for k in counts[counts.index(fewest):] if fewest is not None else []:
+                heapq.heappush(frontier, (bound(mb, k, tier), mb, tier, k, first * _size(problems[mb], k)))
             continue
-        if left <= 0.05:
-            open_bounds.append(bound)
-            continue
-        sol = record(ilp.solve(pb, u, tier[0], own=tier[1], time_limit_s=left), mb)
+        if best is not None:  # the last solves share out what is left of the budget
+            work = min(work, max(first, budget - stats["work"]))
+        sol = run(mb, u, tier, work)
         if sol is not None and sol.status != "OPTIMAL":
-            open_bounds.append(max(bound, sol.bound_s * (req.batch // mb)))
+            again = (max(lb, score(sol.bound_s * (req.batch // mb), u + sum(tier[1]), obj)), mb, tier, u,
+                     4 * work)
+            if stats["capped"] and best is None:
+                dropped.append(again[0])   # no more time for it; its bound still counts
+            else:
+                heapq.heappush(frontier, again)
+    if best is None and stats["capped"]:
+        raise UserError(f"the wall-clock safety net (--time-limit {req.time_limit_s:g} s) stopped the search "
+                        "before it found any plan; give it more time.")
     if best is None:
         return None
-    bound = min([best[0]] + open_bounds)
-    return Search(micro_batch=best[1], solution=best[2], bound_s=bound, solve_seconds=took, solved=solved,
-                  candidates=len(problems))
+    return Search(micro_batch=best[1], solution=best[3], blocks=best[2], score_s=best[0],
+                  bound_s=min([best[0]] + dropped + ([] if left is None else [left])), solve_seconds=stats["took"],
+                  work=stats["work"], wall_capped=stats["capped"], solved=stats["solved"], candidates=len(problems))
 
 
-def _fewest_blocks(pb, counts: list[int], tier: tuple[str, tuple], limit_s: float) -> int | None:
+def _size(pb: ilp.Problem, blocks: int) -> float:
+    """A subproblem's size in hundreds of count variables, to the power 1.5: its first solve's work. (A first
+    solve too short to find a solution is wasted: 70B subproblems of 40 to 60 blocks need about ten times the
+    work of 7B ones of 16 to 20.)"""
+    return max(1.0, blocks * len(ilp.combos("decoder", memory.tiers(pb.hw))) / 100) ** 1.5
+
+
+def _fewest_blocks(fits, counts: list[int]) -> int | None:
     """Smallest block count with any feasible solution (None if even the finest partition does not fit).
-    An undecided check counts as feasible, so nothing that might fit is skipped. `tier`: (state tier, own)."""
-    def fits(u: int) -> bool:
-        return ilp.solve(pb, u, tier[0], own=tier[1], time_limit_s=limit_s, feasibility=True) is not None
+    An undecided check counts as feasible, so nothing that might fit is skipped."""
     if not fits(counts[-1]):
         return None
     lo, hi = 0, len(counts) - 1
@@ -220,25 +278,37 @@ def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
     else:
         starts = list(sol.starts) + [n + 2 if req.train_embeddings else n + 1]
         blocks = tuple(Block(first=a, last=b - 1) for a, b in zip(starts, starts[1:]))
-    g = req.batch // mb
-    shape = Shape(micro_batch=mb, seq_len=req.seq_len, grad_accum=g)
-    best = sol.objective_s * g
+    tokens_per_step = mb * req.seq_len * (req.batch // mb)
+    best = found.score_s
     gap = max(0.0, (best - found.bound_s) / best) if best > 0 else 0.0
     status = "OPTIMAL" if gap < 1e-9 else "FEASIBLE"
-    # objective and bound: seconds of one cycle through the blocks per token of an optimizer step
-    solver = SolverReport(status=status, objective=best * req.steps_per_block / shape.tokens_per_step,
-                          bound=found.bound_s * req.steps_per_block / shape.tokens_per_step, gap=gap,
-                          solve_seconds=found.solve_seconds, time_limit_s=req.time_limit_s,
-                          candidates=found.solved)
+    # tokens: seconds per token (1 / tokens per second); cycle: seconds of one cycle through the blocks per
+    # token of an optimizer step
+    per = (1 if req.objective == "tokens" else req.steps_per_block) / tokens_per_step
+    solver = SolverReport(status=status, objective_kind=req.objective, objective=best * per,
+                          bound=found.bound_s * per, gap=gap, solve_seconds=found.solve_seconds,
+                          time_limit_s=req.time_limit_s, work=found.work, work_limit=work_limit(req, prof),
+                          wall_capped=found.wall_capped, candidates=found.solved)
+    return build_plan(prof, hw, req, budget, reserve, micro_batch=mb, blocks=blocks, placements=sol.placements,
+                      window_bytes=sol.window_bytes, solver=solver)
+
+
+def build_plan(prof: ModelProfile, hw: Hardware, req: Request, budget: int, reserve: int, *, micro_batch: int,
+               blocks: tuple[Block, ...], placements, window_bytes: int, solver: SolverReport,
+               predicted: Prediction | None = None) -> Plan:
+    """The Plan for a chosen micro-batch, blocks and placements (the ILP's or the fast planner's): the request's
+    other choices copied in, and `predicted` or, when None, the planner's prediction (`predict`)."""
+    shape = Shape(micro_batch=micro_batch, seq_len=req.seq_len, grad_accum=req.batch // micro_batch)
     draft = Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,
                  budget_bytes=budget, reserve_bytes=reserve, shape=shape, method=req.method, blocks=blocks,
                  order=req.order, seed=req.seed, steps_per_block=req.steps_per_block,
-                 switch_state=req.switch_state, placements=sol.placements, prefetch_window_bytes=sol.window_bytes,
-                 predicted=Prediction(phases=tuple(PhasePrediction(block=k, peak_vram_bytes=0)
-                                                   for k in range(len(blocks))),
-                                      host_ram_bytes=0, nvme_bytes=0, cycle_seconds=0.0, tokens_per_s=0.0),
+                 switch_state=req.switch_state, placements=tuple(placements), prefetch_window_bytes=window_bytes,
+                 predicted=predicted or Prediction(phases=tuple(PhasePrediction(block=k, peak_vram_bytes=0)
+                                                                for k in range(len(blocks))),
+                                                   host_ram_bytes=0, nvme_bytes=0, cycle_seconds=0.0,
+                                                   tokens_per_s=0.0),
                  solver=solver)
-    return dataclasses.replace(draft, predicted=predict(draft, prof))
+    return draft if predicted is not None else dataclasses.replace(draft, predicted=predict(draft, prof))
 
 
 def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Prediction:

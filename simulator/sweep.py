@@ -2,7 +2,7 @@
 
 What one configuration costs decides how a sweep works. A CP-SAT solve takes 0.1 to 10 s, and 1,000
 configurations must finish in 30 s on 2 cores (60 ms each), so by default a configuration is planned by
-`simulator.fastplan.quick_plan` (an enumeration over uniform policies priced with the ILP's own tables, about
+`planner.fastplan.quick_plan` (an enumeration over uniform policies priced with the ILP's own tables, about
 5 ms) and that plan is then simulated by the engine like any other. Building the planner's schedule is most of
 what remains (a 7B step of 8 micro-batches is ~5,000 ops), so `simulator.periodic` plays three micro-batches and
 extends the exactly repeating pattern to the step's g (same numbers, checked op by op). A simulated peak above
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from planner import memory
 from planner.errors import UserError, closest
+from planner.fastplan import ACTS, quick_plan
 from planner.hardware import GIB, Hardware, gpu_names, make_hardware
 from planner.models import load_model_config
 from planner.plan import METHODS, write_atomic
@@ -31,7 +32,6 @@ from planner.planning import Request, make_plan
 from planner.profile import ModelProfile, profile_model
 from simulator.cost import hourly_price, usd_per_billion_tokens
 from simulator.engine import STREAM_WORDS
-from simulator.fastplan import ACTS, quick_plan
 from simulator.periodic import simulate_repeating
 
 

@@ -12,7 +12,7 @@ import sys
 from planner.errors import UserError, check_positive
 from planner.hardware import GIB, make_hardware
 from planner.models import load_model_config
-from planner.plan import ORDERS, SWITCH_POLICIES, Plan, write_atomic
+from planner.plan import OBJECTIVES, ORDERS, SWITCH_POLICIES, Plan, write_atomic
 from planner.units import SIZE_HELP, size_gib
 from planner.wear import wear_warning
 
@@ -64,7 +64,14 @@ def register(sub) -> None:
                         "over it is replaced by one without NVMe")
     p.add_argument("--train-embeddings", action="store_true",
                    help="bcd: train the embedding and the head in blocks too (pretraining; default: frozen)")
-    p.add_argument("--time-limit", type=float, default=10.0, help="seconds the solver may take")
+    p.add_argument("--objective", choices=OBJECTIVES, default="tokens",
+                   help="tokens: most training tokens per second (default); cycle: shortest time to train every "
+                        "layer once per --steps-per-block steps (favours the fewest blocks)")
+    p.add_argument("--work-limit", type=float, default=None,
+                   help="solver work for the whole search, in CP-SAT deterministic seconds (default 1.6): the "
+                        "same command gives the same plan on any machine")
+    p.add_argument("--time-limit", type=float, default=60.0,
+                   help="wall-clock safety net in seconds; the plan says so if it stopped the search")
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.add_argument("--json", action="store_true", help="print machine-readable output")
     p.set_defaults(func=run)
@@ -86,14 +93,16 @@ def request_from_args(a, method: str):
     if lo and hi and lo > hi:
         raise UserError(f"--min-blocks {lo} is more than --max-blocks {hi}.")
     check_positive("--time-limit", a.time_limit, upper=86400)
+    check_positive("--work-limit", a.work_limit, upper=86400)
     if not 0 <= a.seed < 1 << 63:
         raise UserError(f"--seed must be an integer from 0 to 2^63 - 1, got {a.seed}.")
     vram_gib = size_gib("--vram", a.vram, upper_gib=4096)
     cap_gib = size_gib("--max-nvme-writes-per-day", a.max_nvme_writes_per_day, allow_zero=True, upper_gib=1e9)
     return Request(method=method, vram_gib=vram_gib, reserve_gib=reserve_gib, seq_len=a.seq, batch=a.batch,
                    micro_batch=a.micro_batch, steps_per_block=a.steps_per_block, order=a.order, seed=a.seed,
-                   switch_state=a.switch_state, time_limit_s=a.time_limit, max_blocks=hi, min_blocks=lo,
-                   max_nvme_write_bytes_per_day=None if cap_gib is None else cap_gib * GIB,
+                   switch_state=a.switch_state, objective=getattr(a, "objective", "tokens"),
+                   work_limit=getattr(a, "work_limit", None), time_limit_s=a.time_limit, max_blocks=hi,
+                   min_blocks=lo, max_nvme_write_bytes_per_day=None if cap_gib is None else cap_gib * GIB,
                    train_embeddings=getattr(a, "train_embeddings", False))
 
 

@@ -86,8 +86,14 @@ def show_plan(plan: Plan, prof, console: Console | None = None) -> None:
     c.print(f"predicted: {pred.tokens_per_s:,.0f} tokens/s averaged over a cycle of {len(plan.blocks)} blocks x "
             f"{plan.steps_per_block} steps ({pred.cycle_seconds / 60:.1f} min); host RAM {_gib(pred.host_ram_bytes)} "
             f"GiB, NVMe {_gib(pred.nvme_bytes)} GiB; prefetch window {_gib(plan.prefetch_window_bytes)} GiB")
-    c.print(f"solver: {s.status}, gap {s.gap:.2%}, {s.solve_seconds:.2f} s in CP-SAT over {s.candidates} "
-            f"subproblems (micro-batch x block count x state tier)")
+    goal = ("most tokens/s" if s.objective_kind == "tokens" else "shortest cycle") if s.status != "HEURISTIC" else ""
+    c.print(f"solver: {s.status}{', ' + goal if goal else ''}, gap {s.gap:.2%}, {s.solve_seconds:.2f} s in CP-SAT "
+            f"over {s.candidates} subproblem solves (micro-batch x block count x state tier), work {s.work:.2f} of "
+            f"{s.work_limit:.2f} deterministic s")
+    if s.wall_capped:
+        c.print(f"[bold yellow]warning:[/] the {s.time_limit_s:g} s wall-clock safety net stopped the search before "
+                f"its deterministic work budget: this plan may differ on another machine or under another load "
+                f"(raise --time-limit, or lower --work-limit)")
 
 
 def show_compare(plans: dict, console: Console | None = None) -> None:

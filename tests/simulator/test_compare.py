@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from planner.fastplan import quick_plan
 from planner.hardware import make_hardware
 from planner.models import CATALOG
 from planner.planning import Request
@@ -12,7 +13,6 @@ from planner.profile import profile_model
 from simulator.chrome_trace import trace_events
 from simulator.compare import compare, load
 from simulator.engine import simulate
-from simulator.fastplan import quick_plan
 from tools.cli import run
 
 

@@ -87,7 +87,7 @@ def test_a_resident_plan_is_the_sum_of_its_compute(tiny_plan):
 
 def test_seven_b_simulates_fast():
     """The benchmark's figure, with room for a busy test machine: one step of every phase of a streamed 7B plan."""
-    from simulator.fastplan import quick_plan
+    from planner.fastplan import quick_plan
     cfg = CATALOG["7b"]
     prof = profile_model(cfg)
     plan = quick_plan(prof, make_hardware(gpu="rtx4090"), Request(vram_gib=24, seq_len=2048, batch=8))

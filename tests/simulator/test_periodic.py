@@ -5,12 +5,12 @@ import dataclasses
 
 import pytest
 
+from planner.fastplan import quick_plan
 from planner.hardware import make_hardware
 from planner.models import CATALOG
 from planner.planning import Request
 from planner.profile import profile_model
 from simulator.engine import simulate
-from simulator.fastplan import quick_plan
 from simulator.periodic import simulate_repeating
 
 CASES = [  # (model, gpu, budget GiB, batch): streamed weights, offloads, CPU optimizer, resident

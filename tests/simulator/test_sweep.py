@@ -1,4 +1,4 @@
-"""simulator/sweep.py, fastplan.py, cost.py and `blockfit sweep`: grids, the fast planner, dollars."""
+"""simulator/sweep.py, planner/fastplan.py, cost.py and `blockfit sweep`: grids, the fast planner, dollars."""
 from __future__ import annotations
 
 import csv
@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from planner.fastplan import quick_plan
 from planner.hardware import GIB, make_hardware
 from planner.models import CATALOG
 from planner.planning import Request, make_plan
@@ -13,7 +14,6 @@ from planner.profile import profile_model
 from simulator import sweep
 from simulator.cost import hourly_price, token_budget, usd_per_billion_tokens
 from simulator.engine import simulate
-from simulator.fastplan import quick_plan
 from tools.cli import run
 
 
@@ -43,7 +43,8 @@ def test_the_fast_planner_is_close_to_the_ilp(model, gpu, vram):
     req = Request(vram_gib=vram, seq_len=2048, batch=8, time_limit_s=2.0)
     fast = simulate(quick_plan(prof, hw, req), profile=prof)
     ilp = simulate(make_plan(cfg, hw, req, prof), profile=prof)
-    assert fast.cycle_seconds <= 1.05 * ilp.cycle_seconds
+    # both optimise tokens/s (a cycle's length depends on the block count each chose, so compare rates)
+    assert fast.tokens_per_s >= ilp.tokens_per_s / 1.05
     assert not fast.overflows()
 
 

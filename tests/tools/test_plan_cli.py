@@ -31,13 +31,25 @@ def test_7b_on_a_4090_fits_every_phase_with_gap_zero(tmp_path, capsys):
 
 
 def test_70b_with_host_ram_and_nvme_is_feasible_within_1pct(capsys):
-    code, text, _ = plan(capsys, "--model", "70b", "--gpu", "rtx4090", "--vram", "24", "--host-ram", "256",
-                         "--nvme", "2000", "--json")
-    assert code == 0
-    p = json.loads(text)
-    assert p["solver"]["gap"] <= 0.01
-    assert max(ph["peak_vram_bytes"] for ph in p["predicted"]["phases"]) <= 24 * GIB - p["reserve_bytes"]
-    assert p["predicted"]["nvme_bytes"] <= 2000 * GIB
+    """The shortest-cycle objective (the default before tokens/s) is still proven within 1%; the default
+    objective's plan fits too and is several times faster per token (issue 8: 91 tokens/s before, 369 with
+    --blocks 40), its gap reported against a valid bound."""
+    args = ["--model", "70b", "--gpu", "rtx4090", "--vram", "24", "--host-ram", "256", "--nvme", "2000", "--json"]
+    plans = {}
+    for objective in ("cycle", "tokens"):
+        code, text, _ = plan(capsys, *args, "--objective", objective)
+        assert code == 0
+        p = plans[objective] = json.loads(text)
+        assert p["solver"]["objective_kind"] == objective
+        assert max(ph["peak_vram_bytes"] for ph in p["predicted"]["phases"]) <= 24 * GIB - p["reserve_bytes"]
+        assert p["predicted"]["nvme_bytes"] <= 2000 * GIB
+        assert 0 <= p["solver"]["bound"] <= p["solver"]["objective"]
+    assert plans["cycle"]["solver"]["gap"] <= 0.01
+    tokens = plans["tokens"]
+    # the tokens objective is seconds per token: the reciprocal of the predicted rate
+    # (within the ILP's cost rounding, 1/2000 of the dearest layer pass)
+    assert tokens["solver"]["objective"] * tokens["predicted"]["tokens_per_s"] == pytest.approx(1, rel=2e-3)
+    assert tokens["predicted"]["tokens_per_s"] >= 3.5 * plans["cycle"]["predicted"]["tokens_per_s"]
 
 
 def test_compare_shows_bcd_and_full(capsys):
@@ -144,13 +156,13 @@ def test_out_is_written_atomically_and_only_on_success(tmp_path, capsys):
 
 
 def test_a_fixed_or_minimum_block_count_is_kept(capsys):
-    """By default the planner prefers the fewest blocks that fit (one, when memory allows); --blocks N fixes the
-    count, --min-blocks raises the floor."""
+    """The shortest-cycle objective prefers the fewest blocks that fit (one, when memory allows); --blocks N fixes
+    the count, --min-blocks raises the floor."""
     def blocks(*extra):
         code, text, _ = plan(capsys, "--model", "1b", "--gpu", "a100-80g", "--seq", "512", "--json", *extra)
         assert code == 0
         return [b for b in json.loads(text)["blocks"]]
-    assert len(blocks()) == 1
+    assert len(blocks("--objective", "cycle")) == 1
     fixed = blocks("--blocks", "4")
     assert len(fixed) == 4 and fixed[0]["first"] == 1 and fixed[-1]["last"] == 22   # every decoder layer, once
     assert all(a["last"] + 1 == b["first"] for a, b in zip(fixed, fixed[1:]))

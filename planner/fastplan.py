@@ -10,10 +10,13 @@ leaves out and the simulator shows, activation offloads lagging a forward pass (
   - as many decoder layers' bf16 weights resident as memory allows, the top ones first (they run backward in
     the most phases, so streaming them costs most); the rest stream from CPU; embedding and head resident or
     streamed, the head's activations kept or recomputed; micro-batch among the divisors of the batch.
-It minimises what the ILP minimises (seconds of one cycle per token of a step). Two facts keep it fast: the
-worst phase for memory is always the bottom block's (it is the largest and has every other layer above it),
-so a policy's fit is O(1); and at a fixed number of resident layers more blocks only add phases, so a larger
-block count is priced only when it lets more layers stay resident. No NVMe tier: a sweep that
+It optimises what the ILP optimises (planning.score: tokens per second by default, or the cycle) and builds
+its Plan with the planner's own assembly (planning.build_plan), keeping its own closed-form prediction. Two
+facts keep it fast: the worst phase for memory is always the bottom block's (it is the largest and has every
+other layer above it), so a policy's fit is O(1) and depends on the block count only through that block's size
+(one fit per size); and the cycle is priced in closed form. For the cycle objective, at a fixed number of
+resident layers more blocks only add phases, so a larger block count is priced only when it lets more layers
+stay resident; for tokens per second every block count is priced. No NVMe tier: a sweep that
 needs NVMe should use `--exact` (the real planner). The plan it returns is then simulated by the engine like
 any other, so the sweep's numbers are the simulator's; what it gives up is optimality (a few percent on the
 configurations tested in tests/simulator/test_sweep.py, where the ILP mixes placements within a block).
@@ -27,18 +30,8 @@ from planner.costs import LayerSizes, layer_sizes
 from planner.hardware import GIB, Hardware
 from planner.ilp import layer_cost, step_cost, switch_cost
 from planner.memory import STATE_BYTES, Tier, act_bytes, transient_bytes
-from planner.plan import (
-    SCHEMA_VERSION,
-    Block,
-    PhasePrediction,
-    Placement,
-    Plan,
-    Prediction,
-    Shape,
-    SolverReport,
-    cycle_rate,
-)
-from planner.planning import Request, candidates
+from planner.plan import Block, PhasePrediction, Placement, Plan, Prediction, SolverReport, cycle_rate
+from planner.planning import Request, build_plan, candidates, score
 from planner.profile import ModelProfile
 
 ACTS = ("gpu", "recompute", "cpu")
@@ -102,13 +95,18 @@ class Policy:
     head_w: str
     head_act: str
     resident: int      # decoder layers with resident weights (the top ones)
+    bottom: int = 0    # the bottom (largest) block's size; 0: ceil(n / blocks)
 
 
-def _spans(n: int, u: int) -> list[tuple[int, int]]:
-    """Decoder layers 1..n cut into u contiguous blocks, the lower ones one layer larger when n % u."""
+def _spans(n: int, u: int, bottom: int = 0) -> list[tuple[int, int]]:
+    """Decoder layers 1..n cut into u contiguous blocks, bottom-heavy: from the bottom, each block takes
+    `bottom` layers (default ceil(n/u)) while enough are left to give every block above one. The bottom block
+    is the largest, so its phase is still the worst for memory; a layer in a lower block runs backward in fewer
+    phases, so of the cuts with that largest block this one has the fewest backward passes."""
+    s = bottom or -(-n // u)
     out, first = [], 1
     for k in range(u):
-        size = n // u + (1 if k < n % u else 0)
+        size = min(s, n - first + 1 - (u - 1 - k))
         out.append((first, first + size - 1))
         first += size
     return out
@@ -126,7 +124,7 @@ def _resident(t: _Tables, p: Policy, cap: int, host_cap: int, switch_state: str)
     n = len(sizes) - 2
     sd, se, sh = sizes[1], sizes[0], sizes[-1]
     full = p.method == "full"
-    top = n if full else -(-n // p.blocks)   # the bottom block's size
+    top = n if full else (p.bottom or -(-n // p.blocks))   # the bottom block's size
     state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, p.tier)
     lag = int(t.backlog * ((n - top) * sd.saved_frozen_bytes + top * sd.saved_bytes)) if p.act == "cpu" else 0
     base = ((n - top) * t.act[(p.act, "above")] + top * (t.act[(p.act, "active")] + state) + lag
@@ -170,7 +168,7 @@ def _price(t: _Tables, p: Policy, g: int) -> tuple[list[float], list[float]]:
         return r * c[("decoder", "gpu", act, role, tr)] + (last - first + 1 - r) * c[("decoder", "cpu", act, role, tr)]
     full = p.method == "full"
     steps, switches = [], []
-    for first, last in ([(1, n)] if full else _spans(n, p.blocks)):
+    for first, last in ([(1, n)] if full else _spans(n, p.blocks, p.bottom)):
         r = _overlap(first, last, lo, n)
         per_mb = dec(1, first - 1, "below", "gpu") + dec(first, last, "active", tier) + dec(last + 1, n, "above", "gpu")
         opt = r * st[("decoder", "gpu", tier)] + (last - first + 1 - r) * st[("decoder", "cpu", tier)]
@@ -189,12 +187,12 @@ def _price(t: _Tables, p: Policy, g: int) -> tuple[list[float], list[float]]:
 _PREFIX: dict = {}
 
 
-def _block_prefix(n: int, u: int) -> list[int]:
+def _block_prefix(n: int, u: int, bottom: int = 0) -> list[int]:
     """P[x] = sum of the block index (0 = bottom) of decoder layers 1..x."""
-    key = (n, u)
+    key = (n, u, bottom)
     if key not in _PREFIX:
         p = [0]
-        for b, (first, last) in enumerate(_spans(n, u)):
+        for b, (first, last) in enumerate(_spans(n, u, bottom)):
             for _ in range(first, last + 1):
                 p.append(p[-1] + b)
         _PREFIX[key] = p
@@ -209,7 +207,7 @@ def _cycle(t: _Tables, p: Policy, g: int, steps_per_block: int) -> float:
     k, u, act, tier = p.resident, p.blocks, p.act, p.tier
     full = p.method == "full"
     per_mb, opt = 0.0, 0.0
-    pre = _block_prefix(n, 1 if full else u)
+    pre = _block_prefix(n, 1 if full else u, 0 if full else p.bottom)
     for w, cnt, sumb in (("cpu", n - k, pre[n - k]), ("gpu", k, pre[n] - pre[n - k])):
         if not cnt:
             continue
@@ -228,17 +226,20 @@ def _cycle(t: _Tables, p: Policy, g: int, steps_per_block: int) -> float:
 
 def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tuple | None,
            acts: tuple[str, ...] = ACTS, blocks: int | None = None) -> tuple | None:
-    """The best (cycle seconds, micro-batch, policy, window bytes) at one micro-batch, improving on `best`;
-    `blocks` fixes BCD's block count."""
+    """The best (score, micro-batch, policy, window bytes) at one micro-batch, improving on `best`; the score is
+    planning.score's (the request's objective); `blocks` fixes BCD's block count."""
     n = len(t.sizes) - 2
     g = req.batch // mb
     kk = req.steps_per_block
+    tokens = req.objective == "tokens"
     # every phase runs at least a forward through every decoder layer: u phases cost at least u of those
     fwd = kk * g * n * min(c_ for key, c_ in t.cost.items() if key[0] == "decoder" and key[3] == "below")
     if req.method == "full":
         counts = [1]
     elif blocks:
         counts = [min(blocks, n)]
+    elif tokens:  # every count: at the same residency, the block count still moves the time per phase
+        counts = list(range(req.min_blocks or 1, min(n, req.max_blocks or n) + 1))
     else:  # the fewest blocks for each bottom-block size: memory depends on u only through that size
         counts, seen = [], set()
         for u in range(req.min_blocks or 1, min(n, req.max_blocks or n) + 1):
@@ -250,22 +251,38 @@ def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tup
             for emb_w in ("gpu", "cpu"):
                 for head_w in ("gpu", "cpu"):
                     for head_act in ("gpu", "recompute"):
-                        prev = -1
+                        prev, fits = -1, {}
+
+                        def fit_of(bottom, u, tier=tier, act=act, emb_w=emb_w, head_w=head_w,
+                                   head_act=head_act, fits=fits):
+                            """Memory depends on the partition only through the bottom block's size."""
+                            if bottom not in fits:
+                                p = Policy(method=req.method, blocks=u, tier=tier, act=act, emb_w=emb_w,
+                                           head_w=head_w, head_act=head_act, resident=0, bottom=bottom)
+                                fits[bottom] = _resident(t, p, cap, host_cap, req.switch_state)
+                            return fits[bottom]
                         for u in counts:
-                            if best is not None and u * fwd >= best[0]:
+                            if best is not None and (fwd if tokens else u * fwd) >= best[0]:
                                 break
-                            p = Policy(method=req.method, blocks=u, tier=tier, act=act, emb_w=emb_w,
-                                       head_w=head_w, head_act=head_act, resident=0)
-                            fit = _resident(t, p, cap, host_cap, req.switch_state)
-                            if fit is None or fit[0] <= prev:
-                                continue  # at the same residency more blocks only add phases
+                            s0 = n if req.method == "full" else -(-n // u)
+                            fit = fit_of(s0, u)
+                            if fit is None or (not tokens and fit[0] <= prev):
+                                continue  # cycle: at the same residency more blocks only add phases
                             prev = fit[0]
+                            # the largest bottom block that keeps this residency: fewer backward passes, free
+                            lo, hi = s0, s0 if req.method == "full" else n - u + 1
+                            while lo < hi:
+                                mid = (lo + hi + 1) // 2
+                                f = fit_of(mid, u)
+                                lo, hi = (mid, hi) if f is not None and f[0] == fit[0] else (lo, mid - 1)
                             p = Policy(method=req.method, blocks=u, tier=tier, act=act, emb_w=emb_w,
-                                       head_w=head_w, head_act=head_act, resident=fit[0])
-                            cycle = _cycle(t, p, g, kk)
-                            if best is None or cycle < best[0]:
-                                best = (cycle, mb, p, fit[1])
-                            if fit[0] == n:
+                                       head_w=head_w, head_act=head_act, resident=fit[0],
+                                       bottom=0 if lo == s0 else lo)
+                            win = fit_of(lo, u)[1]
+                            sc = score(_cycle(t, p, g, kk) / kk, u, req.objective) * kk
+                            if best is None or sc < best[0]:
+                                best = (sc, mb, p, win)
+                            if fit[0] == n and not tokens:
                                 break
     return best
 
@@ -294,28 +311,29 @@ def quick_plan(prof: ModelProfile, hw: Hardware, req: Request, *, cap_bytes: int
         best = search(t, req, mb, cap, host_cap, best, acts, blocks)
     if best is None:
         return None
-    cycle, mb, p, win = best
+    _score, mb, p, win = best
     return _to_plan(prof, hw, req, budget, reserve, cache, mb, p, win)
 
 
 def _to_plan(prof, hw, req, budget, reserve, cache, mb, p: Policy, win: int) -> Plan:
     t = next(v for k, v in cache.items() if k[0] == prof.fingerprint and k[-3] == mb and k[1] == hw.gpu.id)
     n = prof.n_decoder
-    shape = Shape(micro_batch=mb, seq_len=req.seq_len, grad_accum=req.batch // mb)
-    steps, switches = _price(t, p, shape.grad_accum)
+    g = req.batch // mb
+    tokens_per_step = mb * req.seq_len * g
+    steps, switches = _price(t, p, g)
     full = p.method == "full"
     blocks = ((Block(first=0, last=n + 1),) if full
-              else tuple(Block(first=a, last=b) for a, b in _spans(n, p.blocks)))
+              else tuple(Block(first=a, last=b) for a, b in _spans(n, p.blocks, p.bottom)))
     pls = ((_pl(0, p.emb_w, "gpu", p.tier),)
            + tuple(_pl(i, "gpu" if i > n - p.resident else "cpu", p.act, p.tier) for i in range(1, n + 1))
            + (_pl(n + 1, p.head_w, p.head_act, p.tier),))
     phases = tuple(PhasePrediction(block=k, peak_vram_bytes=0, step_seconds=s, switch_seconds=w)
                    for k, (s, w) in enumerate(zip(steps, switches)))
-    cycle, rate = cycle_rate(phases, steps_per_block=req.steps_per_block, tokens_per_step=shape.tokens_per_step)
+    cycle, rate = cycle_rate(phases, steps_per_block=req.steps_per_block, tokens_per_step=tokens_per_step)
     pred = Prediction(phases=phases, host_ram_bytes=0, nvme_bytes=0, cycle_seconds=cycle, tokens_per_s=rate)
-    solver = SolverReport(status="HEURISTIC", objective=cycle / shape.tokens_per_step, bound=0.0, gap=0.0,
+    # the objective in SolverReport's units: seconds per token, or cycle seconds per token of a step
+    objective = 1 / rate if req.objective == "tokens" else cycle / tokens_per_step
+    solver = SolverReport(status="HEURISTIC", objective_kind=req.objective, objective=objective, bound=0.0, gap=0.0,
                           solve_seconds=0.0, time_limit_s=0.0)
-    return Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,
-                budget_bytes=budget, reserve_bytes=reserve, shape=shape, method=req.method, blocks=blocks,
-                order=req.order, seed=req.seed, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
-                placements=pls, prefetch_window_bytes=win, predicted=pred, solver=solver)
+    return build_plan(prof, hw, req, budget, reserve, micro_batch=mb, blocks=blocks, placements=pls,
+                      window_bytes=win, solver=solver, predicted=pred)
