@@ -49,7 +49,7 @@ def test_70b_with_host_ram_and_nvme_is_feasible_within_1pct(capsys):
     # the tokens objective is seconds per token: the reciprocal of the predicted rate
     # (within the ILP's cost rounding, 1/2000 of the dearest layer pass)
     assert tokens["solver"]["objective"] * tokens["predicted"]["tokens_per_s"] == pytest.approx(1, rel=2e-3)
-    assert tokens["predicted"]["tokens_per_s"] >= 3.5 * plans["cycle"]["predicted"]["tokens_per_s"]
+    assert tokens["predicted"]["tokens_per_s"] >= 2.5 * plans["cycle"]["predicted"]["tokens_per_s"]
 
 
 def test_compare_shows_bcd_and_full(capsys):
