@@ -34,7 +34,7 @@ def test_an_undercounting_ilp_is_tightened_until_the_replay_fits(monkeypatch):
         vram = 0.004 + 0.0001 * k
         caps.clear()
         req = planning.Request(vram_gib=vram, reserve_gib=RESERVE_GIB, seq_len=64, batch=4, micro_batch=2,
-                               time_limit_s=2)
+                               time_limit_s=2, objective="cycle")   # the scan was found under this objective
         try:
             plan = planning.make_plan(cfg, make_hardware(gpu="rtx4090", vram_gib=vram), req, prof)
         except UserError:
@@ -56,7 +56,7 @@ def test_the_real_ilp_plans_fit_without_a_monkeypatch():
     for k in range(0, 21, 4):
         vram = 0.004 + 0.0001 * k
         req = planning.Request(vram_gib=vram, reserve_gib=RESERVE_GIB, seq_len=64, batch=4, micro_batch=2,
-                               time_limit_s=2)
+                               time_limit_s=2, objective="cycle")   # the scan was found under this objective
         try:
             plan = planning.make_plan(cfg, make_hardware(gpu="rtx4090", vram_gib=vram), req, prof)
         except UserError:
