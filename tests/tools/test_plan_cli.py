@@ -172,7 +172,7 @@ def test_a_fixed_or_minimum_block_count_is_kept(capsys):
 def test_train_embeddings_puts_the_embedding_and_the_head_into_blocks(capsys):
     """--train-embeddings: the first block starts at the embedding (layer 0) and the last ends at the head, whose
     fp32 master weights count in its phase; without it they stay out of the blocks (frozen, fine-tuning)."""
-    args = ["--model", "1b", "--gpu", "rtx4090", "--vram", "24", "--blocks", "4", "--json"]
+    args = ["--model", "1b", "--gpu", "rtx4090", "--vram", "24", "--blocks", "4", "--objective", "cycle", "--json"]
     plans = {}
     for extra in ([], ["--train-embeddings"]):
         code, text, _ = plan(capsys, *args, *extra)
