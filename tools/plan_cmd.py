@@ -57,7 +57,7 @@ def register(sub) -> None:
                    help="optimizer state of a block when training moves on")
     p.add_argument("--max-blocks", type=int, default=None, help="bcd: at most this many blocks")
     p.add_argument("--min-blocks", type=int, default=None,
-                   help="bcd: at least this many blocks (the planner otherwise prefers the fewest that fit)")
+                   help="bcd: at least this many blocks (otherwise the objective chooses the count)")
     p.add_argument("--blocks", type=int, default=None, help="bcd: exactly this many blocks")
     p.add_argument("--max-nvme-writes-per-day", default=None,
                    help=f"cap on bytes written to NVMe per day of training ({SIZE_HELP}, e.g. 10TB); a plan "

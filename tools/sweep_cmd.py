@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--host-ram", help=f"host RAM ({SIZE_HELP}; default 64)")
     p.add_argument("--blocks", type=int, help="fix BCD's number of blocks (default: the planner's choice, the "
-                                              "fewest that fit)")
+                                              "count with the most tokens per second)")
     p.add_argument("--cpu-adam", type=float, help="CPU AdamW parameters per second (default 0.2e9, torch's)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     p.add_argument("--exact", action="store_true", help="solve the ILP for every configuration (slow)")
