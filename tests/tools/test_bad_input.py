@@ -523,19 +523,20 @@ TRACE_EDITS = {
 }
 
 
-def _compare_case(edit, which):
+def _compare_case(good_name, load, edit, which):
+    """compare with one input edited (as the measured side or the predicted side) and the other intact."""
     def make(e, t):
-        d = _trace(e)
+        d = load(e)
         edit(d)
         bad = _write(t / "bad.json", d)
-        good = str(e / "plan-trace.json")
+        good = str(e / good_name)
         return ["compare", bad, good] if which == "measured" else ["compare", good, bad]
     return make
 
 
 for cid, edit in TRACE_EDITS.items():
     for which in ("measured", "predicted"):
-        case(f"compare-trace-{cid}-{which}", _compare_case(edit, which))
+        case(f"compare-trace-{cid}-{which}", _compare_case("plan-trace.json", _trace, edit, which))
 
 SUMMARY_EDITS = {
     "negative-step": lambda d: d["step_seconds_by_phase"].update({k: -1.0 for k in d["step_seconds_by_phase"]}),
@@ -545,19 +546,11 @@ SUMMARY_EDITS = {
 }
 
 
-def _summary_case(edit, which):
-    def make(e, t):
-        d = json.loads((e / "plan-summary.json").read_text())
-        edit(d)
-        bad = _write(t / "bad.json", d)
-        good = str(e / "plan-summary.json")
-        return ["compare", bad, good] if which == "measured" else ["compare", good, bad]
-    return make
-
-
 for cid, edit in SUMMARY_EDITS.items():
     for which in ("measured", "predicted"):
-        case(f"compare-summary-{cid}-{which}", _summary_case(edit, which))
+        case(f"compare-summary-{cid}-{which}",
+             _compare_case("plan-summary.json", lambda e: json.loads((e / "plan-summary.json").read_text()),
+                           edit, which))
 case("compare-two-plans-summaries", lambda e, t: ["compare", str(e / "other-plan-summary.json"),
                                                   str(e / "plan-summary.json")])
 for cid, text in {"not-json": "{", "number": "3", "deep": "[" * 100000 + "]" * 100000, "empty-object": "{}"}.items():
