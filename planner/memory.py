@@ -173,7 +173,7 @@ def window_layers(plan, sizes) -> int:
 
 def nvme_staging_bytes(window_layers_: int, largest_nvme_layer_bytes: int) -> int:
     """Pinned buffers NVMe weight reads land in: one per layer of the prefetch window (at least two), each the
-    size of the largest layer read from NVMe (runtime.store.StagingPool)."""
+    size of the largest layer read from NVMe (runtime.hostio.StagingPool)."""
     return max(2, window_layers_) * largest_nvme_layer_bytes if largest_nvme_layer_bytes else 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 from planner.memory import RECOMPUTE, Tier
 from planner.profile import live_bytes_tracker
-from runtime.store import HostMemory
+from runtime.hostio import HostMemory
 
 _PARAM = "param"
 

@@ -41,8 +41,9 @@ from planner.errors import UserError
 from planner.hardware import GB, GIB, GPU, Efficiency, Hardware, Host
 from planner.models import load_model_config
 from planner.plan import write_atomic
+from runtime.hostio import BLOCK, HostMemory, NvmeFiles, aligned_empty
 from runtime.optim import AdamWConfig, BlockOptimizer
-from runtime.store import BLOCK, DeviceBuffers, FlatLayout, HostMemory, NvmeFiles, Target, TieredStore, aligned_empty
+from runtime.store import DeviceBuffers, FlatLayout, Target, TieredStore
 
 
 def _now(cuda: bool) -> float:
@@ -106,7 +107,7 @@ def measure_links(target: Target, sizes: list[int], repeats: int) -> dict:
 
 
 def measure_nvme(directory: str, nbytes: int, layer_bytes: int, target: Target, repeats: int = 2) -> dict:
-    """GB/s of the runtime's NVMe reader and writer (runtime.store.NvmeFiles) in `directory`: files of one
+    """GB/s of the runtime's NVMe reader and writer (runtime.hostio.NvmeFiles) in `directory`: files of one
     layer's weights (`layer_bytes`, at most half of `nbytes`), written as the runtime writes them (pwrite,
     fdatasync, dropped from the page cache), then read into a staging buffer from the runtime's HostMemory as
     read_weights does: O_DIRECT with several requests in flight, or, where the file system refuses O_DIRECT,

@@ -1,7 +1,7 @@
 """Each run's NVMe scratch directory, and reclaiming those of runs that died.
 
 A run makes its scratch directory blockfit-<pid>-<random> under --nvme-dir and holds an flock on it while it lives
-(runtime.store.NvmeFiles). The kernel drops the lock with the process, even after kill -9, so a later run can tell
+(runtime.hostio.NvmeFiles). The kernel drops the lock with the process, even after kill -9, so a later run can tell
 a dead run's directory from a live one's and remove it before it measures the free space it needs.
 """
 from __future__ import annotations

@@ -11,11 +11,12 @@ import json
 
 import pytest
 
+import runtime.hostio
 import runtime.optim
-import runtime.store
 from planner.hardware import load_hardware_file
 from runtime.calibrate import fit_matmul, measure_adam, measure_nvme
-from runtime.store import HostMemory, NvmeFiles, Target
+from runtime.hostio import HostMemory, NvmeFiles
+from runtime.store import Target
 from tools.cli import run
 
 
@@ -69,7 +70,7 @@ def test_quick_calibration_writes_a_loadable_profile_from_the_runtime_path(tmp_p
 
 def test_nvme_reads_go_through_the_runtimes_parallel_requests(tmp_path, monkeypatch):
     parts = []
-    _counting(monkeypatch, runtime.store, "_pread", parts)
+    _counting(monkeypatch, runtime.hostio, "_pread", parts)
     nv = measure_nvme(str(tmp_path), 32 << 20, 8 << 20, Target.detect(force_cpu=True), repeats=1)
     assert nv["file_bytes"] == 8 << 20 and nv["files"] == 4 and nv["bytes"] == 32 << 20
     if nv["method"].startswith("O_DIRECT"):

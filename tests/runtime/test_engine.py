@@ -13,8 +13,9 @@ from planner.llama import LlamaModel, init_weights
 from planner.schedule import Op
 from runtime import model as rmodel
 from runtime.engine import Executor, Streams
+from runtime.hostio import NvmeFiles, aligned_empty
 from runtime.optim import AdamWConfig, adamw_
-from runtime.store import FlatLayout, NvmeFiles, Target, TieredStore, aligned_empty, bind
+from runtime.store import FlatLayout, Target, TieredStore, bind
 from runtime.trace import Tracer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode

@@ -1,7 +1,7 @@
 """Every host byte the runtime holds is in the plan: the host ledger's peak against planner.memory's prediction.
 
 What is counted: the host-tier buffers, the ones a CUDA run keeps in host RAM. Every one of them comes from the
-runtime's one host allocator (runtime.store.HostMemory: pinned weights, offloaded activations, NVMe staging,
+runtime's one host allocator (runtime.hostio.HostMemory: pinned weights, offloaded activations, NVMe staging,
 optimizer state, fp32 gradient accumulators, the CPU AdamW's workspace, kept state), which counts the bytes each
 buffer was asked for while its storage lives (not its alignment slack, under 8 KiB a buffer) and their peak. On
 the CPU stand-in the "device" is host memory too, but its buffers are the device ledger's (tests/runtime/
