@@ -116,6 +116,13 @@ def plan_cap_bytes(plan) -> int:
     return device_cap_bytes(plan.budget_bytes, plan.reserve_bytes)
 
 
+def shard_params(params: int, shards: int) -> int:
+    """Parameters of one rank's shard of a layer's optimizer state when the state is sharded over `shards` ranks:
+    the flat parameter vector padded to a multiple of `shards` and cut evenly (so every rank's shard is alike).
+    The one rule for a shard's size: memory, schedule and runtime all use it."""
+    return -(-params // shards)
+
+
 def state_device_bytes(placements, layers, params, weight_bytes) -> dict[str, int]:
     """Device bytes a phase holds for its whole length besides the resident weights: the active block's master,
     moments and gradients where the plan keeps them on the device. params[i] / weight_bytes[i]: layer i's

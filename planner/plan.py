@@ -14,6 +14,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 
+from planner.cluster import SINGLE, Cluster
 from planner.errors import UserError, read_json
 from planner.hardware import Hardware, check_hardware
 from planner.memory import ACT_PLACES, GRAD_TIERS, STATE_TIERS, WEIGHT_TIERS
@@ -126,6 +127,13 @@ class Plan:
     prefetch_window_bytes: int
     predicted: Prediction
     solver: SolverReport
+    cluster: Cluster = SINGLE     # the GPUs and links; shape.gpus is its world size
+    shard_state: bool = False     # the active block's fp32 master and moments sharded over the ranks (ZeRO-1
+                                  # style: reduce-scatter gradients, step a shard, all-gather bf16 weights)
+
+    @property
+    def world(self) -> int:
+        return self.cluster.world
 
     @property
     def n_layers(self) -> int:
@@ -162,7 +170,8 @@ class Plan:
             prefetch_window_bytes=d["prefetch_window_bytes"],
             predicted=Prediction(phases=tuple(PhasePrediction(**p) for p in pred["phases"]),
                                  **{k: v for k, v in pred.items() if k != "phases"}),
-            solver=SolverReport(**d["solver"]))
+            solver=SolverReport(**d["solver"]), cluster=Cluster.from_dict(d.get("cluster")),
+            shard_state=d.get("shard_state", False))
 
 
 def validate(plan: Plan) -> None:
@@ -180,8 +189,20 @@ def validate(plan: Plan) -> None:
     for name in ("micro_batch", "seq_len", "grad_accum", "gpus"):
         if not _posint(getattr(s, name)):
             bad(f"shape.{name} must be a positive integer")
-    if s.gpus != 1:
-        bad(f"shape.gpus is {s.gpus}; this Blockfit plans and trains on one GPU")
+    c = plan.cluster
+    if not (_posint(c.nodes) and _posint(c.gpus_per_node) and _posint(c.ports_per_node)):
+        bad("cluster.nodes, cluster.gpus_per_node and cluster.ports_per_node must be positive integers")
+    if s.gpus != c.world:
+        bad(f"shape.gpus is {s.gpus} but the cluster has {c.nodes} node(s) x {c.gpus_per_node} GPU(s) = "
+            f"{c.world}; make the plan again with `plan --gpus N --nodes M`")
+    if (c.gpus_per_node > 1) != (c.intra is not None) or (c.nodes > 1) != (c.inter is not None):
+        bad("cluster links do not match its shape (an intra-node link with 2+ GPUs a node, an inter-node link "
+            "with 2+ nodes)")
+    for link in (c.intra, c.inter):
+        if link is not None and not (isinstance(link.gbps, (int, float)) and 0 < link.gbps < float("inf")):
+            bad(f"cluster link '{link.name}' needs a positive finite gbps")
+    if not isinstance(plan.shard_state, bool) or (plan.shard_state and c.world == 1):
+        bad("shard_state must be true or false, and false on one GPU")
     if s.seq_len > plan.model.max_seq:
         bad(f"shape.seq_len {s.seq_len} is above the model's max_seq {plan.model.max_seq}")
     if not _posint(plan.steps_per_block):

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from planner import ilp, memory, wear
+from planner.cluster import Cluster, make_cluster
 from planner.costs import layer_sizes
 from planner.errors import UserError
 from planner.hardware import GIB, Hardware
@@ -37,6 +38,12 @@ class Request:
     min_blocks: int | None = None        # bcd: at least this many blocks (--blocks N sets both to N)
     max_nvme_write_bytes_per_day: float | None = None  # cap on NVMe wear (planner.wear); None: no cap
     train_embeddings: bool = False       # bcd: train the embedding and the head in blocks too (pretraining)
+    gpus: int = 1                        # GPUs in all (data parallel), on `nodes` nodes (planner.cluster)
+    nodes: int = 1
+    interconnect: str | None = None      # inter-node link by catalog name (planner.cluster.INTERCONNECTS)
+    interconnect_gbps: float | None = None   # ... or a custom one, GB/s per direction per port
+    ports_per_node: int | None = None    # inter-node ports per node; default by GPU kind (make_cluster)
+    shard_state: bool | None = None      # shard the active block's optimizer state over the ranks; None: choose
 
 
 # CP-SAT deterministic seconds for a whole search by default (a few CPU seconds): enough to prove the 7B plan
@@ -293,12 +300,18 @@ def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
                       window_bytes=sol.window_bytes, solver=solver)
 
 
+def cluster_of(req: Request, hw: Hardware) -> Cluster:
+    return make_cluster(hw.gpu, gpus=req.gpus, nodes=req.nodes, interconnect_name=req.interconnect,
+                        interconnect_gbps=req.interconnect_gbps, ports_per_node=req.ports_per_node)
+
+
 def build_plan(prof: ModelProfile, hw: Hardware, req: Request, budget: int, reserve: int, *, micro_batch: int,
                blocks: tuple[Block, ...], placements, window_bytes: int, solver: SolverReport,
                predicted: Prediction | None = None) -> Plan:
     """The Plan for a chosen micro-batch, blocks and placements (the ILP's or the fast planner's): the request's
     other choices copied in, and `predicted` or, when None, the planner's prediction (`predict`)."""
-    shape = Shape(micro_batch=micro_batch, seq_len=req.seq_len, grad_accum=req.batch // micro_batch)
+    cl = cluster_of(req, hw)
+    shape = Shape(micro_batch=micro_batch, seq_len=req.seq_len, grad_accum=req.batch // micro_batch, gpus=cl.world)
     draft = Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,
                  budget_bytes=budget, reserve_bytes=reserve, shape=shape, method=req.method, blocks=blocks,
                  order=req.order, seed=req.seed, steps_per_block=req.steps_per_block,
@@ -307,7 +320,7 @@ def build_plan(prof: ModelProfile, hw: Hardware, req: Request, budget: int, rese
                                                                 for k in range(len(blocks))),
                                                    host_ram_bytes=0, nvme_bytes=0, cycle_seconds=0.0,
                                                    tokens_per_s=0.0),
-                 solver=solver)
+                 solver=solver, cluster=cl, shard_state=bool(req.shard_state) and cl.world > 1)
     return draft if predicted is not None else dataclasses.replace(draft, predicted=predict(draft, prof))
 
 

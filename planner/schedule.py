@@ -26,6 +26,7 @@ from planner.memory import (
     STATE_WINDOW,
     Tier,
     kept_tier,
+    shard_params,
     static_device_bytes,
     window_layers,
 )
@@ -34,7 +35,7 @@ from planner.profile import ModelProfile
 
 KINDS = ("read_weights", "load_weights", "forward", "offload_act", "evict", "fetch_act", "recompute", "backward",
          "grad_offload", "read_state", "optimizer_step", "write_state", "upload_weights", "write_weights",
-         "save_state", "load_state")
+         "save_state", "load_state", "reduce_grads", "gather_weights")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +43,7 @@ class Op:
     id: int
     name: str                 # e.g. "fwd L3 mb0": the name the runtime's and the simulator's traces share
     kind: str                 # one of KINDS
-    stream: str               # compute | h2d | d2h | nvme_read | nvme_write | cpu_opt
+    stream: str               # compute | h2d | d2h | nvme_read | nvme_write | cpu_opt | net
     layer: int
     micro_batch: int = -1     # -1 for per-step operations
     bytes: int = 0            # bytes moved (transfers)
@@ -55,6 +56,8 @@ class Op:
     free_bytes: int = 0       # device bytes freed when the op ends
     transient_bytes: int = 0  # device bytes held only while the op runs
     mem_class: str = ""       # what alloc_bytes/free_bytes are: prefetch | activations | grads | workspace
+    collective: str = ""      # net ops: all_reduce | reduce_scatter | all_gather over every rank (planner.cluster);
+                              # `bytes` is the full buffer's size, its wire bytes are cluster.wire_bytes
     deps: tuple[int, ...] = ()
 
 
@@ -189,11 +192,15 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
     return c
 
 
-def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ...]) -> tuple[int, ...]:
+def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ...], *,
+                  shards: int = 1) -> tuple[int, ...]:
     """Emit one layer's optimizer step and the transfers around it; returns the ids of the ops after which the
-    layer's host copies (its NVMe state read into host RAM, its updated weights) are no longer read."""
+    layer's host copies (its NVMe state read into host RAM, its updated weights) are no longer read.
+
+    With `shards` > 1 (sharded state) each rank steps its 1/shards of the layer's parameters (planner.memory
+    .shard_params) and an all-gather then brings every rank the whole updated bf16 weights."""
     tier = pl.master
-    p = sz.params
+    p = shard_params(sz.params, shards)
     tag = f"L{sz.index}"
     d = deps
     if tier == Tier.NVME:
@@ -206,6 +213,10 @@ def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ..
     if tier == Tier.NVME:
         done.append(b.emit(name=f"write state {tag}", kind="write_state", stream="nvme_write", layer=sz.index,
                            bytes=p * STATE_BYTES, tier=Tier.NVME, deps=(step,)))
+    if shards > 1:
+        step = b.emit(name=f"gather {tag}", kind="gather_weights", stream="net", layer=sz.index,
+                      bytes=sz.param_bytes, tier=tier, collective="all_gather", deps=(step,))
+        done.append(step)
     if tier != Tier.GPU and pl.weights == Tier.GPU:
         done.append(b.emit(name=f"upload {tag}", kind="upload_weights", stream="h2d", layer=sz.index,
                            bytes=sz.param_bytes, tier=Tier.CPU, deps=(step,)))
@@ -218,6 +229,28 @@ def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ..
         done.append(b.emit(name=f"writeback nvme {tag}", kind="write_weights", stream="nvme_write", layer=sz.index,
                            bytes=sz.param_bytes, tier=Tier.NVME, deps=(last,)))
     return tuple(done)
+
+
+def reduce_ops(b: Builder, plan: Plan, sizes, layers) -> tuple[int, ...]:
+    """Data parallel over several ranks: once a trained layer's last backward has made its gradient (and it has
+    reached the host, if offloaded), the layer's gradient is reduced over every rank as one flat bucket on the
+    `net` stream, overlapping the backward of the layers below. Frozen layers send nothing. With sharded state
+    a reduce-scatter leaves each rank the sum of its shard; else an all-reduce leaves every rank the sum.
+    The bucket is the layer's gradient itself, held flat (the runtime allocates a layer's gradients as views of
+    one buffer), so reducing it in place needs no device bytes. Returns the ids of the reduce ops."""
+    if plan.world <= 1:
+        return ()
+    last_mb = plan.shape.grad_accum - 1
+    out = []
+    for i in layers:
+        pl, sz = plan.placement(i), sizes[i]
+        made = [op.id for op in b.ops if op.layer == i and op.micro_batch == last_mb
+                and op.kind in ("backward", "grad_offload")]
+        out.append(b.emit(name=f"reduce L{i}", kind="reduce_grads", stream="net", layer=i,
+                          bytes=sz.param_bytes, tier=pl.grads,
+                          collective="reduce_scatter" if plan.shard_state else "all_reduce",
+                          deps=tuple(made)))
+    return tuple(out)
 
 
 def _switch_ops(plan: Plan, sizes, layers) -> tuple[Op, ...]:
@@ -261,12 +294,14 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
     # only once the one STATE_WINDOW host-stepped layers before is done (state written back, new weights sent
     # on): host RAM holds that many layers' optimizer buffers at once (planner.memory.step_host_bytes).
     grads = tuple(g for i in bl.layers for g in b.grads.get(i, ()))
+    grads += reduce_ops(b, plan, sizes, bl.layers)
     released: list[tuple[int, ...]] = []
+    shards = plan.world if plan.shard_state else 1
     for i in bl.layers:
         pl = plan.placement(i)
         host = pl.master != Tier.GPU
         window = released[-STATE_WINDOW] if host and len(released) >= STATE_WINDOW else ()
-        done = optimizer_ops(b, pl, sizes[i], (prev,) + grads + window)
+        done = optimizer_ops(b, pl, sizes[i], (prev,) + grads + window, shards=shards)
         if host:
             released.append(done)
     static = static_device_bytes(plan.placements, bl.layers, [s.params for s in sizes],
@@ -278,7 +313,7 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
 def _issue_order(ops: list[Op]) -> tuple[Op, ...]:
     """Move every load, NVMe read and activation fetch up to just after the op it waits for last, so a runtime
     that issues in list order starts it as early as the window allows. Ids follow list order."""
-    movers = {"read_weights", "load_weights", "fetch_act"}
+    movers = {"read_weights", "load_weights", "fetch_act", "reduce_grads"}
     after: dict[int, list[Op]] = {}
     head: list[Op] = []
     for op in ops:
