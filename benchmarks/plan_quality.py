@@ -88,14 +88,16 @@ def main() -> None:
     ap.add_argument("--work-per-count", type=float, default=3.0,
                     help="deterministic seconds for each block count of the reference scan")
     ap.add_argument("--cached-only", action="store_true", help="only the rows whose reference is in --cache")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated models to run (default: all)")
     a = ap.parse_args()
+    only = set(a.models.split(","))
     cache = json.load(open(a.cache)) if os.path.exists(a.cache) else {}
     print(f"{'model':5} {'gpu':9} {'GiB':>4}  {'default tok/s':>13} {'blocks':>6} {'gap':>6} {'plan s':>6}  "
           f"{'best tok/s':>10} {'blocks':>6} {'ref gap':>7} {'skipped':>7}  {'ratio':>6}", flush=True)
     worst = None
     for model, gpu, vram in rows(a.quick):
         key = f"{model}/{gpu}/{vram}/{a.work_per_count}"
-        if key not in cache and a.cached_only:
+        if model not in only or (key not in cache and a.cached_only):
             continue
         if key not in cache:
             cache[key] = reference(model, gpu, vram, a.work_per_count)
