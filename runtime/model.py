@@ -60,19 +60,27 @@ def _cpu_layer(cfg: ModelConfig, index: int) -> nn.Module:
     return layer
 
 
-def init_random(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, *, seed: int) -> None:
-    """Random weights, one layer at a time, in layer order from one generator: the same numbers as
-    init_weights over a whole LlamaModel's layers with torch.Generator().manual_seed(seed). A tied head's
-    lm_head takes the embedding's matrix (its own draws are made and dropped)."""
+def random_layers(cfg: ModelConfig, *, seed: int):
+    """(index, layer) for every layer, initialised on the CPU in fp32, one at a time, in layer order from one
+    generator: the same numbers as init_weights over a whole LlamaModel's layers with
+    torch.Generator().manual_seed(seed). A tied head's lm_head takes the embedding's matrix (its own draws are
+    made and dropped). The one rule for a run's random weights: the BCD runtime and runtime/fsdp.py both use it."""
     g = torch.Generator().manual_seed(seed)
     embedding = None
-    for i, lay in enumerate(layouts):
+    for i in range(cfg.layers + 2):
         layer = _cpu_layer(cfg, i)
         init_weights(layer, std=INIT_STD, generator=g)
         if cfg.tie_embeddings and i == 0:
             embedding = layer.embed_tokens.weight.detach().clone()
-        elif cfg.tie_embeddings and i == len(layouts) - 1:
+        elif cfg.tie_embeddings and i == cfg.layers + 1:
             layer.lm_head.weight.data.copy_(embedding)
+        yield i, layer
+
+
+def init_random(cfg: ModelConfig, layouts: list[FlatLayout], store: TieredStore, *, seed: int) -> None:
+    """Random weights (random_layers), flattened onto their tiers one layer at a time."""
+    for i, layer in random_layers(cfg, seed=seed):
+        lay = layouts[i]
         store.put(i, lay.flatten([p.detach() for p in layer.parameters()], torch.zeros(lay.numel)))
         del layer
 

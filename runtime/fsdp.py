@@ -1,0 +1,381 @@
+"""Full-parameter training on N ranks through FSDP2: the baseline users compare BCD with.
+
+    torchrun --nproc-per-node 2 .venv/bin/blockfit train --plan full2.json --data tokens.bin --steps 100
+
+A plan with method "full" for N GPUs (`plan --method full --gpus N`) runs here instead of through the schedule
+executor: PyTorch's own ZeRO-3 (`torch.distributed.fsdp.fully_shard`), so the figures BCD is held against are
+those of the engine people actually use, not of a home-made one.
+
+The model is planner.llama's LlamaModel (the BCD runtime's layers, Hugging Face names), built on the meta device,
+sharded (`fully_shard` on each decoder layer, then on the root, which holds the embedding and the head), then
+materialised: `to_empty` on the device, and each layer's weights made on the CPU one layer at a time by the
+runtime's own rule (runtime.model.random_layers, or a safetensors checkpoint), every rank keeping only its dim-0
+shard. So no rank ever holds the whole model, and the weights equal the BCD runtime's for the same seed.
+
+Precision (MixedPrecisionPolicy): the sharded parameters are the fp32 master weights; each layer is all-gathered
+in param_dtype for forward and backward (bf16 on CUDA, as the BCD runtime's weights; fp32 on the CPU stand-in, so
+a CPU run can be compared bitwise with a plain fp32 loop: in bf16 a comparison would measure bf16 rounding, not
+the sharding); gradients are reduce-scattered in fp32. Where the plan keeps optimizer state, master weights or
+gradients in host memory, CPUOffloadPolicy keeps the shards there and AdamW steps them on the CPU (pinned only
+on CUDA: `pin_memory()` needs an accelerator, and a CPU-only torch refuses it). FSDP2 has no NVMe tier: a plan
+with anything on NVMe is refused. Activations the plan recomputes are checkpointed (torch.distributed's
+composable `checkpoint`); activations it offloads are saved to host memory on CUDA (`save_on_cpu`).
+
+One optimizer step: rank r takes the r-th contiguous slice of the step's N x grad_accum x micro_batch windows
+(the global batch), runs grad_accum micro-batches of loss / grad_accum, and FSDP2 reduce-scatters the gradients
+with ReduceOp.AVG, so every shard holds the mean gradient of the global batch: what one rank accumulating
+N x grad_accum micro-batches of the same windows holds. By default the reduce-scatter runs after every
+micro-batch (each rank keeps only sharded gradients: ZeRO-3's memory, and the wire bytes a full plan on N GPUs
+is priced with); `defer_reduce` keeps each rank's unsharded fp32 gradient across the micro-batches
+(set_requires_gradient_sync(False) until the last one), a grad_accum-th of the traffic for a whole model's
+gradient per rank. Then clip_grad_norm_ over the sharded gradients (its norm is a DTensor reduction over the
+ranks), torch.optim.AdamW on the shards with the runtime's hyper-parameters and its learning-rate schedule
+(runtime.trainer.lr_at), and one JSON line of metrics, with the global mean loss, from rank 0.
+
+Checkpoints (the end of the run, every --ckpt-every steps, and after SIGINT/SIGTERM) gather the full state on
+rank 0 (torch.distributed.checkpoint.state_dict, full_state_dict on the CPU) and write it through
+runtime.checkpoint.save_checkpoint (temp directory, fsync, rename): the weights under Hugging Face names, AdamW's
+moments as exp_avg/<name> and exp_avg_sq/<name>. A signal reaches the ranks at different moments, so whether to
+stop is agreed on after every step (an all-reduce of one flag), and all ranks stop after the same step.
+Not supported here yet: --resume (the checkpoint holds what a resume needs, the loader is not written),
+--trace, --nvme-dir; each is refused with exit 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from planner.errors import UserError
+from planner.llama import LlamaModel, hf_name
+from planner.memory import Tier
+from planner.plan import Plan
+from runtime import model as rmodel
+from runtime.checkpoint import save_checkpoint, write_hf_config
+from runtime.data import TokenData
+from runtime.dist import World
+from runtime.hf import load_layers_from_hf_state, read_safetensors_dir, source_name
+from runtime.store import Target
+from runtime.trace import write_json
+from runtime.trainer import NonFiniteStop, TrainConfig, lr_at, train_settings
+
+METHOD = "full-fsdp2"   # the method a checkpoint, a summary and the metrics name
+
+
+def check_plan(plan: Plan, world: World) -> None:
+    """What this path trains: a full-parameter plan, for exactly this many ranks, with nothing on NVMe."""
+    if plan.method != "full":
+        raise UserError(f"the FSDP2 path trains full-parameter plans (method 'full'); this plan's method is "
+                        f"'{plan.method}': `blockfit train` runs it through the BCD runtime.")
+    if plan.world != world.size:
+        raise UserError(f"the plan is for {plan.world} GPU(s) but this run has {world.size} rank(s); start it with "
+                        f"`torchrun --nproc-per-node {plan.world} ... blockfit train` or make a plan for "
+                        f"{world.size} GPU(s) (`plan --method full --gpus {world.size}`).")
+    on_nvme = sorted({p.layer for p in plan.placements for t in (p.weights, p.master, p.moments, p.grads)
+                      if t == Tier.NVME})
+    if on_nvme:
+        raise UserError(f"the plan keeps layers {on_nvme} (weights, optimizer state or gradients) on NVMe; FSDP2 "
+                        f"offloads to host memory only. Make the plan with enough --host-ram for the sharded "
+                        f"state, or train it on one GPU with the BCD runtime's full method.")
+
+
+def offloads(plan: Plan) -> bool:
+    """CPUOffloadPolicy when the plan keeps any master weights, moments or gradients in host memory. FSDP2
+    offloads a whole fully_shard group (its sharded parameters, gradients and their AdamW step); one policy for
+    the model keeps every parameter on one device, which clip_grad_norm_ and AdamW expect."""
+    return any(t == Tier.CPU for p in plan.placements for t in (p.weights, p.master, p.moments, p.grads))
+
+
+def _process_group(world: World, target: Target):
+    """The default process group (gloo on the CPU, NCCL for CUDA tensors), unless the caller opened one."""
+    if dist.is_initialized():
+        return contextlib.nullcontext()
+    dist.init_process_group("cpu:gloo,cuda:nccl" if target.cuda else "gloo", rank=world.rank,
+                            world_size=world.size, timeout=datetime.timedelta(seconds=300))
+
+    @contextlib.contextmanager
+    def close():
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+    return close()
+
+
+def _offload_activations(layer: nn.Module) -> None:
+    """Save the layer's activations for backward in host memory (pinned), between its forward's pre and post hooks."""
+    ctx = {}
+
+    def enter(mod, args):
+        ctx[mod] = torch.autograd.graph.save_on_cpu(pin_memory=True)
+        ctx[mod].__enter__()
+
+    def leave(mod, args, out):
+        ctx.pop(mod).__exit__(None, None, None)
+    layer.register_forward_pre_hook(enter)
+    layer.register_forward_hook(leave)
+
+
+class FsdpTrainer:
+    """One rank of an FSDP2 run. The default process group must be open (train() opens it)."""
+
+    def __init__(self, plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, target: Target,
+                 defer_reduce: bool = False, param_dtype: torch.dtype | None = None):
+        from torch.distributed._composable import checkpoint as recompute
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        check_plan(plan, world)
+        self.plan, self.data, self.cfg, self.world, self.target = plan, data, cfg, world, target
+        self.defer_reduce = defer_reduce
+        self.param_dtype = param_dtype or target.weight_dtype
+        self.offload = offloads(plan)
+        mcfg = plan.model
+        mesh = init_device_mesh(target.device.type, (world.size,))
+        with torch.device("meta"):
+            self.model = LlamaModel(mcfg)
+        layers = self.model.layers
+        for p in plan.placements:
+            if p.activations == "recompute":
+                recompute(layers[p.layer])
+            elif p.activations == Tier.CPU and target.cuda:
+                _offload_activations(layers[p.layer])
+        policy = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype,
+                                                                 reduce_dtype=torch.float32),
+                      offload_policy=CPUOffloadPolicy(pin_memory=target.cuda) if self.offload else OffloadPolicy())
+        for layer in layers[1:-1]:
+            fully_shard(layer, **policy)
+        fully_shard(self.model, **policy)
+        self.model.to_empty(device="cpu" if self.offload else target.device)
+        self._load(self._init_layers())
+        a = cfg.adamw
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(a.beta1, a.beta2), eps=a.eps,
+                                     weight_decay=a.weight_decay)
+        self.step_index = 0
+        self.history: list[dict] = []
+        self.skipped = 0
+        self._bad_run = 0
+        self._stop_signal: int | None = None
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def _init_layers(self):
+        """(index, {local name: full CPU tensor}) per layer: --init-from's, or the runtime's random weights."""
+        mcfg = self.plan.model
+        if self.cfg.init_from:
+            sd = read_safetensors_dir(self.cfg.init_from)
+            load_layers_from_hf_state(rmodel.meta_layers(mcfg), sd, mcfg)  # names and shapes, as a UserError
+            for i, layer in enumerate(rmodel.meta_layers(mcfg)):
+                yield i, {local: sd[source_name(mcfg, i, local)] for local, _ in layer.named_parameters()}
+        else:
+            for i, layer in rmodel.random_layers(mcfg, seed=self.cfg.seed):
+                yield i, {local: p.detach() for local, p in layer.named_parameters()}
+
+    @torch.no_grad()
+    def _load(self, layers) -> None:
+        """Copy full layers into the sharded parameters, one layer at a time: each rank keeps its shard, cut as
+        FSDP2 cuts it (torch.chunk along dim 0: distribute_tensor with no source rank splits locally, no
+        communication). A tied lm_head is the embedding's parameter, written twice with the same matrix."""
+        from torch.distributed.tensor import distribute_tensor
+        for i, full in layers:
+            for local, p in self.model.layers[i].named_parameters(remove_duplicate=False):
+                t = full[local].to(torch.float32)
+                shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p.to_local().copy_(shard)
+
+    def _state(self, *, everywhere: bool):
+        """(weights under HF names, optimizer tensors, optimizer meta), full, on the CPU: on every rank if
+        `everywhere`, else on rank 0 only (the others get empty dicts). Collective: every rank calls it."""
+        from torch.distributed.checkpoint import state_dict as dcp
+        opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+        msd = dcp.get_model_state_dict(self.model, options=opts)
+        osd = dcp.get_optimizer_state_dict(self.model, self.opt, options=opts)
+        weights, tensors, steps = {}, {}, set()
+        for fqn, t in msd.items():
+            hf = self._hf(fqn)
+            if hf is not None:
+                weights[hf] = t.detach().to("cpu", copy=True)
+        for fqn, st in osd.get("state", {}).items():
+            hf = self._hf(fqn)
+            if hf is None:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{key}/{hf}"] = st[key].detach().to("cpu", copy=True)
+            steps.add(int(st["step"]))
+        return weights, tensors, {"step": max(steps, default=0), "format": METHOD}
+
+    def _hf(self, fqn: str) -> str | None:
+        """A model FQN (layers.<i>.<local>) as its Hugging Face name; None for a tied lm_head (saved once)."""
+        mcfg = self.plan.model
+        _, i, local = fqn.split(".", 2)
+        name = hf_name(int(i), mcfg.layers, local)
+        return name if source_name(mcfg, int(i), local) == name else None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight under its Hugging Face name, full, on the CPU, on every rank (collective)."""
+        return self._state(everywhere=True)[0]
+
+    # -- one step -----------------------------------------------------------------------------------------------
+
+    def _my_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's grad_accum micro-batches: the r-th contiguous slice of the step's global batch. Every rank
+        reads the whole step's windows (a few KiB of tokens) so the data cursor is the same everywhere."""
+        mb, g, w, r = self.plan.shape.micro_batch, self.plan.shape.grad_accum, self.world.size, self.world.rank
+        x, y = self.data.next_batch(mb * g * w)
+        rows = slice(r * mb * g, (r + 1) * mb * g)
+        return list(zip(x[rows].split(mb), y[rows].split(mb)))
+
+    def step(self) -> dict:
+        s, dev = self.step_index, self.target.device
+        g = self.plan.shape.grad_accum
+        lr = lr_at(s, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        batches = self._my_batches()
+        start = time.perf_counter()
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        for j, (x, y) in enumerate(batches):
+            if self.defer_reduce:
+                self.model.set_requires_gradient_sync(j == g - 1)
+            loss = self.model(x.to(dev), y.to(dev)) / g
+            loss.backward()
+            total += loss.detach()
+        dist.all_reduce(total)                      # sum of the ranks' mean losses ...
+        total /= self.world.size                    # ... over ranks: the global batch's mean
+        clip = self.cfg.adamw.clip or math.inf      # max_norm inf scales by exactly 1.0: the norm, no clipping
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        loss_v, norm_v = total.item(), norm.item()
+        bad = not (math.isfinite(loss_v) and math.isfinite(norm_v))
+        if not bad:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.target.cuda:
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - start
+        self.step_index = s + 1
+        shape = self.plan.shape
+        rec = {"step": s + 1, "loss": loss_v, "lr": lr, "grad_norm": norm_v, "skipped": bad, "block": 0,
+               "cycle": s // self.plan.steps_per_block, "step_in_block": s % self.plan.steps_per_block,
+               "step_seconds": seconds, "tokens_per_s": shape.tokens_per_step / seconds if seconds > 0 else 0.0,
+               "device_peak_bytes": torch.cuda.max_memory_allocated(dev) if self.target.cuda else 0,
+               "method": METHOD, "ranks": self.world.size}
+        self.history.append(rec)
+        return rec
+
+    def _check_finite(self, rec: dict) -> None:
+        """The trainer's rule: skip up to --skip-nonfinite non-finite steps in a row, then stop (exit 3). The loss
+        and norm are reduced over the ranks, so every rank decides the same."""
+        if not rec["skipped"]:
+            self._bad_run = 0
+            return
+        self.skipped += 1
+        self._bad_run += 1
+        if self._bad_run > self.cfg.skip_nonfinite:
+            raise NonFiniteStop(f"the loss is {rec['loss']} and the gradient norm {rec['grad_norm']} at step "
+                                f"{rec['step']} (lr {rec['lr']:.3g}); training stopped without applying it and "
+                                f"without saving. Lower --lr or --weight-decay, or pass --skip-nonfinite N.")
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def save(self) -> str | None:
+        """A checkpoint of the full state, written by rank 0 (module docstring); its directory there, else None.
+        Collective: the ranks agree on whether rank 0's write succeeded, so none waits for a rank that failed."""
+        weights, tensors, meta_opt = self._state(everywhere=False)
+        path, error = None, ""
+        if self.world.leader:
+            try:
+                bad = [k for k, t in {**weights, **tensors}.items() if not bool(torch.isfinite(t).all())]
+                if bad:
+                    raise NonFiniteStop(f"at step {self.step_index} {len(bad)} tensors hold NaN or inf "
+                                        f"({', '.join(bad[:3])}); no checkpoint was written.")
+                meta = {"method": METHOD, "ranks": self.world.size, "step": self.step_index,
+                        "optimizer": meta_opt, "data": self.data.state_dict(),
+                        "train": train_settings(self.cfg, self.data), "plan_fingerprint": self.plan.fingerprint}
+                path = save_checkpoint(self.cfg.ckpt_dir, self.step_index, weights=weights, optimizer=tensors,
+                                       meta=meta)
+                with contextlib.suppress(UserError):  # an architecture without an HF twin has no config.json
+                    write_hf_config(path, self.plan.model,
+                                    dtype="bfloat16" if self.param_dtype == torch.bfloat16 else "float32")
+            except UserError as e:
+                error = str(e)
+        failed = torch.tensor([1.0 if error else 0.0])
+        dist.all_reduce(failed)  # gloo carries CPU tensors in either backend string
+        if failed.item():
+            raise UserError(error or "rank 0 could not write the checkpoint (see its message); this rank stops.")
+        return path
+
+    def run(self) -> int:
+        """Train to cfg.steps (or cfg.stop_after steps); 0, or 128 + signal after SIGINT/SIGTERM (checkpointed)."""
+        cfg = self.cfg
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, self.step_index + cfg.stop_after)
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                old[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "_stop_signal", signum))
+        metrics = open(cfg.metrics_path, "w", encoding="utf-8") if cfg.metrics_path and self.world.leader else None
+        code = 0
+        try:
+            while self.step_index < end:
+                rec = self.step()
+                if metrics:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                if not cfg.quiet and self.world.leader:
+                    print(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  "
+                          f"{rec['tokens_per_s']:,.0f} tok/s", flush=True)
+                self._check_finite(rec)
+                stop = torch.tensor([float(self._stop_signal or 0)])
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                if stop.item():
+                    code = 128 + int(stop.item())
+                    break
+                if cfg.ckpt_dir and cfg.ckpt_every and self.step_index % cfg.ckpt_every == 0 \
+                        and self.step_index < end:
+                    self.save()
+            if cfg.ckpt_dir:
+                self.save()
+        finally:
+            if metrics:
+                metrics.close()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return code
+
+    def summary(self) -> dict:
+        steps = [r["step_seconds"] for r in self.history]
+        return {"method": METHOD, "ranks": self.world.size, "steps": len(steps),
+                "step_seconds_median": sorted(steps)[len(steps) // 2] if steps else None,
+                "tokens_per_step": self.plan.shape.tokens_per_step, "param_dtype": str(self.param_dtype)[6:],
+                "cpu_offload": self.offload, "defer_reduce": self.defer_reduce, "skipped_steps": self.skipped,
+                "device": str(self.target.device), "max_memory_allocated_bytes": self.history[-1]["device_peak_bytes"]
+                if self.history and self.target.cuda else None}
+
+
+def train(plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, summary_path: str | None = None,
+          unsupported: dict | None = None) -> int:
+    """`blockfit train` for a full plan on N ranks: check, open the process group, train, write the summary.
+    `unsupported`: flags given that this path does not execute ({flag: value}), refused with exit 2."""
+    check_plan(plan, world)
+    given = [flag for flag, v in (unsupported or {}).items() if v not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not supported for full-parameter "
+                        f"training on {world.size} ranks (FSDP2, runtime/fsdp.py) yet.")
+    data.require_windows(plan.shape.micro_batch * plan.shape.grad_accum * world.size)
+    data.check_vocab(plan.model.vocab)
+    if torch.cuda.is_available() and not cfg.force_cpu:
+        torch.cuda.set_device(world.local_rank)
+    target = Target.detect(force_cpu=cfg.force_cpu)
+    with _process_group(world, target):
+        trainer = FsdpTrainer(plan, data, cfg, world=world, target=target)
+        code = trainer.run()
+        if summary_path and world.leader:
+            write_json(summary_path, trainer.summary())
+    return code
