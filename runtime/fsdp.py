@@ -19,7 +19,8 @@ the sharding); gradients are reduce-scattered in fp32. Where the plan keeps opti
 gradients in host memory, CPUOffloadPolicy keeps the shards there and AdamW steps them on the CPU (pinned only
 on CUDA: `pin_memory()` needs an accelerator, and a CPU-only torch refuses it). FSDP2 has no NVMe tier: a plan
 with anything on NVMe is refused. Activations the plan recomputes are checkpointed (torch.distributed's
-composable `checkpoint`); activations it offloads are saved to host memory on CUDA (`save_on_cpu`).
+composable `checkpoint`); activations it offloads to host memory stay on the device: torch's offload
+(`save_on_cpu`) would copy every tensor saved for backward, the all-gathered weights too, to the host and back.
 
 One optimizer step: rank r takes the r-th contiguous slice of the step's N x grad_accum x micro_batch windows
 (the global batch), runs grad_accum micro-batches of loss / grad_accum, and FSDP2 reduce-scatters the gradients
@@ -51,10 +52,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from planner.errors import UserError
-from planner.llama import LlamaModel, hf_name
+from planner.llama import LlamaModel
 from planner.memory import Tier
 from planner.plan import Plan
 from runtime import model as rmodel
@@ -110,20 +110,6 @@ def _process_group(world: World, target: Target):
     return close()
 
 
-def _offload_activations(layer: nn.Module) -> None:
-    """Save the layer's activations for backward in host memory (pinned), between its forward's pre and post hooks."""
-    ctx = {}
-
-    def enter(mod, args):
-        ctx[mod] = torch.autograd.graph.save_on_cpu(pin_memory=True)
-        ctx[mod].__enter__()
-
-    def leave(mod, args, out):
-        ctx.pop(mod).__exit__(None, None, None)
-    layer.register_forward_pre_hook(enter)
-    layer.register_forward_hook(leave)
-
-
 class FsdpTrainer:
     """One rank of an FSDP2 run. The default process group must be open (train() opens it)."""
 
@@ -145,8 +131,6 @@ class FsdpTrainer:
         for p in plan.placements:
             if p.activations == "recompute":
                 recompute(layers[p.layer])
-            elif p.activations == Tier.CPU and target.cuda:
-                _offload_activations(layers[p.layer])
         policy = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype,
                                                                  reduce_dtype=torch.float32),
                       offload_policy=CPUOffloadPolicy(pin_memory=target.cuda) if self.offload else OffloadPolicy())
@@ -199,24 +183,18 @@ class FsdpTrainer:
         osd = dcp.get_optimizer_state_dict(self.model, self.opt, options=opts)
         weights, tensors, steps = {}, {}, set()
         for fqn, t in msd.items():
-            hf = self._hf(fqn)
-            if hf is not None:
-                weights[hf] = t.detach().to("cpu", copy=True)
+            weights[self._hf(fqn)] = t.detach().to("cpu", copy=True)
         for fqn, st in osd.get("state", {}).items():
-            hf = self._hf(fqn)
-            if hf is None:
-                continue
             for key in ("exp_avg", "exp_avg_sq"):
-                tensors[f"{key}/{hf}"] = st[key].detach().to("cpu", copy=True)
+                tensors[f"{key}/{self._hf(fqn)}"] = st[key].detach().to("cpu", copy=True)
             steps.add(int(st["step"]))
         return weights, tensors, {"step": max(steps, default=0), "format": METHOD}
 
-    def _hf(self, fqn: str) -> str | None:
-        """A model FQN (layers.<i>.<local>) as its Hugging Face name; None for a tied lm_head (saved once)."""
-        mcfg = self.plan.model
+    def _hf(self, fqn: str) -> str:
+        """A model FQN (layers.<i>.<local>) as the Hugging Face name it is saved under: a tied lm_head is the
+        embedding (the same parameter, so the same tensor under one name, whichever FQN the state dict used)."""
         _, i, local = fqn.split(".", 2)
-        name = hf_name(int(i), mcfg.layers, local)
-        return name if source_name(mcfg, int(i), local) == name else None
+        return source_name(self.plan.model, int(i), local)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Every weight under its Hugging Face name, full, on the CPU, on every rank (collective)."""
