@@ -38,8 +38,8 @@ rank 0 (torch.distributed.checkpoint.state_dict, full_state_dict on the CPU) and
 runtime.checkpoint.save_checkpoint (temp directory, fsync, rename): the weights under Hugging Face names, AdamW's
 moments as exp_avg/<name> and exp_avg_sq/<name>. A signal reaches the ranks at different moments, so whether to
 stop is agreed on after every step (an all-reduce of one flag), and all ranks stop after the same step.
-Not supported here yet: --resume (the checkpoint holds what a resume needs, the loader is not written),
---trace, --nvme-dir; each is refused with exit 2.
+--resume loads the full state on every rank and keeps each rank's shard, so it continues bitwise and may run on
+another number of ranks (a plan for that many). Not supported here: --trace and --nvme-dir (exit 2).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from planner.llama import LlamaModel
 from planner.memory import Tier
 from planner.plan import Plan
 from runtime import model as rmodel
-from runtime.checkpoint import save_checkpoint, write_hf_config
+from runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_hf_config
 from runtime.data import TokenData
 from runtime.dist import World
 from runtime.hf import load_layers_from_hf_state, read_safetensors_dir, source_name
@@ -114,7 +114,7 @@ class FsdpTrainer:
     """One rank of an FSDP2 run. The default process group must be open (train() opens it)."""
 
     def __init__(self, plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, target: Target,
-                 defer_reduce: bool = False, param_dtype: torch.dtype | None = None):
+                 defer_reduce: bool = False, param_dtype: torch.dtype | None = None, resume: Checkpoint | None = None):
         from torch.distributed._composable import checkpoint as recompute
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -138,11 +138,13 @@ class FsdpTrainer:
             fully_shard(layer, **policy)
         fully_shard(self.model, **policy)
         self.model.to_empty(device="cpu" if self.offload else target.device)
-        self._load(self._init_layers())
+        self._load(self._full_layers(resume.weights if resume else None))
         a = cfg.adamw
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(a.beta1, a.beta2), eps=a.eps,
                                      weight_decay=a.weight_decay)
         self.step_index = 0
+        if resume:
+            self._restore(resume)
         self.history: list[dict] = []
         self.skipped = 0
         self._bad_run = 0
@@ -150,17 +152,39 @@ class FsdpTrainer:
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _init_layers(self):
-        """(index, {local name: full CPU tensor}) per layer: --init-from's, or the runtime's random weights."""
+    def _full_layers(self, sd: dict[str, torch.Tensor] | None):
+        """(index, {local name: full CPU tensor}) per layer: from `sd` (a checkpoint's) or --init-from, both under
+        HF names and checked on a meta model first; else the runtime's random weights."""
         mcfg = self.plan.model
-        if self.cfg.init_from:
+        if sd is None and self.cfg.init_from:
             sd = read_safetensors_dir(self.cfg.init_from)
-            load_layers_from_hf_state(rmodel.meta_layers(mcfg), sd, mcfg)  # names and shapes, as a UserError
-            for i, layer in enumerate(rmodel.meta_layers(mcfg)):
-                yield i, {local: sd[source_name(mcfg, i, local)] for local, _ in layer.named_parameters()}
-        else:
+        if sd is None:
             for i, layer in rmodel.random_layers(mcfg, seed=self.cfg.seed):
                 yield i, {local: p.detach() for local, p in layer.named_parameters()}
+            return
+        load_layers_from_hf_state(rmodel.meta_layers(mcfg), sd, mcfg)  # names and shapes, as a UserError
+        for i, layer in enumerate(rmodel.meta_layers(mcfg)):
+            yield i, {local: sd[source_name(mcfg, i, local)] for local, _ in layer.named_parameters()}
+
+    def _restore(self, ck: Checkpoint) -> None:
+        """AdamW's moments and step, the data cursor and the step index from a checkpoint (check_resume's). The
+        full state is world-size free: each rank keeps its shard, so a run may resume on another number of ranks."""
+        from torch.distributed.checkpoint import state_dict as dcp
+        opts = dcp.StateDictOptions(full_state_dict=True)
+        osd = dcp.get_optimizer_state_dict(self.model, self.opt, options=opts)  # the FQNs, and empty state
+        step = int(ck.meta["optimizer"]["step"])
+        try:
+            for group in osd["param_groups"]:
+                for fqn in group["params"]:
+                    hf = self._hf(fqn)
+                    osd["state"][fqn] = {"step": torch.tensor(float(step)), "exp_avg": ck.optimizer[f"exp_avg/{hf}"],
+                                         "exp_avg_sq": ck.optimizer[f"exp_avg_sq/{hf}"]}
+        except KeyError as e:
+            raise UserError(f"checkpoint '{ck.path}' lacks the optimizer tensor {e}; it is damaged or not an "
+                            f"FSDP2 checkpoint of this model.") from None
+        dcp.set_optimizer_state_dict(self.model, self.opt, osd, options=opts)
+        self.data.load_state_dict(ck.meta["data"])
+        self.step_index = ck.step
 
     @torch.no_grad()
     def _load(self, layers) -> None:
@@ -298,7 +322,8 @@ class FsdpTrainer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
                 old[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "_stop_signal", signum))
-        metrics = open(cfg.metrics_path, "w", encoding="utf-8") if cfg.metrics_path and self.world.leader else None
+        metrics = open(cfg.metrics_path, "a" if self.step_index else "w", encoding="utf-8") \
+            if cfg.metrics_path and self.world.leader else None
         code = 0
         try:
             while self.step_index < end:
@@ -337,8 +362,29 @@ class FsdpTrainer:
                 if self.history and self.target.cuda else None}
 
 
-def train(plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, summary_path: str | None = None,
-          unsupported: dict | None = None) -> int:
+def check_resume(plan: Plan, resume: str | None, cfg: TrainConfig, data: TokenData, *,
+                 allow_changes: bool = False) -> Checkpoint | None:
+    """The checkpoint --resume names (a step directory, or the newest in --ckpt-dir), under the BCD runtime's
+    rules: a directory that holds a run needs --resume, and the settings must match unless --allow-changes."""
+    from runtime import guards
+    if resume is None:
+        return guards.check_resume(plan, None, cfg.ckpt_dir)  # refuses a directory that holds a run
+    if not (resume or cfg.ckpt_dir):
+        raise UserError("--resume needs a checkpoint: give its path, or --ckpt-dir holding one.")
+    ck = load_checkpoint(resume or cfg.ckpt_dir)
+    if ck.meta.get("method") != METHOD:
+        raise UserError(f"checkpoint '{ck.path}' was not written by full-parameter training on N ranks (FSDP2): "
+                        f"resume a single-GPU or BCD run without torchrun, or start from its weights with "
+                        f"--init-from.")
+    if ck.meta.get("plan_fingerprint") != plan.fingerprint:
+        raise UserError(f"checkpoint '{ck.path}' was trained under a plan for another model (fingerprint "
+                        f"{ck.meta.get('plan_fingerprint')}, this plan's {plan.fingerprint}).")
+    guards.check_settings(ck, train_settings(cfg, data), steps=cfg.steps, allow_changes=allow_changes)
+    return ck
+
+
+def train(plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, resume: str | None = None,
+          allow_changes: bool = False, summary_path: str | None = None, unsupported: dict | None = None) -> int:
     """`blockfit train` for a full plan on N ranks: check, open the process group, train, write the summary.
     `unsupported`: flags given that this path does not execute ({flag: value}), refused with exit 2."""
     check_plan(plan, world)
@@ -348,11 +394,12 @@ def train(plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, summar
                         f"training on {world.size} ranks (FSDP2, runtime/fsdp.py) yet.")
     data.require_windows(plan.shape.micro_batch * plan.shape.grad_accum * world.size)
     data.check_vocab(plan.model.vocab)
+    ck = check_resume(plan, resume, cfg, data, allow_changes=allow_changes)
     if torch.cuda.is_available() and not cfg.force_cpu:
         torch.cuda.set_device(world.local_rank)
     target = Target.detect(force_cpu=cfg.force_cpu)
     with _process_group(world, target):
-        trainer = FsdpTrainer(plan, data, cfg, world=world, target=target)
+        trainer = FsdpTrainer(plan, data, cfg, world=world, target=target, resume=ck)
         code = trainer.run()
         if summary_path and world.leader:
             write_json(summary_path, trainer.summary())
