@@ -101,8 +101,11 @@ def priced_as(plan: Plan, block: int, layer: int) -> tuple[Placement, str]:
 class Builder:
     """Appends ops with ids; `emit` returns the new op's id. Tracks the prefetch window across the phase."""
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, *, flat_grads: bool = False):
         self.ops: list[Op] = []
+        # data parallel: a trained layer's device gradients are views of one zeroed flat bucket from the step's
+        # start (runtime.reducer), so every micro-batch's gradient, the first too, is added into it
+        self.flat_grads = flat_grads
         self.window = window          # streamed layers resident at once
         self.evicts: list[int] = []   # evict op ids of streamed layers, in order
         self.computes: list[int] = []
@@ -172,7 +175,8 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                            alloc_bytes=saved, transient_bytes=sz.fwd_workspace(role_), mem_class="activations",
                            deps=tuple(deps))]
         grads_off = role_ == "active" and pl.grads == Tier.CPU
-        accumulates = role_ == "active" and pl.grads == Tier.GPU and mb > 0  # the first micro-batch's is the .grad
+        # the first micro-batch's gradient becomes the .grad, unless a flat bucket is there already
+        accumulates = role_ == "active" and pl.grads == Tier.GPU and (mb > 0 or b.flat_grads)
         grad_bytes = sz.param_bytes if grads_off else 0  # gradients have the weights' dtype
         c = b.emit(name=f"bwd {tag}", kind="backward", stream="compute", layer=sz.index, micro_batch=mb,
                    flops=sz.bwd(role_), tokens=sz.tokens, traffic_bytes=2 * sz.traffic_bytes,
@@ -274,7 +278,7 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
     n = plan.n_layers
     bl = plan.blocks[block]
     priced = [priced_as(plan, block, i) for i in range(n)]
-    b = Builder(window)
+    b = Builder(window, flat_grads=plan.world > 1)
     prev = None
     for mb in range(plan.shape.grad_accum):
         for i in range(n):

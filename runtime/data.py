@@ -8,6 +8,12 @@ With order "shuffled" each epoch visits every window once in a permutation drawn
 "sequential" in file order. Either way a run is reproducible and a resumed run, given the state_dict saved with
 its checkpoint, yields exactly the batches the uninterrupted run would have.
 
+Data parallel (`next_step` with world N): one optimizer step consumes the next N x grad_accum x micro_batch
+windows of the order, the global batch, and rank r takes the r-th contiguous slice of them, grad_accum micro-batches
+of micro_batch windows. Every rank walks the same order with the same cursor, so the ranks read disjoint windows,
+the cursor (the checkpoint's data position) is the same on every rank, and N ranks at micro-batch b read exactly
+the windows one rank reads with grad_accum N x grad_accum, in the same micro-batches.
+
 Token files are memory-mapped: a 20 GB .bin costs page cache, not resident memory. Formats, by name:
   *.bin      raw little-endian uint16 (uint32 when the name ends in .u32.bin or dtype='uint32')
   *.npy      a 1-D array of any integer dtype
@@ -100,14 +106,32 @@ class TokenData:
         """(tokens, labels), both int64 [micro_batch, seq_len]; a batch may run across an epoch boundary."""
         if micro_batch <= 0:
             raise UserError(f"micro batch must be a positive integer, got {micro_batch!r}.")
+        return self._windows(self._take(micro_batch))
+
+    def next_step(self, micro_batch: int, grad_accum: int, *, rank: int = 0, world: int = 1) \
+            -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank `rank`'s grad_accum micro-batches of one optimizer step over `world` ranks (module docstring).
+        With world 1: grad_accum consecutive next_batch(micro_batch) calls."""
+        if micro_batch <= 0 or grad_accum <= 0 or not 0 <= rank < world:
+            raise UserError(f"a step needs positive micro_batch and grad_accum and 0 <= rank < world, got "
+                            f"{micro_batch}, {grad_accum}, rank {rank} of {world}.")
+        per_rank = micro_batch * grad_accum
+        mine = self._take(world * per_rank)[rank * per_rank:(rank + 1) * per_rank]
+        return [self._windows(mine[k * micro_batch:(k + 1) * micro_batch]) for k in range(grad_accum)]
+
+    def _take(self, n: int) -> list[int]:
+        """The next n window indices of the order, advancing the cursor (across epochs if need be)."""
         picked = []
-        while len(picked) < micro_batch:
+        while len(picked) < n:
             order = self._epoch_order()
-            take = min(micro_batch - len(picked), self.n_windows - self.position)
+            take = min(n - len(picked), self.n_windows - self.position)
             picked.extend(order[self.position:self.position + take].tolist())
             self.position += take
             if self.position == self.n_windows:
                 self.epoch, self.position = self.epoch + 1, 0
+        return picked
+
+    def _windows(self, picked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.seq_len + 1
         starts = np.asarray(picked, dtype=np.int64) * width
         # Fancy indexing on a memmap reads only the chosen windows.

@@ -7,7 +7,9 @@ for its dependencies, then runs on its stream. Streams are FIFO:
   h2d, d2h             one worker thread each; on CUDA each issues onto its own torch.cuda.Stream with
                        non_blocking copies from pinned memory, and waits for GPU work with stream.wait_event;
   nvme_read/nvme_write one worker thread each, doing file I/O through pinned staging buffers;
-  cpu_opt              one worker thread: AdamW on the host.
+  cpu_opt              one worker thread: AdamW on the host;
+  net                  one worker thread issuing the data-parallel collectives (runtime.reducer) in list order, so
+                       every rank issues the same sequence; on CUDA under its own torch.cuda.Stream.
 A dependency is a Done: a future that resolves when the op has been issued (CUDA streams) or has finished
 (host work, and every op without CUDA), carrying the CUDA event recorded after the op's GPU work, if any. GPU
 streams wait on events without blocking the host; host threads wait with event.synchronize(). There is no
@@ -40,15 +42,20 @@ from runtime.activations import ComputeOps, HostBuffers, Rec
 from runtime.optim import BlockOptimizer
 from runtime.store import FlatLayout, Target, TieredStore, bind
 
+# The schedule's streams: the cost model's, and the network's collectives (planner.schedule's `net` ops)
+RUNTIME_STREAMS = STREAMS + (() if "net" in STREAMS else ("net",))
+
 
 class Streams:
     def __init__(self, target: Target):
         self.target = target
-        self.workers = {n: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blockfit-{n}") for n in STREAMS[1:]}
+        self.workers = {n: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blockfit-{n}")
+                        for n in RUNTIME_STREAMS[1:]}
         self.cuda: dict[str, torch.cuda.Stream] = {}
         if target.cuda:
             self.cuda = {"compute": torch.cuda.current_stream(target.device),
-                         "h2d": torch.cuda.Stream(target.device), "d2h": torch.cuda.Stream(target.device)}
+                         "h2d": torch.cuda.Stream(target.device), "d2h": torch.cuda.Stream(target.device),
+                         "net": torch.cuda.Stream(target.device)}
 
     def gpu(self, name: str):
         """The CUDA stream behind a schedule stream, or None (host work, or no CUDA)."""
@@ -58,11 +65,12 @@ class Streams:
         """End of a step, GPU-side only: whatever any stream does next comes after all the step's work (the
         next step's first loads read host buffers this step's writebacks fill)."""
         if self.cuda:
-            compute, h2d, d2h = self.cuda["compute"], self.cuda["h2d"], self.cuda["d2h"]
-            compute.wait_stream(h2d)
-            compute.wait_stream(d2h)
-            h2d.wait_stream(compute)
-            d2h.wait_stream(compute)
+            compute = self.cuda["compute"]
+            others = [s for name, s in self.cuda.items() if name != "compute"]
+            for s in others:
+                compute.wait_stream(s)
+            for s in others:
+                s.wait_stream(compute)
 
     def close(self) -> None:
         for w in self.workers.values():
@@ -172,8 +180,9 @@ class PhaseOps(ComputeOps):
     The compute ops (forward, recompute, backward) and the activation transfers are ComputeOps's."""
 
     def __init__(self, *, plan, phase, layers, layouts: list[FlatLayout], store: TieredStore, optim: BlockOptimizer,
-                 act_buffers: HostBuffers, streams: Streams, track_temporaries: bool = True):
+                 act_buffers: HostBuffers, streams: Streams, track_temporaries: bool = True, reducer=None):
         self.plan, self.phase = plan, phase
+        self.reducer = reducer                             # runtime.reducer.Reducer on a world of 2+, else None
         self.layers, self.layouts, self.store, self.optim = layers, layouts, store, optim
         self.act_buffers, self.streams = act_buffers, streams
         self.target: Target = store.target
@@ -187,6 +196,7 @@ class PhaseOps(ComputeOps):
         self.bound: dict[int, torch.Tensor] = {i: store.resident(i) for i, t in enumerate(store.tiers) if t == Tier.GPU}
         self.scratch: dict[int, torch.Tensor] = {}         # host copies of device-updated weights bound for NVMe
         self.staged: dict[int, torch.Tensor] = {}          # read op id -> staging buffer (may span two steps)
+        self.new_shards: dict[int, torch.Tensor] = {}      # sharded state: this rank's updated weights, to gather
 
         self._clear()
 
@@ -194,6 +204,10 @@ class PhaseOps(ComputeOps):
         self.tokens, self.labels, self.lr = tokens, labels, lr
         self._clear()
         self.optim.begin_step(loss=self.loss)  # accumulated in place by the forwards
+        if self.reducer is not None:  # the device-tier trained layers: their .grad are views of one bucket
+            self.reducer.zero()
+            for i in self.reducer.flat:
+                self.reducer.attach(i, self._params(i))   # resident ones now, streamed ones when bound
 
     def _clear(self) -> None:
         self.recs: dict[tuple, Rec] = {}
@@ -206,6 +220,7 @@ class PhaseOps(ComputeOps):
         self.deferred: dict[int, int] = {}                 # d2h op id -> bytes its source frees when waited for
         self.loss = torch.zeros((), dtype=torch.float32, device=self.target.device)
         self.saved_tensors = [0] * self.plan.n_layers      # tensors packed per layer this step (tests)
+        self.loss_reduced = False                          # the step's loss goes with its first reduce
 
     # -- the executor's interface -------------------------------------------------------------------------------
 
@@ -250,6 +265,8 @@ class PhaseOps(ComputeOps):
             return self.optim.state_bytes(op.layer)
         if k == "grad_offload":
             return self.layouts[op.layer].params * self.target.weight_dtype.itemsize
+        if k in ("reduce_grads", "gather_weights") and self.reducer is not None:
+            return self.reducer.sent.pop(op.id, 0)
         return 0
 
     def abort(self) -> None:
@@ -268,6 +285,8 @@ class PhaseOps(ComputeOps):
         if self.store.tiers[i] != Tier.GPU:
             self.bound[i] = self.loaded[self.load_of[op.id]]
             bind(self.layers[i], self.layouts[i], self.bound[i], empty=self.store.empty)
+            if self.reducer is not None and i in self.reducer.flat:
+                self.reducer.attach(i, self._params(i))
 
     def _evict(self, op, gpu) -> None:
         i = op.layer
@@ -319,13 +338,31 @@ class PhaseOps(ComputeOps):
     def _write_state(self, op, gpu) -> None:
         self.optim.write_state(op.layer)
 
+    def _grads(self, i: int) -> list:
+        """What layer i's optimizer steps with: its gradients, or with sharded state this rank's reduced shard."""
+        if self.reducer is not None and self.reducer.shard:
+            return [self.reducer.shard_grad(i)]
+        return self.optim.grads(i, self._params(i))
+
     def _optimizer_step(self, op, gpu) -> None:
         i = op.layer
         block = self.plan.blocks[self.phase.block]
-        self.optim.clip(lambda: [self.optim.grads(j, self._params(j)) for j in block.layers])
-        new, transient = self.optim.step_layer(i, self.optim.grads(i, self._params(i)), self.lr)
+        if self.reducer is not None:
+            self.reducer.wait_all()  # the schedule's deps: every reduce of the block is complete (clip needs all)
+        self.optim.clip(lambda: [self._grads(j) for j in block.layers])
+        new, transient = self.optim.step_layer(i, self._grads(i), self.lr)
         for p in self._params(i):
             p.grad = None
+        if op.stream == "compute":
+            self.mem[op.id] = (0, transient, 0)
+        if self.reducer is not None and self.reducer.shard:
+            self.new_shards[i] = new  # its gather op brings every rank the whole layer
+            return
+        self._apply_new(i, new)
+
+    def _apply_new(self, i: int, new: torch.Tensor) -> None:
+        """The layer's updated weights to its tier: in place where they live next to the state, else held for
+        the upload / writeback ops."""
         w, m = self.store.tiers[i], self.plan.placement(i).master
         if w == Tier.GPU and m == Tier.GPU:
             self.store.resident(i).copy_(new)
@@ -333,8 +370,23 @@ class PhaseOps(ComputeOps):
             self.store.pinned(i).copy_(new)
         else:
             self.new_weights[i] = new  # upload / writeback ops move it
-        if op.stream == "compute":
-            self.mem[op.id] = (0, transient, 0)
+
+    # -- data parallel (runtime.reducer) ------------------------------------------------------------------------
+
+    def _reduce_grads(self, op, gpu) -> None:
+        i = op.layer
+        if self.optim.grad_tiers[i] == Tier.CPU:
+            flat = self.optim.host_grads[i]
+        else:
+            flat = self.reducer.device_grads(i, self._params(i))
+        loss = None if self.loss_reduced else self.loss
+        self.loss_reduced = True
+        self.reducer.reduce(op.id, i, flat, loss)
+
+    def _gather_weights(self, op, gpu) -> None:
+        i = op.layer
+        full = self.reducer.gather(op.id, i, self.new_shards.pop(i))
+        self._apply_new(i, full[:self.layouts[i].numel])
 
     def _upload_weights(self, op, gpu) -> None:
         # popped: the host copy goes as soon as it is copied (a pageable source is read before copy_ returns)

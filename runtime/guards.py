@@ -48,7 +48,7 @@ def check_model(plan: Plan, init_from: str | None) -> None:
 
 
 def check_data(data: TokenData, plan: Plan) -> None:
-    data.require_windows(plan.shape.micro_batch * plan.shape.grad_accum)
+    data.require_windows(plan.shape.micro_batch * plan.shape.grad_accum * plan.shape.gpus)  # the global batch
     data.check_vocab(plan.model.vocab)
 
 

@@ -11,6 +11,12 @@ CPU run is bitwise equal to torch.optim.AdamW.
 
 When the active block changes, the switch policy decides what happens to the state: reset (dropped; the next
 phase of the block starts from zero moments, as BAdam does), keep_cpu (kept in host RAM), keep_nvme (kept in files).
+
+Sharded state (a data-parallel plan's shard_state): rank r of N keeps only its shard of each trained layer's state,
+elements [r k, (r + 1) k) of the layer's flat buffer padded to N k, k = planner.memory.shard_params(numel, N), and
+steps it as three flat tensors (AdamW is elementwise, so a shard that cuts through parameters is stepped exactly as
+the whole would be, element for element; the padding has zero gradients and zero weights and stays zero).
+runtime.reducer hands it the reduced gradient shard and all-gathers the updated weights.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from planner.errors import UserError
-from planner.memory import STATE_BYTES, Tier, kept_tier
+from planner.memory import STATE_BYTES, Tier, kept_tier, shard_params
+from runtime.dist import SINGLE, World
 from runtime.store import FlatLayout, TieredStore
 
 
@@ -88,8 +95,11 @@ class LayerState:
 
 class BlockOptimizer:
     def __init__(self, *, cfg: AdamWConfig, store: TieredStore, layouts: list[FlatLayout], master_tiers: list[str],
-                 grad_tiers: list[str], switch_state: str):
+                 grad_tiers: list[str], switch_state: str, world: World = SINGLE, shard: bool = False):
         self.cfg = cfg
+        self.world = world
+        self.shard = shard and world.distributed   # this rank holds 1/N of each layer's state
+        self.norm_reduce = None                    # sharded: local norm -> the block's norm over every rank
         self.store = store
         self.target = store.target
         self.layouts = layouts
@@ -110,18 +120,29 @@ class BlockOptimizer:
 
     # -- where things are ---------------------------------------------------------------------------------------
 
+    def state_numel(self, layer: int) -> int:
+        """Elements of the layer's master (and of each moment) this rank holds: all, or its shard."""
+        n = self.layouts[layer].numel
+        return shard_params(n, self.world.size) if self.shard else n
+
+    def grad_numel(self, layer: int) -> int:
+        """Length of a flat gradient buffer: the layer's, padded to N shards when sharded."""
+        return self.world.size * self.state_numel(layer) if self.shard else self.layouts[layer].numel
+
     def _empty(self, layer: int, tier: str) -> torch.Tensor:
-        n = 3 * self.layouts[layer].numel
+        n = 3 * self.state_numel(layer)
         if tier == Tier.GPU:
             return torch.empty(n, dtype=torch.float32, device=self.target.device)
         return self.store.host.empty(n, torch.float32, pin=False)  # stepped by the CPU, never copied async
 
     def split(self, layer: int, buf: torch.Tensor) -> tuple[list, list, list]:
-        n, lay = self.layouts[layer].numel, self.layouts[layer]
+        n, lay = self.state_numel(layer), self.layouts[layer]
+        if self.shard:  # a shard cuts through parameters: stepped as one flat tensor each
+            return [buf[:n]], [buf[n:2 * n]], [buf[2 * n:]]
         return lay.views(buf[:n]), lay.views(buf[n:2 * n]), lay.views(buf[2 * n:])
 
     def state_bytes(self, layer: int) -> int:
-        return self.layouts[layer].numel * STATE_BYTES  # master | exp_avg | exp_avg_sq, fp32
+        return self.state_numel(layer) * STATE_BYTES  # master | exp_avg | exp_avg_sq, fp32
 
     def _keeps_in_place(self, layer: int) -> bool:
         """The state already lives where the policy keeps it: no switch op moves it."""
@@ -133,8 +154,14 @@ class BlockOptimizer:
         """State at the start of training a layer: master = the current weights, zero moments, step 0."""
         tier = tier or self.tiers[layer]
         buf = self._empty(layer, Tier.CPU if tier == Tier.NVME else tier)
-        n = self.layouts[layer].numel
-        buf[:n].copy_(self.store.source(layer))
+        n, src = self.state_numel(layer), self.store.source(layer)
+        if self.shard:
+            lo = min(self.world.rank * n, src.numel())
+            hi = min(lo + n, src.numel())
+            buf[:hi - lo].copy_(src[lo:hi])
+            buf[hi - lo:].zero_()
+            return LayerState(buf=buf)
+        buf[:n].copy_(src)
         buf[n:].zero_()
         return LayerState(buf=buf)
 
@@ -221,8 +248,8 @@ class BlockOptimizer:
         """Gradient op 'grad': one micro-batch's device gradients into the layer's host accumulator (fp32).
         On CUDA this runs on the d2h worker: an async copy to pinned memory, a wait on it, then the CPU adds."""
         lay = self.layouts[layer]
-        if layer not in self.host_grads:
-            self.host_grads[layer] = self.store.host.empty(lay.numel, torch.float32, pin=False)
+        if layer not in self.host_grads:  # zeroed once: alignment gaps and shard padding are reduced too
+            self.host_grads[layer] = self.store.host.empty(self.grad_numel(layer), torch.float32, pin=False).zero_()
         self.no_grad[layer] = {k for k, g in enumerate(grads) if g is None}
         acc = lay.views(self.host_grads[layer])
         if self.target.cuda:
@@ -269,6 +296,8 @@ class BlockOptimizer:
                 return
             grads = [g for gs in block_grads() for g in gs if g is not None]
             total = torch.nn.utils.get_total_norm(grads)
+            if self.norm_reduce is not None:  # sharded: each rank holds a part of the block's gradient
+                total = self.norm_reduce(total)
             loss = self._loss
             finite = bool(torch.isfinite(total)) and (loss is None or bool(torch.isfinite(loss)))
             self.nonfinite = not finite
@@ -286,7 +315,7 @@ class BlockOptimizer:
         on the state's device, bytes of temporaries held on that device)."""
         st = self.states[layer]
         dev = st.buf.device
-        n = self.layouts[layer].numel
+        n = self.state_numel(layer)
         if self.nonfinite:  # a bad step: weights and moments stay as they were
             return st.buf[:n].to(self.target.weight_dtype), 0
         master, m, v = self.split(layer, st.buf)
@@ -303,17 +332,16 @@ class BlockOptimizer:
         else:
             grads = [g.to(dev, torch.float32) for g in grads]
             transient = adamw_(master, grads, m, v, step=st.step, lr=lr, cfg=self.cfg, denom=denom)
-        n = self.layouts[layer].numel
         return st.buf[:n].to(self.target.weight_dtype), transient
 
     def _denom(self, layer: int) -> list[torch.Tensor]:
         """The CPU AdamW's workspace as views shaped like the layer's parameters (one buffer, reused: the host
         optimizer steps one layer at a time on its stream)."""
-        n = self.layouts[layer].numel
+        n = self.state_numel(layer)
         if self._workspace is None or self._workspace.numel() < n:
             self._workspace = None
             self._workspace = self.store.host.empty(n, torch.float32, pin=False)
-        return self.layouts[layer].views(self._workspace)
+        return [self._workspace[:n]] if self.shard else self.layouts[layer].views(self._workspace)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

@@ -22,9 +22,10 @@ import time
 import torch
 
 from planner.costs import STREAMS
-from planner.tracefmt import PID, TIDS, header, step_track
+from planner.tracefmt import PID, STEPS_TID, TIDS, header, step_track
 
 LINKS = ("h2d", "d2h", "nvme_read", "nvme_write")
+NET_TID = TIDS.get("net", STEPS_TID + 1)   # the collectives' track (a data-parallel run), as the simulator's
 
 
 class Tracer:
@@ -102,8 +103,11 @@ class Tracer:
 
     def chrome_trace(self) -> dict:
         events = header("blockfit runtime")
+        if "net" not in TIDS and any(sp["stream"] == "net" for sp in self.spans):
+            events.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": NET_TID, "args": {"name": "net"}})
         for sp in self.spans:
-            events.append({"name": sp["name"], "ph": "X", "pid": PID, "tid": TIDS[sp["stream"]],
+            tid = NET_TID if sp["stream"] == "net" else TIDS[sp["stream"]]
+            events.append({"name": sp["name"], "ph": "X", "pid": PID, "tid": tid,
                            "ts": sp["start_s"] * 1e6, "dur": max(0.0, sp["end_s"] - sp["start_s"]) * 1e6,
                            "args": {k: sp[k] for k in ("id", "kind", "layer", "bytes", "step", "block")}})
         # the steps as the trainer timed them: the next step's early NVMe reads run inside this one's span
@@ -123,6 +127,8 @@ class Tracer:
             "step_seconds_by_phase": {str(k): sum(v) / len(v) for k, v in sorted(by_block.items())},
             "step_seconds_mean": wall / len(self.steps) if self.steps else 0.0,
             "bytes_by_link": {s: sum(sp["bytes"] for sp in self.spans if sp["stream"] == s) for s in LINKS},
+            # what this rank sent in collectives (planner.cluster.wire_bytes of each net op's buffer)
+            "net_bytes": sum(sp["bytes"] for sp in self.spans if sp["stream"] == "net"),
             "busy_seconds_by_stream": busy,
             "wall_seconds": wall,
             "overlap_ratio": sum(busy.values()) / wall if wall > 0 else 0.0,

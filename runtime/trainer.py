@@ -14,6 +14,11 @@ steps_per_block steps each; the switch policy decides what happens to the optimi
 learning rate warms up linearly and decays along a cosine to min_lr over the run's steps. Checkpoints hold the
 weights (Hugging Face names), the optimizer state, the data position, the RNG states and the position in the block
 schedule, so a resumed run continues exactly; SIGINT and SIGTERM end the current step, save and stop.
+
+Data parallel (a plan for N GPUs, run by N ranks: runtime.dist): every rank runs the same schedule on its slice of
+the global batch (runtime.data.next_step), the schedule's net ops reduce the active block's gradients
+(runtime.reducer), and every rank steps the block (or, with sharded state, its shard, then all-gathers). The
+weights stay identical on every rank; each rank reports the global loss.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 
 from planner import memory
 from planner.errors import UserError
+from planner.memory import Tier
 from planner.plan import Plan
 from planner.profile import profile_model
 from planner.schedule import build_schedule
@@ -34,9 +40,11 @@ from runtime.activations import HostBuffers
 from runtime.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint, write_hf_config
 from runtime.data import TokenData
 from runtime.device import hold_budget
+from runtime.dist import SINGLE, World, check_plan_world
 from runtime.engine import Executor, PhaseOps, Streams
 from runtime.guards import check_same_plan, host_need_bytes, resume_signature
 from runtime.optim import AdamWConfig, BlockOptimizer
+from runtime.reducer import Reducer
 from runtime.store import Target, TieredStore
 from runtime.trace import Tracer, write_json
 
@@ -90,8 +98,9 @@ def position(plan: Plan, step: int) -> dict:
 
 class Trainer:
     def __init__(self, plan: Plan, data: TokenData, cfg: TrainConfig, *, resume: Checkpoint | None = None,
-                 target: Target | None = None):
-        self.plan, self.data, self.cfg = plan, data, cfg
+                 target: Target | None = None, world: World = SINGLE):
+        check_plan_world(plan, world)   # a plan for N GPUs trains on exactly N ranks
+        self.plan, self.data, self.cfg, self.world = plan, data, cfg, world
         self.target = target or Target.detect(force_cpu=cfg.force_cpu)
         if self.target.cuda:  # before anything is allocated there: refuse a card without room, cap at the budget
             hold_budget(plan, self.target.device.index or 0)
@@ -103,7 +112,14 @@ class Trainer:
                                  nvme_dir=cfg.nvme_dir, window_layers=self.schedule.window_layers)
         self.optim = BlockOptimizer(cfg=cfg.adamw, store=self.store, layouts=self.layouts,
                                     master_tiers=[p.master for p in plan.placements],
-                                    grad_tiers=[p.grads for p in plan.placements], switch_state=plan.switch_state)
+                                    grad_tiers=[p.grads for p in plan.placements], switch_state=plan.switch_state,
+                                    world=world, shard=plan.shard_state)
+        self.reducer = None
+        if world.distributed:
+            self.reducer = Reducer(world=world, layouts=self.layouts, device=self.target.device,
+                                   grad_dtype=self.target.weight_dtype, shard=self.optim.shard)
+            if self.optim.shard:
+                self.optim.norm_reduce = self.reducer.global_norm
         self.streams = Streams(self.target)
         self.tracer = Tracer(enabled=bool(cfg.trace_path or cfg.summary_path))
         self.executor = Executor(self.streams, self.tracer)
@@ -130,6 +146,10 @@ class Trainer:
             trains_matrix = any(i in (0, head) for b in plan.blocks for i in b.layers)
             self.tied = (rmodel.TiedMatrix(self.layers, self.layouts, self.store)
                          if plan.model.tie_embeddings and trains_matrix else None)
+            if self.tied and self.optim.shard:
+                raise UserError("this plan shards the optimizer state over the ranks and trains a tied embedding "
+                                "matrix; sharded state does not step a tied matrix yet: make the plan without "
+                                "sharded state, or keep the embedding and the head frozen.")
             self.store.meter.book("weights", alloc=self.store.resident_bytes())
             if resume is not None and self.active is not None:
                 self._enter(self.active, switch=False)
@@ -155,7 +175,9 @@ class Trainer:
             self.tied.enter(layers)
         self.ops = PhaseOps(plan=self.plan, phase=phase, layers=self.layers, layouts=self.layouts, store=self.store,
                             optim=self.optim, act_buffers=self.act_buffers, streams=self.streams,
-                            track_temporaries=self.cfg.track_temporaries)
+                            track_temporaries=self.cfg.track_temporaries, reducer=self.reducer)
+        if self.reducer is not None:
+            self.reducer.begin_phase([i for i in layers if self.optim.grad_tiers[i] != Tier.CPU])
         self.optim.begin_phase(layers, switched=switch and bool(phase.switch_ops))
         if switch:
             self.executor.run([op for op in phase.switch_ops if op.kind == "load_state"], self.ops)
@@ -170,6 +192,8 @@ class Trainer:
         layers = self.plan.blocks[block].layers
         self.executor.run([op for op in phase.switch_ops if op.kind == "save_state"], self.ops)
         self.optim.end_phase(layers, switched=bool(phase.switch_ops))
+        if self.reducer is not None:
+            self.reducer.end_phase()
         self.ops.close()
         for cls, n in self._static(layers).items():
             self.store.meter.book(cls, free=n)
@@ -196,7 +220,7 @@ class Trainer:
         phase = self.schedule.phases[self.active]
         lr = lr_at(s, self.cfg)
         g, mb = self.plan.shape.grad_accum, self.plan.shape.micro_batch
-        batches = [self.data.next_batch(mb) for _ in range(g)]
+        batches = self.data.next_step(mb, g, rank=self.world.rank, world=self.world.size)
         dev = self.target.device
         self.ops.begin_step([x.to(dev) for x, _ in batches], [y.to(dev) for _, y in batches], lr)
         start = self.tracer.begin_step(s, self.active)
@@ -246,13 +270,32 @@ class Trainer:
         meta = {"plan": resume_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
                 "optimizer": opt_meta, "data": self.data.state_dict(),
                 "rng": capture_rng(), "train": train_settings(self.cfg, self.data)}
-        path = save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
+        path = self._save(s, weights, opt_tensors, meta)
+        if path is None:
+            return None
         try:
             dtype = "bfloat16" if self.target.weight_dtype == torch.bfloat16 else "float32"
             write_hf_config(path, self.model_cfg, dtype=dtype)
         except UserError:
             pass  # an architecture without a Hugging Face twin still resumes; it only lacks config.json
         return path
+
+    def _save(self, s: int, weights, opt_tensors, meta):
+        """runtime/checkpoint.py's save, given the World. Until it takes one (per-rank optimizer shards), a
+        data-parallel run with unsharded state saves from the leader alone (every rank holds the same state), and
+        one with sharded state cannot save."""
+        import inspect
+        if not self.world.distributed:
+            return save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
+        if "world" in inspect.signature(save_checkpoint).parameters:
+            return save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta,
+                                   world=self.world)
+        if self.optim.shard:
+            raise UserError("checkpoints of sharded optimizer state over several ranks are not supported by this "
+                            "build; run without --ckpt-dir or with a plan without sharded state.")
+        if not self.world.leader:
+            return None
+        return save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
 
     def _last_good(self) -> str:
         """Where the last good state is, in words, for a message."""

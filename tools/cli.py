@@ -54,6 +54,7 @@ def run(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own error (already printed)
         return int(e.code or 0)
+    args.argv = list(argv)   # the command line as given (train --nproc-per-node relaunches it under torchrun)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -4,11 +4,18 @@
     blockfit train --plan plan.json --data tokens.bin --steps 1000 --ckpt-dir ckpt --resume
     blockfit train --plan plan.json --data corpus.txt --steps 20 --nvme-dir /mnt/nvme/scratch \\
         --trace trace.json --summary summary.json --metrics metrics.jsonl
+    blockfit train --nproc-per-node 2 --plan plan2.json --data tokens.bin     # a plan for 2 GPUs, on 2 ranks
+    torchrun --nproc-per-node 2 .venv/bin/blockfit train --plan plan2.json --data tokens.bin   # the same
+
+A plan for N GPUs (`plan --gpus N`) runs on exactly N ranks, started by torchrun (--nnodes M --rdzv-endpoint ...
+across nodes) or by --nproc-per-node on one node; any other world size is refused. Rank 0 writes --metrics,
+--trace and --summary as named, rank r > 0 beside them with .rank<r> before the extension.
 
 Everything is checked before anything is written (runtime/guards.py); bad input exits 2 with one paragraph.
 Exit codes: 0 done; 2 bad input, or a fault (disk full, a scratch file gone, a damaged checkpoint), each with one
 paragraph and the last checkpoint intact; 3 a non-finite loss or gradient norm stopped training (nothing bad was
-saved; --skip-nonfinite N skips up to N such steps in a row instead); 130/143 SIGINT/SIGTERM (checkpointed).
+saved; --skip-nonfinite N skips up to N such steps in a row instead); 4 another rank died or stopped answering
+(data parallel); 130/143 SIGINT/SIGTERM (checkpointed).
 """
 from __future__ import annotations
 
@@ -57,6 +64,11 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", help="append one JSON line per step here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="launch N ranks on this node through torchrun (the plan must be for N GPUs)")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a collective waits for the other ranks before this rank gives up (default 300; "
+                        "a rank that dies is noticed at once)")
     p.set_defaults(func=run)
 
 
@@ -94,10 +106,49 @@ def _config(args, plan):
                        quiet=args.quiet, force_cpu=args.cpu)
 
 
+def rank_path(path: str | None, world) -> str | None:
+    """Rank 0 writes `path`; rank r > 0 writes it with .rank<r> before the extension (m.jsonl -> m.rank1.jsonl)."""
+    if path is None or world.leader:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{world.rank}{ext}"
+
+
+def _launch(args, n: int) -> int:
+    """--nproc-per-node N without torchrun's environment: check the plan, then run torchrun's launcher (this
+    process is its agent) with the same arguments, less --nproc-per-node. Returns the first failed rank's exit
+    code (128 + signal for a killed one), 0 when every rank succeeded."""
+    check_positive("--nproc-per-node", n, integer=True, upper=1024)
+    from runtime.dist import World, check_plan_world
+    plan = load_plan(args.plan)
+    check_plan_world(plan, World(size=n, local_size=n))
+    if plan.cluster.nodes > 1:
+        raise UserError(f"the plan is for {plan.cluster.nodes} nodes; start it on every node with torchrun "
+                        f"(--nnodes {plan.cluster.nodes} --nproc-per-node {plan.cluster.gpus_per_node} "
+                        "--rdzv-endpoint HOST:PORT), not --nproc-per-node.")
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a.startswith("--nproc") and "=" not in a:
+            skip = True
+        elif not a.startswith("--nproc"):
+            argv.append(a)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+    try:
+        torchrun(parse_args(["--nproc-per-node", str(n), "--standalone", "-m", "tools.cli", *argv]))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    return 0
+
+
 def run(args) -> int:
     import sys
 
-    from runtime import guards
+    from runtime import dist, guards
     from runtime.data import TokenData
     from runtime.model import layouts_of, meta_layers
     from runtime.scratch import reclaim_scratch
@@ -105,7 +156,18 @@ def run(args) -> int:
     from runtime.trainer import Trainer, train_settings
     from tools.simulate_cmd import check_writable
 
+    world = dist.from_env()
+    if args.nproc_per_node is not None and not world.distributed and "WORLD_SIZE" not in os.environ:
+        return _launch(args, args.nproc_per_node)
+    timeout_s = dist.check_timeout(args.dist_timeout)
     plan = load_plan(args.plan)
+    dist.check_plan_world(plan, world)  # before anything waits for another rank
+    if args.nproc_per_node is not None and args.nproc_per_node != world.local_size:
+        raise UserError(f"--nproc-per-node {args.nproc_per_node} but torchrun started {world.local_size} ranks "
+                        "on this node; drop --nproc-per-node under torchrun.")
+    args.metrics, args.trace, args.summary = (rank_path(p, world) for p in (args.metrics, args.trace, args.summary))
+    if not world.leader:
+        args.quiet = True
     cfg = _config(args, plan)
     guards.check_supported(plan)
     guards.check_model(plan, args.init_from)
@@ -123,6 +185,10 @@ def run(args) -> int:
                                         allow_changes=args.allow_changes)
         if changed and not args.quiet:
             print(f"resuming with changed settings (--allow-changes): {'; '.join(changed)}", file=sys.stderr)
+    if world.distributed and not args.cpu:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.set_device(world.local_rank)  # before Target.detect reads the current device
     target = Target.detect(force_cpu=args.cpu)
     dtype = str(target.weight_dtype).replace("torch.", "")
     if args.nvme_dir and os.path.isdir(args.nvme_dir):
@@ -136,13 +202,14 @@ def run(args) -> int:
     guards.check_ckpt_dir(args.ckpt_dir, guards.checkpoint_bytes(plan, params, target.weight_dtype.itemsize), saves)
     guards.check_outputs(args.metrics, args.trace, args.summary)
 
-    lock = guards.DirLock(args.ckpt_dir) if args.ckpt_dir else None
+    lock = guards.DirLock(args.ckpt_dir) if args.ckpt_dir and world.leader else None
     try:
-        trainer = Trainer(plan, data, cfg, resume=resume, target=target)
-        try:
-            code = trainer.run()
-        finally:
-            trainer.close()
+        with dist.process_group(world, cuda=target.cuda, timeout_seconds=timeout_s):
+            trainer = Trainer(plan, data, cfg, resume=resume, target=target, world=world)
+            try:
+                code = trainer.run()
+            finally:
+                trainer.close()
     finally:
         if lock:
             lock.release()

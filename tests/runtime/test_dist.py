@@ -1,0 +1,253 @@
+"""Data-parallel BCD on 2 gloo ranks on the CPU: the same training as one rank over the same global batch, bytes on
+the wire from the trace, sharded optimizer state, a rank killed with -9, and a plan for another world refused.
+
+Each rank is a separate process started the way torchrun starts one (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in
+its environment), running tests/runtime/dist_worker.py or the `blockfit train` command line.
+
+The equality bound. One rank with grad_accum 2 and micro-batch b, against 2 ranks with grad_accum 1 and micro-batch
+b, over the same 2b sequences (runtime.data.next_step gives rank r the r-th b of them). One rank's gradient is
+g0/2 + g1/2 (each micro-batch's loss is divided by grad_accum = 2 before its backward, an exact power-of-two
+scaling, so the backward yields exactly g_k/2), accumulated in that order; 2 ranks hold g0 and g1 (rank 0's bucket
+starts at zero: 0 + g0 = g0 exactly), the all-reduce forms g0 + g1 (one fp32 addition, commutative, the same on both
+ranks) and divides by 2. round(g0 + g1)/2 = round(g0/2 + g1/2) exactly, as scaling by 2 commutes with rounding
+(no subnormals here), so the gradients are bitwise equal, hence the clip, AdamW and the weights: unsharded state
+is asserted BITWISE equal, losses too (the loss is reduced the same way).
+
+Sharded state: AdamW over flat shards equals AdamW over per-parameter views element for element (elementwise
+kernels; checked bitwise here), and the reduce-scatter forms the same single addition as the all-reduce, so the
+one reduction whose order changes is the clip's global gradient norm: sqrt(sum over ranks of the squared norm of
+each rank's shard) instead of the norm of per-parameter norms. Hence: with clipping off, sharded and unsharded are
+asserted BITWISE equal. With clipping on, the norm is a sum of K squares (K <= 2^15 elements per block here) in
+another order, off by at most gamma_K = K u / (1 - K u) relative (u = 2^-24; the bound for any summation order),
+and both runs report it: asserted within gamma_K (a looser 2 gamma_K: the sqrt halves the relative error, the
+squares add one rounding each). The clip coefficient inherits that delta. AdamW is scale-invariant in its
+gradients except through eps, so that alone moves the updates by ~lr delta; but the next steps' gradients react to
+the perturbed weights, and where an element's gradient is a near-cancelling sum (|g| ~ 1e-7 of its terms) Adam's
+normalised update m_hat / sqrt(v_hat) turns an ulp-sized absolute change of g into a visible change of the update
+(it is not Lipschitz near g = 0 when eps << |g|). So with clipping on we assert what is true of fp32 Adam: losses
+within 1e-5 relative, almost every weight equal (mean |difference| <= 1e-6, a few ulp of |w| ~ 0.1) and none off
+by more than 5% of the summed learning rates (each element's update is bounded by lr R, R = Adam's ratio bound),
+while training moved the weights by 20 times more than the largest difference (measured: 2.2e-4 of 1.7e-2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from planner.cluster import make_cluster, wire_bytes
+from planner.plan import Plan, write_atomic
+from planner.planning import predict
+from planner.profile import profile_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode
+from test_equivalence import TC, P, reference_lr, tiny_plan, train, write_tokens  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(ROOT, "tests", "runtime", "dist_worker.py")
+STEPS = 4
+U = 2.0 ** -24
+# every tier of the weights, the state and the activations; state and gradients on the device and on the host
+PLACEMENTS = [P(0, "gpu", "gpu", "gpu"), P(1, "cpu", "cpu", "cpu"), P(2, "nvme", "gpu", "recompute"),
+              P(3, "gpu", "nvme", "gpu"), P(4, "cpu", "gpu", "cpu"), P(5, "gpu", "cpu", "gpu")]
+BLOCKS = ((0, 2), (3, 5))
+
+
+def on_gpus(plan: Plan, gpus: int, *, shard: bool = False, grad_accum: int | None = None) -> Plan:
+    """The plan for `gpus` GPUs of one node (as tests/planner/test_cluster.py makes one), optionally with another
+    grad_accum, its prediction recomputed."""
+    shape = dataclasses.replace(plan.shape, gpus=gpus, grad_accum=grad_accum or plan.shape.grad_accum)
+    p = dataclasses.replace(plan, cluster=make_cluster(plan.hardware.gpu, gpus=gpus), shard_state=shard, shape=shape)
+    return dataclasses.replace(p, predicted=predict(p, profile_model(p.model)))
+
+
+def save_plan(plan: Plan, path: str) -> None:
+    write_atomic(path, plan.to_json())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("BLOCKFIT_CHAOS", None)
+    return env
+
+
+def spawn(argv: list[str], world: int = 2, **kw) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *argv], env=rank_env(r, world, port), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) for r in range(world)]
+
+
+def finish(procs, timeout: float = 120) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, err))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-rank job training the unsharded and the sharded plan, and the 1-rank reference in this process."""
+    tmp = tmp_path_factory.mktemp("dist")
+    data = write_tokens(tmp / "tokens.bin")
+    one = tiny_plan(PLACEMENTS, blocks=BLOCKS, steps_per_block=2, switch_state="keep_cpu")
+    assert one.shape.micro_batch == 2 and one.shape.grad_accum == 2
+    plans = {"plain": on_gpus(one, 2, grad_accum=1), "sharded": on_gpus(one, 2, shard=True, grad_accum=1)}
+    for name, plan in plans.items():
+        save_plan(plan, str(tmp / f"{name}.json"))
+    tc = dataclasses.replace(TC, steps=STEPS)
+    clip = tc.adamw.clip
+    runs = {"plain": [str(tmp / "plain.json"), clip], "sharded": [str(tmp / "sharded.json"), clip],
+            "plain-noclip": [str(tmp / "plain.json"), 0.0], "sharded-noclip": [str(tmp / "sharded.json"), 0.0]}
+    job = {"data": data, "out": str(tmp), "steps": STEPS, "lr": tc.lr, "min_lr": tc.min_lr, "warmup": tc.warmup,
+           "weight_decay": tc.adamw.weight_decay, "runs": runs}
+    (tmp / "job.json").write_text(json.dumps(job))
+    procs = spawn([WORKER, str(tmp / "job.json")])
+    # the reference trains while the ranks do
+    ref = train(one, data, dataclasses.replace(tc, nvme_dir=str(tmp / "nvme1")))
+    results = finish(procs)
+    assert all(rc == 0 for rc, _ in results), "\n".join(err[-3000:] for _, err in results)
+    got = {name: [torch.load(tmp / f"{name}.rank{r}.pt") for r in range(2)] for name in runs}
+    return {"one": one, "plans": plans, "ref": ref, "got": got}
+
+
+def test_two_ranks_equal_one_rank_accumulating_the_same_batch_bitwise(runs):
+    losses, init, final, _ = runs["ref"]
+    for r in range(2):
+        got = runs["got"]["plain"][r]
+        assert got["losses"] == losses
+        assert all(torch.equal(got["weights"][k], final[k]) for k in final), \
+            [k for k in final if not torch.equal(got["weights"][k], final[k])]
+    assert any(not torch.equal(final[k], init[k]) for k in final)
+
+
+def test_sharded_state_trains_like_unsharded(runs):
+    losses, init, final, _ = runs["ref"]
+    got = runs["got"]
+    for r in range(2):   # clipping off: the same arithmetic in the same order
+        a, b = got["sharded-noclip"][r], got["plain-noclip"][r]
+        assert a["losses"] == b["losses"]
+        assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert any(not torch.equal(got["plain-noclip"][0]["weights"][k], final[k]) for k in final)  # clip did bind
+    lr_sum = sum(reference_lr(s, dataclasses.replace(TC, steps=STEPS)) for s in range(STEPS))
+    moved = max((final[k] - init[k]).abs().max().item() for k in final)
+    k_terms = max(sum(p.numel() for i in b.layers for p in _layers(runs["one"])[i].parameters())
+                  for b in runs["one"].blocks)
+    gamma = k_terms * U / (1 - k_terms * U)
+    for r in range(2):   # clipping on: only the global norm's summation order differs
+        s, p = got["sharded"][r], got["plain"][r]
+        assert s["grad_norms"] == pytest.approx(p["grad_norms"], rel=2 * gamma)
+        assert s["losses"] == pytest.approx(losses, rel=1e-5)
+        diffs = torch.cat([(s["weights"][k] - final[k]).abs().flatten() for k in final])
+        assert diffs.mean().item() <= 1e-6 and diffs.max().item() <= 0.05 * lr_sum, (diffs.mean(), diffs.max())
+        assert moved > 20 * diffs.max().item()   # the bound is not vacuous: training moved the weights more
+    a, b = (got["sharded"][r]["weights"] for r in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)   # every rank ends with the same weights (all-gathered)
+
+
+def test_bytes_each_rank_sends_are_the_active_blocks_gradients(runs):
+    """From the trace: per step, each net op's bytes; expected from the ring formulas written out here, on the
+    runtime's fp32 buffers: all-reduce 2(N-1)/N x 4 x params per trained layer, reduce-scatter and all-gather
+    (N-1)/N x 4 x N k with k = ceil(params / N); nothing for a frozen layer."""
+    plan, n = runs["one"], 2
+    params = [sum(p.numel() for p in lay.parameters()) for lay in _layers(plan)]
+    for name, shard in (("plain", False), ("sharded", True), ("sharded-noclip", True)):
+        for r in range(2):
+            spans = runs["got"][name][r]["spans"]
+            for step in range(STEPS):
+                block = plan.blocks[(step // plan.steps_per_block) % len(plan.blocks)]
+                mine = [sp for sp in spans if sp["step"] == step]
+                assert {sp["layer"] for sp in mine} == set(block.layers)   # frozen layers send nothing
+                for sp in mine:
+                    p = params[sp["layer"]]
+                    k = -(-p // n)
+                    if sp["kind"] == "reduce_grads" and not shard:
+                        want = 2 * (n - 1) * 4 * p // n
+                    else:
+                        want = (n - 1) * 4 * n * k // n
+                    assert sp["bytes"] == want, (name, sp)
+                kinds = sorted(sp["kind"] for sp in mine)
+                assert kinds == sorted(["reduce_grads"] * len(block.layers)
+                                       + (["gather_weights"] * len(block.layers) if shard else []))
+                total = sum(sp["bytes"] for sp in mine)
+                grads = 4 * sum(params[i] for i in block.layers)
+                if not shard:
+                    assert total == grads   # 2(N-1)/N = 1 at N = 2: the block's gradient bytes
+                assert total == sum(wire_bytes(sp["kind"] == "reduce_grads" and not shard and "all_reduce"
+                                               or "all_gather", 4 * (n * -(-params[sp["layer"]] // n) if shard
+                                                                     else params[sp["layer"]]), n) for sp in mine)
+
+
+def _layers(plan):
+    from runtime.model import meta_layers
+    return meta_layers(plan.model)
+
+
+def test_a_plan_for_another_world_is_refused(tmp_path):
+    """A 2-GPU plan on one process, and a 1-GPU plan under 2 ranks: exit 2 with the reason, before any training."""
+    data = write_tokens(tmp_path / "tokens.bin", n=4000)
+    one = tiny_plan(PLACEMENTS, blocks=BLOCKS)
+    two = on_gpus(one, 2, grad_accum=1)
+    p1, p2 = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    save_plan(one, p1)
+    save_plan(two, p2)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "tools.cli", "train", "--data", data, "--steps", "1", "--quiet", "--cpu"]
+    solo = subprocess.Popen(cmd + ["--plan", p2], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    both = finish(spawn(cmd[1:] + ["--plan", p1]))
+    (rc, err), = finish([solo])
+    assert rc == 2 and "plan is for 2 GPUs" in err and "1 rank" in err, err
+    for rc2, err2 in both:
+        assert rc2 == 2 and "plan is for 1 GPU but this run has 2 ranks" in err2, err2
+    assert "Traceback" not in err + "".join(e for _, e in both)
+
+
+def test_killed_rank_makes_the_other_exit_with_a_message(tmp_path):
+    """kill -9 of rank 1 mid-run: rank 0 exits within 60 s, non-zero (4), saying another rank stopped."""
+    data = write_tokens(tmp_path / "tokens.bin", n=8000)
+    plan = on_gpus(tiny_plan(blocks=BLOCKS), 2, grad_accum=1)
+    path = str(tmp_path / "two.json")
+    save_plan(plan, path)
+    metrics = str(tmp_path / "m.jsonl")
+    procs = spawn(["-m", "tools.cli", "train", "--plan", path, "--data", data, "--steps", "100000", "--quiet",
+                   "--cpu", "--metrics", metrics, "--dist-timeout", "300"])
+    try:
+        deadline = time.monotonic() + 90
+        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
+            assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 4, err[-2000:]
+    assert "rank 0 of 2" in err and "another rank stopped answering" in err and "Traceback" not in err
+    assert waited < 60
