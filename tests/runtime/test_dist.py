@@ -203,26 +203,27 @@ def _layers(plan):
     return meta_layers(plan.model)
 
 
-def test_a_plan_for_another_world_is_refused(tmp_path):
-    """A 2-GPU plan on one process, and a 1-GPU plan under 2 ranks: exit 2 with the reason, before any training."""
+def test_a_plan_for_another_world_is_refused(tmp_path, monkeypatch, capsys):
+    """A 2-GPU plan on one process, and a 1-GPU plan on rank 0 of 2 (the environment torchrun gives it): exit 2 with
+    the reason, before any rendezvous or training."""
+    from tools.cli import run
     data = write_tokens(tmp_path / "tokens.bin", n=4000)
-    one = tiny_plan(PLACEMENTS, blocks=BLOCKS)
-    two = on_gpus(one, 2, grad_accum=1)
+    one = tiny_plan(blocks=BLOCKS)
     p1, p2 = str(tmp_path / "one.json"), str(tmp_path / "two.json")
     save_plan(one, p1)
-    save_plan(two, p2)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    save_plan(on_gpus(one, 2, grad_accum=1), p2)
+    cmd = ["train", "--data", data, "--steps", "1", "--quiet", "--cpu", "--plan"]
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "tools.cli", "train", "--data", data, "--steps", "1", "--quiet", "--cpu"]
-    solo = subprocess.Popen(cmd + ["--plan", p2], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    both = finish(spawn(cmd[1:] + ["--plan", p1]))
-    (rc, err), = finish([solo])
-    assert rc == 2 and "plan is for 2 GPUs" in err and "1 rank" in err, err
-    for rc2, err2 in both:
-        assert rc2 == 2 and "plan is for 1 GPU but this run has 2 ranks" in err2, err2
-    assert "Traceback" not in err + "".join(e for _, e in both)
+        monkeypatch.delenv(k, raising=False)
+    assert run(cmd + [p2]) == 2
+    err = capsys.readouterr().err
+    assert "plan is for 2 GPUs" in err and "1 rank" in err and "--nproc-per-node 2" in err
+    assert run(cmd + [p1, "--nproc-per-node", "2"]) == 2   # the launcher checks before it starts anything
+    assert "plan is for 1 GPU but this run has 2 ranks" in capsys.readouterr().err
+    for k, v in rank_env(0, 2, free_port()).items():
+        monkeypatch.setenv(k, v)
+    assert run(cmd + [p1]) == 2
+    assert "plan is for 1 GPU but this run has 2 ranks" in capsys.readouterr().err
 
 
 def test_killed_rank_makes_the_other_exit_with_a_message(tmp_path):
@@ -248,6 +249,53 @@ def test_killed_rank_makes_the_other_exit_with_a_message(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.communicate()
+    print(f"rank 1 killed, rank 0 exited {waited:.1f} s later with exit {procs[0].returncode}")
     assert procs[0].returncode == 4, err[-2000:]
     assert "rank 0 of 2" in err and "another rank stopped answering" in err and "Traceback" not in err
     assert waited < 60
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+def test_nproc_per_node_launches_torchrun_and_a_killed_rank_stops_the_run(tmp_path):
+    """`blockfit train --nproc-per-node 2` runs the plan on 2 ranks under torchrun's agent (each rank writes its own
+    metrics); kill -9 of one rank ends the whole run within 60 s, non-zero, leaving no rank behind."""
+    data = write_tokens(tmp_path / "tokens.bin", n=8000)
+    path = str(tmp_path / "two.json")
+    save_plan(on_gpus(tiny_plan(blocks=BLOCKS), 2, grad_accum=1), path)
+    metrics = tmp_path / "m.jsonl"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    agent = subprocess.Popen([sys.executable, "-m", "tools.cli", "train", "--nproc-per-node", "2", "--plan", path,
+                              "--data", data, "--steps", "100000", "--quiet", "--cpu", "--metrics", str(metrics)],
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        other = tmp_path / "m.rank1.jsonl"
+        while not all(p.exists() and p.read_text().count("\n") >= 2 for p in (metrics, other)):
+            assert time.monotonic() < deadline and agent.poll() is None, agent.communicate()[1][-3000:]
+            time.sleep(0.2)
+        workers = [c for c in _children(agent.pid) if os.path.exists(f"/proc/{c}")]
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = agent.communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+    print(f"torchrun: rank killed, the run ended {waited:.1f} s later with exit {agent.returncode}")
+    assert agent.returncode != 0 and waited < 60, err[-3000:]
+    print(err[-1500:])
+    time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read().lower()
+                   for w in workers)
