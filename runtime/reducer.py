@@ -37,6 +37,10 @@ one block's gradients) each time. (4) DDP hooks autograd on the whole model's fo
 runs one layer at a time through its own executor (detached inputs, streamed and evicted weights, recompute),
 which DDP's single-backward assumption does not fit. Here only the active block's layers are bucketed, one bucket
 per layer, placed by the schedule, and the frozen layers send nothing.
+Checked on torch 2.13, 2 gloo ranks, two Linear(8, 8) layers: the second frozen at wrap time and unfrozen before
+the backward ends with different gradients on the two ranks (never reduced); with both trainable,
+find_unused_parameters=True and the first run under no_grad (as a layer below the block), DDP's comm hook saw
+144 elements reduced, of which 72 were trained.
 """
 from __future__ import annotations
 

@@ -299,3 +299,20 @@ def test_nproc_per_node_launches_torchrun_and_a_killed_rank_stops_the_run(tmp_pa
     time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read().lower()
                    for w in workers)
+
+
+def test_ranks_read_disjoint_slices_of_the_global_batch(tmp_path):
+    """N ranks at grad_accum g read, together and in order, exactly the windows one rank reads with grad_accum N g,
+    rank r the r-th g micro-batches of each step; every rank's cursor ends where the single rank's does."""
+    from runtime.data import TokenData
+    path = write_tokens(tmp_path / "t.bin", n=3000)
+    single = TokenData.open(path, seq_len=16, seed=3)   # 176 windows: 4 steps of 48 cross an epoch boundary
+    ranks = [TokenData.open(path, seq_len=16, seed=3) for _ in range(3)]
+    for _ in range(4):
+        want = [single.next_batch(4) for _ in range(3 * 4)]
+        for r, d in enumerate(ranks):
+            got = d.next_step(4, 4, rank=r, world=3)
+            for (x, y), (wx, wy) in zip(got, want[4 * r:4 * (r + 1)], strict=True):
+                assert torch.equal(x, wx) and torch.equal(y, wy)
+    assert all(d.state_dict() == single.state_dict() for d in ranks)
+    assert single.epoch == 1
