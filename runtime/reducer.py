@@ -73,6 +73,8 @@ class Reducer:
         self.sent: dict[int, int] = {}               # net op id -> bytes this rank sent
         self._lock = threading.Lock()
         self._scatter = None                         # the reduce-scatter function, found on first use
+        self.skip: set[int] = set()                  # ids of parameters never attached: a tied head's copy of the
+                                                     # matrix, whose gradient a hook hands to the embedding's
 
     # -- sizes ---------------------------------------------------------------------------------------------------
 
@@ -113,7 +115,9 @@ class Reducer:
         its weights are bound (a .grad must match the parameter's shape when it is set; it survives the
         eviction that follows)."""
         for p, view in zip(params, self.layouts[layer].views(self.flat[layer])):
-            if p.requires_grad and p.shape == view.shape and (p.grad is None or p.grad.data_ptr() != view.data_ptr()):
+            if id(p) in self.skip or not p.requires_grad or p.shape != view.shape:
+                continue
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                 p.grad = view
 
     def device_grads(self, layer: int, params) -> torch.Tensor:
@@ -121,7 +125,7 @@ class Reducer:
         a fresh tensor back) is copied in, and the parameter pointed at the bucket again."""
         flat = self.flat[layer]
         for p, view in zip(params, self.layouts[layer].views(flat)):
-            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+            if id(p) not in self.skip and p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
                 if p.shape == view.shape:
                     p.grad = view

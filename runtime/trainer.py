@@ -146,6 +146,8 @@ class Trainer:
             trains_matrix = any(i in (0, head) for b in plan.blocks for i in b.layers)
             self.tied = (rmodel.TiedMatrix(self.layers, self.layouts, self.store)
                          if plan.model.tie_embeddings and trains_matrix else None)
+            if self.tied and self.reducer is not None:
+                self.reducer.skip.add(id(self.tied.copy))
             if self.tied and self.optim.shard:
                 raise UserError("this plan shards the optimizer state over the ranks and trains a tied embedding "
                                 "matrix; sharded state does not step a tied matrix yet: make the plan without "

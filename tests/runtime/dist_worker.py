@@ -29,7 +29,9 @@ def main(job_path: str) -> None:
     world = dist.from_env()
     tc = TrainConfig(steps=job["steps"], lr=job["lr"], min_lr=job["min_lr"], warmup=job["warmup"], quiet=True,
                      force_cpu=True, trace_path=os.path.join(job["out"], "unused.json"),
-                     nvme_dir=os.path.join(job["out"], "nvme"),
+                     # one directory per rank: on main two processes starting in one --nvme-dir can race (one
+                     # reclaims the other's scratch before it is locked; helper dckpt's NvmeFiles fixes that)
+                     nvme_dir=os.path.join(job["out"], f"nvme{world.rank}"),
                      adamw=AdamWConfig(weight_decay=job["weight_decay"]))
     with dist.process_group(world, cuda=False, timeout_seconds=60):
         for name, (plan_path, clip) in job["runs"].items():

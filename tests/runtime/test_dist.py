@@ -49,7 +49,9 @@ from planner.planning import predict
 from planner.profile import profile_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers, in any import mode
-from test_equivalence import TC, P, reference_lr, tiny_plan, train, write_tokens  # noqa: E402
+from test_equivalence import TC, TINY, P, reference_lr, tiny_plan, train, write_tokens  # noqa: E402
+
+TIED = dataclasses.replace(TINY, name="tiny-tied", tie_embeddings=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "runtime", "dist_worker.py")
@@ -112,23 +114,27 @@ def runs(tmp_path_factory):
     data = write_tokens(tmp / "tokens.bin")
     one = tiny_plan(PLACEMENTS, blocks=BLOCKS, steps_per_block=2, switch_state="keep_cpu")
     assert one.shape.micro_batch == 2 and one.shape.grad_accum == 2
-    plans = {"plain": on_gpus(one, 2, grad_accum=1), "sharded": on_gpus(one, 2, shard=True, grad_accum=1)}
+    tied = tiny_plan(PLACEMENTS, cfg=TIED, blocks=BLOCKS, steps_per_block=2)   # the matrix trains in block 0
+    plans = {"plain": on_gpus(one, 2, grad_accum=1), "sharded": on_gpus(one, 2, shard=True, grad_accum=1),
+             "tied": on_gpus(tied, 2, grad_accum=1)}
     for name, plan in plans.items():
         save_plan(plan, str(tmp / f"{name}.json"))
     tc = dataclasses.replace(TC, steps=STEPS)
     clip = tc.adamw.clip
     runs = {"plain": [str(tmp / "plain.json"), clip], "sharded": [str(tmp / "sharded.json"), clip],
-            "plain-noclip": [str(tmp / "plain.json"), 0.0], "sharded-noclip": [str(tmp / "sharded.json"), 0.0]}
+            "plain-noclip": [str(tmp / "plain.json"), 0.0], "sharded-noclip": [str(tmp / "sharded.json"), 0.0],
+            "tied": [str(tmp / "tied.json"), clip]}
     job = {"data": data, "out": str(tmp), "steps": STEPS, "lr": tc.lr, "min_lr": tc.min_lr, "warmup": tc.warmup,
            "weight_decay": tc.adamw.weight_decay, "runs": runs}
     (tmp / "job.json").write_text(json.dumps(job))
     procs = spawn([WORKER, str(tmp / "job.json")])
     # the reference trains while the ranks do
     ref = train(one, data, dataclasses.replace(tc, nvme_dir=str(tmp / "nvme1")))
+    ref_tied = train(tied, data, dataclasses.replace(tc, nvme_dir=str(tmp / "nvme2")))
     results = finish(procs)
     assert all(rc == 0 for rc, _ in results), "\n".join(err[-3000:] for _, err in results)
     got = {name: [torch.load(tmp / f"{name}.rank{r}.pt") for r in range(2)] for name in runs}
-    return {"one": one, "plans": plans, "ref": ref, "got": got}
+    return {"one": one, "plans": plans, "ref": ref, "ref_tied": ref_tied, "got": got}
 
 
 def test_two_ranks_equal_one_rank_accumulating_the_same_batch_bitwise(runs):
@@ -139,6 +145,15 @@ def test_two_ranks_equal_one_rank_accumulating_the_same_batch_bitwise(runs):
         assert all(torch.equal(got["weights"][k], final[k]) for k in final), \
             [k for k in final if not torch.equal(got["weights"][k], final[k])]
     assert any(not torch.equal(final[k], init[k]) for k in final)
+
+
+def test_tied_embeddings_train_on_two_ranks_like_one_bitwise(runs):
+    """A tied matrix trained in the embedding's block: the head's gradient of it (a hook's) is in the bucket."""
+    losses, init, final, _ = runs["ref_tied"]
+    got = runs["got"]["tied"][0]
+    assert got["losses"] == losses
+    assert all(torch.equal(got["weights"][k], final[k]) for k in final)
+    assert not torch.equal(final["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
 
 
 def test_sharded_state_trains_like_unsharded(runs):
@@ -237,7 +252,7 @@ def test_killed_rank_makes_the_other_exit_with_a_message(tmp_path):
                    "--cpu", "--metrics", metrics, "--dist-timeout", "300"])
     try:
         deadline = time.monotonic() + 90
-        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
+        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
             assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-2000:]
             time.sleep(0.1)
         procs[1].send_signal(signal.SIGKILL)
@@ -280,7 +295,7 @@ def test_nproc_per_node_launches_torchrun_and_a_killed_rank_stops_the_run(tmp_pa
     try:
         deadline = time.monotonic() + 120
         other = tmp_path / "m.rank1.jsonl"
-        while not all(p.exists() and p.read_text().count("\n") >= 2 for p in (metrics, other)):
+        while not all(p.exists() and p.read_text().count("\n") >= 1 for p in (metrics, other)):
             assert time.monotonic() < deadline and agent.poll() is None, agent.communicate()[1][-3000:]
             time.sleep(0.2)
         workers = [c for c in _children(agent.pid) if os.path.exists(f"/proc/{c}")]
@@ -295,7 +310,6 @@ def test_nproc_per_node_launches_torchrun_and_a_killed_rank_stops_the_run(tmp_pa
             agent.communicate()
     print(f"torchrun: rank killed, the run ended {waited:.1f} s later with exit {agent.returncode}")
     assert agent.returncode != 0 and waited < 60, err[-3000:]
-    print(err[-1500:])
     time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read().lower()
                    for w in workers)
