@@ -3,9 +3,10 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment).
 
     python tests/runtime/dist_worker.py JOB.json
 
-JOB.json: {"data": tokens path, "out": directory, "steps": n, "lr": .., "min_lr": .., "warmup": .., "clip": ..,
-"weight_decay": .., "runs": {name: [plan path, clip]}}. For every run, in order, under one process group: train
-`steps` steps and save {losses, grad norms, final weights (HF names), the trace's net spans} to OUT/NAME.rank<r>.pt.
+JOB.json: {"data": tokens path, "out": directory, "steps": n, "lr": .., "min_lr": .., "warmup": ..,
+"weight_decay": .., "runs": {name: [plan path, clip, no_reduce_scatter]}}. For every run, in order, under one
+process group: train `steps` steps (with no_reduce_scatter, as on a gloo build without reduce_scatter) and save
+{losses, grad norms, final weights (HF names), the trace's net spans} to OUT/NAME.rank<r>.pt.
 """
 from __future__ import annotations
 
@@ -34,7 +35,13 @@ def main(job_path: str) -> None:
                      nvme_dir=os.path.join(job["out"], f"nvme{world.rank}"),
                      adamw=AdamWConfig(weight_decay=job["weight_decay"]))
     with dist.process_group(world, cuda=False, timeout_seconds=60):
-        for name, (plan_path, clip) in job["runs"].items():
+        for name, (plan_path, clip, no_reduce_scatter) in job["runs"].items():
+            if no_reduce_scatter:
+                import torch.distributed as tdist
+
+                def unsupported(*args, **kw):
+                    raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+                tdist.reduce_scatter_single = tdist.reduce_scatter_tensor = unsupported
             plan = load_plan(plan_path)
             data = TokenData.open(job["data"], seq_len=plan.shape.seq_len, seed=0)
             cfg = dataclasses.replace(tc, adamw=dataclasses.replace(tc.adamw, clip=clip))

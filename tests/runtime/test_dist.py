@@ -121,9 +121,10 @@ def runs(tmp_path_factory):
         save_plan(plan, str(tmp / f"{name}.json"))
     tc = dataclasses.replace(TC, steps=STEPS)
     clip = tc.adamw.clip
-    runs = {"plain": [str(tmp / "plain.json"), clip], "sharded": [str(tmp / "sharded.json"), clip],
-            "plain-noclip": [str(tmp / "plain.json"), 0.0], "sharded-noclip": [str(tmp / "sharded.json"), 0.0],
-            "tied": [str(tmp / "tied.json"), clip]}
+    runs = {"plain": [str(tmp / "plain.json"), clip, False], "sharded": [str(tmp / "sharded.json"), clip, False],
+            "plain-noclip": [str(tmp / "plain.json"), 0.0, False],
+            "sharded-noclip": [str(tmp / "sharded.json"), 0.0, False], "tied": [str(tmp / "tied.json"), clip, False],
+            "sharded-allreduce": [str(tmp / "sharded.json"), clip, True]}   # the last: reduce_scatter made missing
     job = {"data": data, "out": str(tmp), "steps": STEPS, "lr": tc.lr, "min_lr": tc.min_lr, "warmup": tc.warmup,
            "weight_decay": tc.adamw.weight_decay, "runs": runs}
     (tmp / "job.json").write_text(json.dumps(job))
@@ -178,39 +179,41 @@ def test_sharded_state_trains_like_unsharded(runs):
         assert moved > 20 * diffs.max().item()   # the bound is not vacuous: training moved the weights more
     a, b = (got["sharded"][r]["weights"] for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)   # every rank ends with the same weights (all-gathered)
+    for r in range(2):   # where gloo lacks reduce_scatter: an all-reduce and this rank's slice, the same sums
+        c = got["sharded-allreduce"][r]
+        assert c["losses"] == got["sharded"][r]["losses"]
+        assert all(torch.equal(c["weights"][k], a[k]) for k in a)
 
 
 def test_bytes_each_rank_sends_are_the_active_blocks_gradients(runs):
     """From the trace: per step, each net op's bytes; expected from the ring formulas written out here, on the
-    runtime's fp32 buffers: all-reduce 2(N-1)/N x 4 x params per trained layer, reduce-scatter and all-gather
-    (N-1)/N x 4 x N k with k = ceil(params / N); nothing for a frozen layer."""
+    runtime's fp32 buffers: all-reduce 2(N-1)/N x 4 x params per trained layer; sharded, reduce-scatter and
+    all-gather (N-1)/N x 4 x N k each, k = ceil(params / N) (the padded buffer); with reduce_scatter missing, its
+    all-reduce stand-in 2(N-1)/N x 4 x N k; nothing for a frozen layer."""
     plan, n = runs["one"], 2
     params = [sum(p.numel() for p in lay.parameters()) for lay in _layers(plan)]
-    for name, shard in (("plain", False), ("sharded", True), ("sharded-noclip", True)):
+    ring = {"all_reduce": lambda s: 2 * (n - 1) * s // n, "reduce_scatter": lambda s: (n - 1) * s // n,
+            "all_gather": lambda s: (n - 1) * s // n}
+    for name, shard, reduce in (("plain", False, "all_reduce"), ("sharded", True, "reduce_scatter"),
+                                ("sharded-noclip", True, "reduce_scatter"), ("sharded-allreduce", True, "all_reduce")):
         for r in range(2):
             spans = runs["got"][name][r]["spans"]
             for step in range(STEPS):
                 block = plan.blocks[(step // plan.steps_per_block) % len(plan.blocks)]
                 mine = [sp for sp in spans if sp["step"] == step]
                 assert {sp["layer"] for sp in mine} == set(block.layers)   # frozen layers send nothing
-                for sp in mine:
-                    p = params[sp["layer"]]
-                    k = -(-p // n)
-                    if sp["kind"] == "reduce_grads" and not shard:
-                        want = 2 * (n - 1) * 4 * p // n
-                    else:
-                        want = (n - 1) * 4 * n * k // n
-                    assert sp["bytes"] == want, (name, sp)
                 kinds = sorted(sp["kind"] for sp in mine)
                 assert kinds == sorted(["reduce_grads"] * len(block.layers)
                                        + (["gather_weights"] * len(block.layers) if shard else []))
-                total = sum(sp["bytes"] for sp in mine)
-                grads = 4 * sum(params[i] for i in block.layers)
-                if not shard:
-                    assert total == grads   # 2(N-1)/N = 1 at N = 2: the block's gradient bytes
-                assert total == sum(wire_bytes(sp["kind"] == "reduce_grads" and not shard and "all_reduce"
-                                               or "all_gather", 4 * (n * -(-params[sp["layer"]] // n) if shard
-                                                                     else params[sp["layer"]]), n) for sp in mine)
+                for sp in mine:
+                    p = params[sp["layer"]]
+                    buf = 4 * (n * -(-p // n) if shard else p)
+                    want = ring[reduce](buf) if sp["kind"] == "reduce_grads" else ring["all_gather"](buf)
+                    assert sp["bytes"] == want, (name, sp)
+                    assert sp["bytes"] == wire_bytes(reduce if sp["kind"] == "reduce_grads" else "all_gather",
+                                                     buf, n)   # the one rule the planner and simulator use
+                if not shard:   # 2(N-1)/N = 1 at N = 2: the active block's gradient bytes
+                    assert sum(sp["bytes"] for sp in mine) == 4 * sum(params[i] for i in block.layers)
 
 
 def _layers(plan):
