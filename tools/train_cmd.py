@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from planner.errors import UserError, check_positive
 from planner.plan import load_plan
@@ -127,7 +128,7 @@ def _launch(args, n: int) -> int:
                         f"(--nnodes {plan.cluster.nodes} --nproc-per-node {plan.cluster.gpus_per_node} "
                         "--rdzv-endpoint HOST:PORT), not --nproc-per-node.")
     argv, skip = [], False
-    for a in args.argv:
+    for a in getattr(args, "argv", None) or sys.argv[2:]:   # tools.cli puts the command line on args
         if skip:
             skip = False
         elif a.startswith("--nproc") and "=" not in a:
@@ -146,8 +147,6 @@ def _launch(args, n: int) -> int:
 
 
 def run(args) -> int:
-    import sys
-
     from runtime import dist, guards
     from runtime.data import TokenData
     from runtime.model import layouts_of, meta_layers
