@@ -382,6 +382,7 @@ class PhaseOps(ComputeOps):
         loss = None if self.loss_reduced else self.loss
         self.loss_reduced = True
         self.reducer.reduce(op.id, i, flat, loss)
+        self.reducer.finish(i)
 
     def _gather_weights(self, op, gpu) -> None:
         i = op.layer

@@ -8,9 +8,13 @@ layer's gradient itself: on the device, the trainer points each trained paramete
 zeroed flat buffer at the start of a step, so autograd accumulates into it in place and the collective reads it
 with no copy; on the host the optimizer's fp32 accumulator is already flat. The net op issues the collective
 (`async_op=True`; on CUDA under the net stream's context, so NCCL waits only for this layer's backward, not for
-the compute stream's later work) and returns; `wait_all`, called by the block's first optimizer step, waits on
-the handles and divides by the world size (sum / N: gloo has no AVG). Collectives are issued in the schedule's
-list order by the one net thread, so every rank issues the same sequence.
+the compute stream's later work), then waits on its handle (`finish`: on the CPU the net thread blocks until the
+collective is done, on CUDA the net stream waits for NCCL's), so the op's span in the trace is the collective's
+time, and the net stream is a FIFO of collectives as the simulator times it, while the compute stream runs the
+backward of the layers below. `wait_all`, called by the block's first optimizer step, waits on the handles too
+(on CUDA the stream that steps waits for NCCL's) and divides by the world size (sum / N: gloo has no AVG).
+Collectives are issued in the schedule's list order by the one net thread, so every rank issues the same
+sequence.
 
 Unsharded state: all-reduce, every rank holds the mean gradient and steps the whole layer (the same arithmetic on
 every rank, so the weights stay identical). Sharded state (plan.shard_state): reduce-scatter, rank r holds the
@@ -173,6 +177,15 @@ class Reducer:
         k = out.numel()
         out.copy_(flat[self.world.rank * k:(self.world.rank + 1) * k])
         return work, "all_reduce"
+
+    def finish(self, layer: int) -> None:
+        """The net op waits for its collective (and the step's loss, issued with the first): see the docstring."""
+        try:
+            if self.loss_work is not None:
+                self.loss_work.wait()
+            self.works[layer].wait()
+        except RuntimeError as e:
+            raise peer_lost(self.world, f"the gradient reduction of layer {layer}", e) from None
 
     def wait_all(self) -> None:
         """The block's first optimizer step: wait for every reduction of the step and average (sum / N).
