@@ -14,10 +14,10 @@ Link figures are per GPU and per direction, in GB/s (10^9 bytes/s). Sources sit 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.errors import UserError, closest
-from planner.hardware import GPU, Link
+from planner.hardware import GPU, Hardware, Link
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
 
@@ -136,3 +136,22 @@ def collective_seconds(kind: str, nbytes: int, cluster: Cluster, *, slow_link: f
         levels.append((cluster.inter, wire_bytes(kind, nbytes, cluster.nodes) / cluster.ports_per_node))
     t = max(w / (link.gbps * 1e9) * slow_link for link, w in levels)
     return t + steps * max(link.latency_s for link, _ in levels)
+
+
+def rank_hardware(hw: Hardware, cluster: Cluster) -> Hardware:
+    """What one rank gets of its node's shared resources (`hw` describes one node: its GPU model and its host).
+
+    The ranks of a node divide its NVMe bandwidth, its CPU optimizer throughput and its host memory bandwidth:
+    each rank's host<->device copies run at most at mem_gbps / ranks (eight cards at 25 GB/s each ask 200 GB/s
+    of the host's memory system), and NVMe reads, writes and CPU AdamW steps at 1/ranks of the node's figure.
+    Capacities stay the node's: planner.memory counts per node what each rank holds and what the ranks share
+    (frozen weights in host memory, once). The planner prices a cluster plan on this view; with one GPU a node
+    it is `hw` itself."""
+    g = cluster.gpus_per_node
+    if g <= 1:
+        return hw
+    share = hw.host.mem_gbps / g / max(hw.eff.link, 1e-9)   # Hardware.link multiplies by eff.link
+    gpu = replace(hw.gpu, h2d_gbps=min(hw.gpu.h2d_gbps, share), d2h_gbps=min(hw.gpu.d2h_gbps, share))
+    host = replace(hw.host, nvme_read_gbps=hw.host.nvme_read_gbps / g, nvme_write_gbps=hw.host.nvme_write_gbps / g,
+                   cpu_adam_params_per_s=hw.host.cpu_adam_params_per_s / g)
+    return replace(hw, gpu=gpu, host=host)

@@ -31,7 +31,7 @@ from planner.hardware import GIB, Hardware
 from planner.ilp import layer_cost, step_cost, switch_cost
 from planner.memory import STATE_BYTES, Tier, act_bytes, transient_bytes
 from planner.plan import Block, PhasePrediction, Placement, Plan, Prediction, SolverReport, cycle_rate
-from planner.planning import Request, build_plan, candidates, score
+from planner.planning import Request, accum, build_plan, candidates, score
 from planner.profile import ModelProfile
 
 ACTS = ("gpu", "recompute", "cpu")
@@ -229,7 +229,7 @@ def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tup
     """The best (score, micro-batch, policy, window bytes) at one micro-batch, improving on `best`; the score is
     planning.score's (the request's objective); `blocks` fixes BCD's block count."""
     n = len(t.sizes) - 2
-    g = req.batch // mb
+    g = accum(req, mb)
     kk = req.steps_per_block
     tokens = req.objective == "tokens"
     # every phase runs at least a forward through every decoder layer: u phases cost at least u of those
@@ -318,8 +318,8 @@ def quick_plan(prof: ModelProfile, hw: Hardware, req: Request, *, cap_bytes: int
 def _to_plan(prof, hw, req, budget, reserve, cache, mb, p: Policy, win: int) -> Plan:
     t = next(v for k, v in cache.items() if k[0] == prof.fingerprint and k[-3] == mb and k[1] == hw.gpu.id)
     n = prof.n_decoder
-    g = req.batch // mb
-    tokens_per_step = mb * req.seq_len * g
+    g = accum(req, mb)
+    tokens_per_step = req.seq_len * req.batch   # the global batch
     steps, switches = _price(t, p, g)
     full = p.method == "full"
     blocks = ((Block(first=0, last=n + 1),) if full

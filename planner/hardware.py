@@ -47,6 +47,14 @@ class Host:
     nvme_tbw: float = 1200.0              # the drive's endurance, TB (10^12 bytes) written (planner.wear)
     cpu_adam_params_per_s: float = 0.2e9  # torch's CPU AdamW (hardware.md); calibrate measures ours
     pageable_factor: float = 0.5          # pageable copies run at this fraction of pinned (unverified)
+    # The host memory system's bandwidth, GB/s, shared by every copy to and from every GPU of the node: eight
+    # cards each pulling 25 GB/s over PCIe ask 200 GB/s of it (hardware.md, "Clusters"). Default: an 8-channel
+    # DDR4-3200 server socket, 8 x 3200 MT/s x 8 B = 204.8 GB/s peak (JEDEC DDR4 arithmetic), of which STREAM-like
+    # copies reach about three quarters (unverified; a desktop's dual-channel DDR5-5600 peaks at 89.6 GB/s).
+    mem_gbps: float = 150.0
+    # Bus bandwidth of an all-reduce between this node's GPUs (nccl-tests convention), GB/s, as `blockfit
+    # calibrate` measured it under torchrun; 0: not measured (planner.cluster.intra_link's figure is used).
+    collective_gbps: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,9 +147,9 @@ def load_hardware_file(path: str) -> Hardware:
 # negative), and those that must be finite and >= 0
 _POSITIVE = {"gpu": ("vram_gib", "memory_gbps", "bf16_tflops", "h2d_gbps", "d2h_gbps"),
              "host": ("ram_gib", "nvme_read_gbps", "nvme_write_gbps", "cpu_adam_params_per_s", "pageable_factor",
-                      "nvme_tbw"),
+                      "nvme_tbw", "mem_gbps"),
              "eff": ("matmul_max", "memory", "link")}
-_NON_NEGATIVE = {"gpu": ("nvlink_gbps",), "host": ("nvme_gib",), "eff": ("matmul_half_tokens",)}
+_NON_NEGATIVE = {"gpu": ("nvlink_gbps",), "host": ("nvme_gib", "collective_gbps"), "eff": ("matmul_half_tokens",)}
 _UPPER = {"vram_gib": 1 << 16, "ram_gib": 1 << 22, "nvme_gib": 1 << 30, "matmul_max": 1.0, "memory": 1.0,
           "pageable_factor": 1.0}
 

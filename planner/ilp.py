@@ -45,11 +45,13 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from planner import memory
-from planner.costs import LayerSizes, overlapped_seconds
+from planner.cluster import SINGLE, Cluster, collective_seconds
+from planner.costs import LayerSizes, stream_seconds
 from planner.hardware import Hardware
-from planner.memory import RECOMPUTE, STATE_BYTES, Tier, act_bytes, transient_bytes
+from planner.memory import RECOMPUTE, STATE_BYTES, Tier, act_bytes, shard_params, transient_bytes
 from planner.plan import Placement
 from planner.schedule import Builder, optimizer_ops, pass_ops
 
@@ -57,14 +59,49 @@ from planner.schedule import Builder, optimizer_ops, pass_ops
 @dataclass(frozen=True, kw_only=True)
 class Problem:
     sizes: tuple[LayerSizes, ...]   # embedding, decoders, head at this micro-batch
-    hw: Hardware
+    hw: Hardware                    # one rank's view of its node (planner.cluster.rank_hardware)
     method: str                     # bcd | full
-    grad_accum: int
+    grad_accum: int                 # micro-batches per step on each rank
     cap_bytes: int                  # budget - reserve
     steps_per_block: int
     switch_state: str
     train_embeddings: bool = False  # bcd: the embedding and the head are trained in blocks too (pretraining)
     tied: bool = False              # the head's matrix is the embedding's (schedule.priced_as)
+    cluster: Cluster = SINGLE       # data parallel over cluster.world ranks (full: FSDP)
+    shard: bool | None = None       # bcd on 2+ ranks: shard the active block's state; None: a choice (State)
+
+
+class State(NamedTuple):
+    """A subproblem's optimizer-state choice on a cluster: its tier and whether it is sharded over the ranks.
+    On one GPU (and for FSDP, always sharded) the choice is the tier alone, a plain Tier."""
+    tier: str
+    shard: bool
+
+
+def state_choices(pb: Problem) -> tuple:
+    """The optimizer-state choices a search enumerates for this problem: the tiers, and on a cluster (bcd) each
+    tier sharded or not, unless the request fixed it."""
+    ts = memory.tiers(pb.hw)
+    if pb.cluster.world <= 1 or pb.method == "full":
+        return ts
+    return tuple(State(t, s) for t in ts for s in ((False, True) if pb.shard is None else (pb.shard,)))
+
+
+def _state(choice) -> tuple[str, bool]:
+    return (choice.tier, choice.shard) if isinstance(choice, State) else (choice, False)
+
+
+def _fsdp(pb: Problem) -> int:
+    """The world FSDP shards over (full-parameter training on 2+ ranks), else 1."""
+    return pb.cluster.world if pb.method == "full" and pb.cluster.world > 1 else 1
+
+
+def overlapped_seconds(ops, hw: Hardware, cluster: Cluster = SINGLE) -> float:
+    """The ILP's linearisation of a group of operations: the busiest stream's total, the `net` stream's ops
+    priced by planner.cluster.collective_seconds (the one collective cost rule)."""
+    t = stream_seconds([op for op in ops if op.stream != "net"], hw)
+    net = sum(collective_seconds(op.collective, op.bytes, cluster) for op in ops if op.stream == "net")
+    return max(max(t.values()), net)
 
 
 OWN = ((False, False), (True, False), (False, True), (True, True))  # (embedding, head) in a block of its own
@@ -87,6 +124,7 @@ class Solution:
     starts: tuple[int, ...]   # layers where blocks start, bottom-up ((0,) for full; 0 / n+1 when trained)
     placements: tuple[Placement, ...]
     window_bytes: int
+    shard: bool = False       # the optimizer state is sharded over the ranks (always with FSDP)
 
 
 def combos(kind: str, ws: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -100,31 +138,66 @@ def _placement(i: int, c: tuple[str, str], tier: str) -> Placement:
                      grads=Tier.GPU if tier == Tier.GPU else Tier.CPU)
 
 
-def layer_cost(sz: LayerSizes, pl: Placement, role: str, hw: Hardware, *, lowest: bool = False) -> float:
-    """Seconds of one layer in one micro-batch: forward pass, plus backward unless below the block; each pass
-    costs its busiest stream."""
-    b = Builder(2)
+def pass_costs(sz: LayerSizes, pl: Placement, role: str, hw: Hardware, *, lowest: bool = False,
+               cluster: Cluster = SINGLE, fsdp: int = 1) -> tuple[float, float]:
+    """Seconds of one layer's forward and backward pass in one micro-batch (0 backward below the block), each
+    its busiest stream. `fsdp`: the world FSDP gathers each pass's weights over (1: none)."""
+    b = Builder(2, fsdp_world=fsdp)
     pass_ops(b, pl, sz, role, "fwd", 0, None, sz.out_bytes, False)
     n_fwd = len(b.ops)
-    t = overlapped_seconds(b.ops, hw)
-    if role != "below":
-        pass_ops(b, pl, sz, role, "bwd", 0, None, sz.out_bytes, lowest)
-        t += overlapped_seconds(b.ops[n_fwd:], hw)
-    return t
+    f = overlapped_seconds(b.ops, hw, cluster)
+    if role == "below":
+        return f, 0.0
+    pass_ops(b, pl, sz, role, "bwd", 0, None, sz.out_bytes, lowest)
+    return f, overlapped_seconds(b.ops[n_fwd:], hw, cluster)
 
 
-def step_cost(sz: LayerSizes, pl: Placement, hw: Hardware) -> float:
+def layer_cost(sz: LayerSizes, pl: Placement, role: str, hw: Hardware, *, lowest: bool = False,
+               cluster: Cluster = SINGLE, fsdp: int = 1) -> float:
+    """Seconds of one layer in one micro-batch: forward pass, plus backward unless below the block; each pass
+    costs its busiest stream."""
+    return sum(pass_costs(sz, pl, role, hw, lowest=lowest, cluster=cluster, fsdp=fsdp))
+
+
+def step_cost(sz: LayerSizes, pl: Placement, hw: Hardware, *, shards: int = 1, cluster: Cluster = SINGLE,
+              gather: bool = True) -> float:
+    """One layer's optimizer step and the transfers around it (on `shards` ranks: its shard, and the
+    all-gather of the updated weights unless FSDP, `gather` False), busiest stream."""
     b = Builder(0)
-    optimizer_ops(b, pl, sz, ())
-    return overlapped_seconds(b.ops, hw)
+    optimizer_ops(b, pl, sz, (), shards=shards, gather=gather)
+    return overlapped_seconds(b.ops, hw, cluster)
 
 
-def switch_cost(sz: LayerSizes, tier: str, policy: str, hw: Hardware) -> float:
-    """Moving one layer's optimizer state in and the previous block's out at a block switch."""
+def reduce_seconds(sz: LayerSizes, shard: bool, cluster: Cluster) -> float:
+    """The data-parallel reduction of one trained layer's gradient per step (planner.schedule.reduce_ops):
+    a reduce-scatter with sharded state, else an all-reduce; 0 on one GPU."""
+    return collective_seconds("reduce_scatter" if shard else "all_reduce", sz.param_bytes, cluster)
+
+
+def exposed_reduce_seconds(r: float, b: float) -> float:
+    """What a layer's gradient reduction (r seconds) adds to a step beyond the backward it overlaps.
+
+    A block's reductions run on the net stream in the order backward makes the gradients, from its top layer
+    down, each overlapping the backward of the layers below it. With s alike layers (reduce r, backward b) the
+    net stream ends r + (s-1) max(0, r - b) after the last backward: every layer adds max(0, r - b) (it hides
+    behind one backward), and the block's lowest layer, which has no backward below it to hide behind, adds
+    min(r, b) more (bottom_reduce_seconds). The simulator plays the real overlap."""
+    return max(0.0, r - b)
+
+
+def bottom_reduce_seconds(r: float, b_min: float) -> float:
+    """The rest of the lowest trained layer's reduction (exposed_reduce_seconds): min(r, b), with b the
+    cheapest backward any placement of that layer has, so it does not depend on the placement."""
+    return min(r, b_min)
+
+
+def switch_cost(sz: LayerSizes, tier: str, policy: str, hw: Hardware, *, shards: int = 1) -> float:
+    """Moving one layer's optimizer state (one rank's shard of it) in and the previous block's out at a block
+    switch."""
     keep = memory.kept_tier(policy)
     if keep is None or tier == keep:
         return 0.0
-    nbytes = sz.params * STATE_BYTES
+    nbytes = shard_params(sz.params, shards) * STATE_BYTES
     return max(hw.link(keep.to_device[0]).io_seconds(nbytes), hw.link(keep.from_device[-1]).io_seconds(nbytes))
 
 
@@ -143,26 +216,57 @@ def _costs(pb: Problem):
 
 
 def _price(pb: Problem, tiers: tuple[Tier, ...]):
-    hw, sizes, g = pb.hw, pb.sizes, pb.grad_accum
+    hw, sizes, g, cl = pb.hw, pb.sizes, pb.grad_accum, pb.cluster
     kmul = max(1, pb.steps_per_block)
+    fs = _fsdp(pb)
     t = {}
     for i in (0, 1, len(sizes) - 1):
         sz = sizes[i]
         cs = combos(sz.kind, tiers)
+        kw = dict(cluster=cl, fsdp=fs)
+        active, bottom = {}, {}
+        for choice in state_choices(pb):
+            tier, shard = _state(choice)
+            shards = cl.world if shard or fs > 1 else 1
+            r = reduce_seconds(sz, shard, cl) if cl.world > 1 and fs == 1 else 0.0
+            passes = [pass_costs(sz, _placement(i, c, tier), "active", hw, **kw) for c in cs]
+            active[choice] = [f + b + step_cost(sz, _placement(i, c, tier), hw, shards=shards, cluster=cl,
+                                                gather=fs == 1) / g
+                              + switch_cost(sz, tier, pb.switch_state, hw, shards=shards) / (g * kmul)
+                              + exposed_reduce_seconds(r, b) / g
+                              for c, (f, b) in zip(cs, passes)]
+            bottom[choice] = bottom_reduce_seconds(r, min(b for _, b in passes)) / g
         t[sz.kind] = {
             "combos": cs,
-            "below": [layer_cost(sz, _placement(i, c, Tier.GPU), "below", hw) for c in cs],
-            "above": [layer_cost(sz, _placement(i, c, Tier.GPU), "above", hw) for c in cs],
-            "active": {tier: [layer_cost(sz, _placement(i, c, tier), "active", hw)
-                              + step_cost(sz, _placement(i, c, tier), hw) / g
-                              + switch_cost(sz, tier, pb.switch_state, hw) / (g * kmul) for c in cs]
-                       for tier in tiers},
+            "below": [layer_cost(sz, _placement(i, c, Tier.GPU), "below", hw, **kw) for c in cs],
+            "above": [layer_cost(sz, _placement(i, c, Tier.GPU), "above", hw, **kw) for c in cs],
+            "active": active,
+            "bottom": bottom,   # per phase whose lowest trained layer is of this kind
             "act_above": [act_bytes(sz, c[1], "above") for c in cs],
             "act_active": [act_bytes(sz, c[1], "active") for c in cs],
             # a tied head while the embedding's block trains: a trained pass, no step (schedule.priced_as)
-            "tied": [layer_cost(sz, _placement(i, c, "gpu"), "active", hw) for c in cs],
+            "tied": [layer_cost(sz, _placement(i, c, "gpu"), "active", hw, **kw) for c in cs],
         }
     return t, tiers
+
+
+def _shards(pb: Problem, choice) -> tuple[str, int, int]:
+    """(state tier, ranks the master and moments are cut over, ranks the gradients are) of a state choice."""
+    tier, shard = _state(choice)
+    fs = _fsdp(pb)
+    return tier, pb.cluster.world if shard or fs > 1 else 1, fs
+
+
+def _bottoms(t, choice, phases: int, own_e: bool, own_h: bool, te: bool, full: bool) -> float:
+    """Seconds of the lowest trained layer's reduction that no backward hides (bottom_reduce_seconds), over a
+    cycle: one per phase, of the kind of layer lowest in it (the embedding in its phase when it trains, the head
+    in its own phase, a decoder layer otherwise)."""
+    d, e, h = (t[k]["bottom"][choice] for k in ("decoder", "embedding", "head"))
+    if full:
+        return e
+    if not te:
+        return phases * d
+    return e + own_h * h + (phases - 1 - own_h) * d
 
 
 def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
@@ -184,21 +288,24 @@ def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     t, tiers = _costs(pb)
     d, e, h = t["decoder"], t["embedding"], t["head"]
     n = sum(1 for s in pb.sizes if s.kind == "decoder")
-    active = min(d["active"][tier])
+    choice = tier
+    tier, shards, grad_shards = _shards(pb, choice)
+    active = min(d["active"][choice])
     if pb.method == "full":
-        return n * active + min(e["active"][tier]) + min(h["active"][tier])
+        return n * active + min(e["active"][choice]) + min(h["active"][choice]) + e["bottom"][choice]
     u = blocks
     on_gpu = min(x for x, c in zip(d["below"], d["combos"]) if c[0] == Tier.GPU)
     off = min(x for x, c in zip(d["below"], d["combos"]) if c[0] != Tier.GPU)
     delta = min(a - b for a, b in zip(d["above"], d["below"]))
     sd = pb.sizes[1]
     w = max(1, sd.param_bytes)
-    state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier)   # per trained layer
+    state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier, shards, grad_shards)  # a layer
     room = pb.cap_bytes - transient_bytes(pb.sizes, tier)
-    ends = u * (min(e["below"]) + min(h["above"]))
+    ends = u * (min(e["below"]) + min(h["above"])) + u * d["bottom"][choice]
     if pb.train_embeddings:  # each trained in one phase (its own or a decoder block's), cheapest way
-        ends = ((u - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][tier])
-                + min(h["active"][tier]))
+        ends = ((u - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][choice])
+                + min(h["active"][choice]) + (u - 1) * d["bottom"][choice]
+                + min(d["bottom"][choice], e["bottom"][choice]))
     fixed = ends + n * active
     best = float("inf")
     # with no device state, s costs nothing: the largest s (the smallest chain) is the minimum
@@ -236,6 +343,10 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
 
     hw, sizes = pb.hw, pb.sizes
     t, tiers = _costs(pb)
+    choice = tier
+    tier, shards, grad_shards = _shards(pb, choice)
+    fs = _fsdp(pb)
+    ranks = pb.cluster.gpus_per_node
     nvme = Tier.NVME in tiers
     full = pb.method == "full"
     n = sum(1 for s in sizes if s.kind == "decoder")
@@ -249,8 +360,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
     tied = pb.tied and te and P > 1
     d, E, H = t["decoder"], t["embedding"], t["head"]
     nc, ne, nh = len(d["combos"]), len(E["combos"]), len(H["combos"])
-    top = max(max(d["above"]), max(d["active"][tier]), max(E["below"]), max(H["above"]),
-              max(H["active"][tier]), max(E["active"][tier]))
+    top = max(max(d["above"]), max(d["active"][choice]), max(E["below"]), max(H["above"]),
+              max(H["active"][choice]), max(E["active"][choice]))
     unit = top / 2000.0 if top > 0 else 1e-9  # integer-scaled costs: 1/2000 of the dearest layer pass
 
     def q(x: float) -> int:
@@ -271,19 +382,22 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
     m.add_exactly_one(h)
 
     # --- objective: scaled seconds per micro-batch over one cycle
-    terms = [mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c] + d["active"][tier][c]
+    terms = [mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c] + d["active"][choice][c]
                           + own_e * d["above"][c] + own_h * d["below"][c])
              for j in range(U) for c in range(nc)]
     if te:  # trained in one phase, frozen in the P - 1 others
-        terms += [q((P - 1) * E["below"][c] + E["active"][tier][c]) * e[c] for c in range(ne)]
-        terms += [q((P - 1 - tied) * H["above"][c] + H["active"][tier][c] + tied * H["tied"][c]) * h[c]
+        terms += [q((P - 1) * E["below"][c] + E["active"][choice][c]) * e[c] for c in range(ne)]
+        terms += [q((P - 1 - tied) * H["above"][c] + H["active"][choice][c] + tied * H["tied"][c]) * h[c]
                   for c in range(nh)]
     elif full:
-        terms += [q(E["active"][tier][c]) * e[c] for c in range(ne)]
-        terms += [q(H["active"][tier][c]) * h[c] for c in range(nh)]
+        terms += [q(E["active"][choice][c]) * e[c] for c in range(ne)]
+        terms += [q(H["active"][choice][c]) * h[c] for c in range(nh)]
     else:
         terms += [U * q(E["below"][c]) * e[c] for c in range(ne)]
         terms += [U * q(H["above"][c]) * h[c] for c in range(nh)]
+    net_tail = _bottoms(t, choice, P, own_e, own_h, te, full)   # 0 on one GPU
+    if net_tail:
+        terms.append(q(net_tail))
 
     # --- device memory, KiB
     sd, se, sh = sizes[1], sizes[0], sizes[-1]
@@ -294,31 +408,44 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
                 sum(e[c] for c in range(ne) if E["combos"][c][pos] == where),
                 sum(h[c] for c in range(nh) if H["combos"][c][pos] == where))
 
+    def wk(x) -> int:
+        """KiB of a layer's weights one rank holds on its tier (FSDP: its shard)."""
+        return kib(memory.weight_shard_bytes(x.param_bytes, x.params, fs))
+
     def weight_kib(where: str):
         nd, ee, hh = count(where, 0)
-        return kib(sd.param_bytes) * nd + kib(se.param_bytes) * ee + kib(sh.param_bytes) * hh
+        return wk(sd) * nd + wk(se) * ee + wk(sh) * hh
+
+    def dev_state(x) -> int:
+        return memory.trained_layer_device_bytes(x.params, x.param_bytes, tier, shards, grad_shards)
 
     w_gpu = weight_kib(Tier.GPU)
     streamed = m.new_bool_var("dec_streamed")
     m.add(n - count(Tier.GPU, 0)[0] <= n * streamed)
-    win = m.new_int_var(0, 2 * max(kib(x.param_bytes) for x in (sd, se, sh)), "win")
+    big_w = max(kib(x.param_bytes) for x in (sd, se, sh))
+    win = m.new_int_var(0, 2 * (big_w + (max(wk(x) for x in (sd, se, sh)) if fs > 1 else 0)), "win")
+    if fs > 1:   # FSDP gathers every layer: two whole layers, and the shards loaded for them when off the device
+        mwk = max(wk(x) for x in (sd, se, sh))
+        m.add(win >= 2 * big_w + 2 * mwk * streamed)
+        m.add(win >= 2 * big_w + 2 * mwk * (1 - count(Tier.GPU, 0)[1]))
+        m.add(win >= 2 * big_w + 2 * mwk * (1 - count(Tier.GPU, 0)[2]))
     m.add(win >= 2 * kib(sd.param_bytes) * streamed)
     m.add(win >= 2 * kib(se.param_bytes) * (1 - count(Tier.GPU, 0)[1]))
     m.add(win >= 2 * kib(sh.param_bytes) * (1 - count(Tier.GPU, 0)[2]))
     head_act = sum(kib(act_bytes(sh, H["combos"][c][1], "active" if full else "above")) * h[c] for c in range(nh))
-    state = kib(memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier))
+    state = kib(dev_state(sd))
     fixed = win + w_gpu + head_act + kib(transient_bytes(sizes, tier))
     if full:
-        fixed += kib(sum(memory.trained_layer_device_bytes(x.params, x.param_bytes, tier) for x in (se, sh)))
+        fixed += kib(sum(dev_state(x) for x in (se, sh)))
     # a trained embedding / head: its state and gradients, and the head's saved activations at trainable size
-    e_extra = (kib(memory.trained_layer_device_bytes(se.params, se.param_bytes, tier))
+    e_extra = (kib(dev_state(se))
                + kib(act_bytes(se, Tier.GPU, "active")) if te else 0)   # it saves the token ids
     # the tied head in the embedding's phase: saves at trainable size, its gradient held on the device
     h_tied = (sum((kib(act_bytes(sh, H["combos"][c][1], "active")) - kib(act_bytes(sh, H["combos"][c][1], "above")))
                   * h[c] for c in range(nh)) + kib(sh.param_bytes)) if tied else 0
     e_extra = e_extra + h_tied
     h_extra = (sum((kib(act_bytes(sh, H["combos"][c][1], "active")) - kib(act_bytes(sh, H["combos"][c][1], "above")))
-                   * h[c] for c in range(nh)) + kib(memory.trained_layer_device_bytes(sh.params, sh.param_bytes, tier))
+                   * h[c] for c in range(nh)) + kib(dev_state(sh))
                if te else 0)
     peak = m.new_int_var(0, 1 << 50, "peak") if min_memory else None
     above = 0  # activations of the blocks above block j, built up as j descends
@@ -347,7 +474,11 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
     trained_edges = (se, sh) if full or te else ()
 
     def layer_host(x) -> int:
-        return max(memory.trained_layer_host_bytes(x.params, x.param_bytes, tier, w) for w in tiers)
+        return max(memory.trained_layer_host_bytes(x.params, x.param_bytes, tier, w, shards, grad_shards)
+                   for w in tiers)
+
+    def state_kib(x) -> int:
+        return kib(shard_params(x.params, shards) * STATE_BYTES)
 
     def largest_block(layer_kib, name: str):
         """KiB of the block holding the most, layer_kib(x) per layer (pretraining: the embedding and the head
@@ -361,20 +492,23 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
         m.add(most >= layer_kib(se) * own_e)
         m.add(most >= layer_kib(sh) * own_h)
         return most
-    keep_all = kib((n * sd.params + sum(x.params for x in trained_edges)) * STATE_BYTES)
+    keep_all = n * state_kib(sd) + sum(state_kib(x) for x in trained_edges)
     big = max((sd,) + trained_edges, key=lambda x: x.params)
-    window = memory.step_host_bytes(big.params, big.param_bytes, tier, nvme_weights=nvme)
+    window = memory.step_host_bytes(big.params, big.param_bytes, tier, nvme_weights=nvme, shards=shards)
     # the prefetch window (win) is at most two of the largest layers, so is the NVMe staging that follows it
     staging = memory.nvme_staging_bytes(2, max(x.param_bytes for x in (sd, se, sh))) if nvme else 0
-    host = (weight_kib(Tier.CPU) + act_cpu + kib(staging) + (keep_all if pb.switch_state == "keep_cpu" else 0)
-            + largest_block(lambda x: kib(layer_host(x)), "host_block") + kib(sum(layer_host(x) for x in edges))
-            + kib(window))
+    # one node: each of its ranks holds its own buffers; the weights streamed from host memory are held once for
+    # all of them (FSDP: a shard each) (memory.host_breakdown)
+    shared = ranks if fs > 1 else 1
+    host = (shared * weight_kib(Tier.CPU)
+            + ranks * (act_cpu + kib(staging) + (keep_all if pb.switch_state == "keep_cpu" else 0)
+                       + largest_block(lambda x: kib(layer_host(x)), "host_block")
+                       + kib(sum(layer_host(x) for x in edges)) + kib(window)))
     m.add(host <= memory.host_usable_bytes(hw) // 1024)
     if nvme:
-        nv = weight_kib(Tier.NVME) + (keep_all if pb.switch_state == "keep_nvme" else 0)
+        nv = shared * weight_kib(Tier.NVME) + ranks * (keep_all if pb.switch_state == "keep_nvme" else 0)
         if tier == Tier.NVME:
-            nv += (largest_block(lambda x: kib(x.params * STATE_BYTES), "nvme_block")
-                   + kib(sum(x.params for x in edges) * STATE_BYTES))
+            nv += ranks * (largest_block(state_kib, "nvme_block") + sum(state_kib(x) for x in edges))
         m.add(nv <= memory.nvme_usable_bytes(hw) // 1024)
 
     if not feasibility:  # a feasibility check stops at the first solution
@@ -411,7 +545,7 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
     if te:  # the embedding's block starts at 0; an own head block at n + 1
         starts = [0] + starts if own_e else [0] + starts[1:]
         starts += [n + 1] if own_h else []
-    return Solution(status=solver.status_name(status), objective_s=solver.objective_value * scale,
+    return Solution(status=solver.status_name(status), objective_s=solver.objective_value * scale, shard=shards > 1,
                     bound_s=solver.best_objective_bound * scale, solve_seconds=took, work=work,
                     wall_capped=capped, starts=(0,) if full else tuple(starts), placements=tuple(pls),
                     window_bytes=solver.value(win) * 1024)

@@ -123,22 +123,47 @@ def shard_params(params: int, shards: int) -> int:
     return -(-params // shards)
 
 
-def state_device_bytes(placements, layers, params, weight_bytes) -> dict[str, int]:
+def state_shards(plan) -> int:
+    """Ranks the active block's fp32 master and moments are cut over: the world with sharded state (BCD's
+    ZeRO-1-style choice, and always for full-parameter training on several GPUs, FSDP), else 1."""
+    return plan.world if plan.shard_state or fsdp(plan) else 1
+
+
+def fsdp(plan) -> bool:
+    """Full-parameter training on several GPUs runs as FSDP / ZeRO-3: weights, gradients and optimizer state
+    all sharded over the ranks, each layer's weights all-gathered for each pass (planner.schedule)."""
+    return plan.method == "full" and plan.world > 1
+
+
+def weight_shard_bytes(param_bytes: int, params: int, shards: int) -> int:
+    """Bytes of one rank's shard of a layer's weights (or gradients) in their dtype: shard_params of them."""
+    return shard_params(params, shards) * (param_bytes // max(1, params)) if shards > 1 else param_bytes
+
+
+def state_device_bytes(placements, layers, params, weight_bytes, *, shards: int = 1,
+                       grad_shards: int = 1) -> dict[str, int]:
     """Device bytes a phase holds for its whole length besides the resident weights: the active block's master,
     moments and gradients where the plan keeps them on the device. params[i] / weight_bytes[i]: layer i's
-    parameter count and bytes of its weights (gradients have the weights' dtype)."""
+    parameter count and bytes of its weights (gradients have the weights' dtype). `shards`: ranks the master
+    and moments are cut over (state_shards); `grad_shards`: ranks the gradients are (FSDP keeps only its shard of
+    each layer's gradient; data-parallel BCD reduces the whole gradient in place, so holds all of it)."""
     out = {"master": 0, "moments": 0, "grads": 0}
     for i in layers:
         pl = placements[i]
-        out["master"] += params[i] * MASTER_BYTES if pl.master == Tier.GPU else 0
-        out["moments"] += params[i] * MOMENT_BYTES if pl.moments == Tier.GPU else 0
-        out["grads"] += weight_bytes[i] if pl.grads == Tier.GPU else 0
+        p = shard_params(params[i], shards)
+        out["master"] += p * MASTER_BYTES if pl.master == Tier.GPU else 0
+        out["moments"] += p * MOMENT_BYTES if pl.moments == Tier.GPU else 0
+        out["grads"] += weight_shard_bytes(weight_bytes[i], params[i], grad_shards) if pl.grads == Tier.GPU else 0
     return out
 
 
-def trained_layer_device_bytes(params: int, param_bytes: int, state: str) -> int:
-    """Device bytes of one trained layer's master, moments and gradients when its state lives on the device."""
-    return params * STATE_BYTES + param_bytes if state == Tier.GPU else 0
+def trained_layer_device_bytes(params: int, param_bytes: int, state: str, shards: int = 1,
+                               grad_shards: int = 1) -> int:
+    """Device bytes of one trained layer's master, moments and gradients when its state lives on the device
+    (state_device_bytes for one layer)."""
+    if state != Tier.GPU:
+        return 0
+    return shard_params(params, shards) * STATE_BYTES + weight_shard_bytes(param_bytes, params, grad_shards)
 
 
 def act_bytes(sz, act: str, role: str) -> int:
@@ -162,15 +187,30 @@ def transient_bytes(sizes, state: str) -> int:
     return ws + inflight + temp + hidden
 
 
-def static_device_bytes(placements, layers, params, weight_bytes) -> dict[str, int]:
-    """Every device byte a phase holds from start to end, by class: resident weights, then state_device_bytes."""
-    resident = sum(weight_bytes[p.layer] for p in placements if p.weights == Tier.GPU)
-    return {"weights": resident, **state_device_bytes(placements, layers, params, weight_bytes)}
+def static_device_bytes(placements, layers, params, weight_bytes, *, shards: int = 1, grad_shards: int = 1,
+                        weight_shards: int = 1) -> dict[str, int]:
+    """Every device byte a phase holds from start to end, by class: resident weights (each rank's shard of them
+    under FSDP: `weight_shards`), then state_device_bytes."""
+    resident = sum(weight_shard_bytes(weight_bytes[p.layer], params[p.layer], weight_shards)
+                   for p in placements if p.weights == Tier.GPU)
+    return {"weights": resident, **state_device_bytes(placements, layers, params, weight_bytes, shards=shards,
+                                                      grad_shards=grad_shards)}
+
+
+def plan_shards(plan) -> dict[str, int]:
+    """static_device_bytes' sharding keywords for a plan: state over the world when sharded; gradients and
+    weights too under FSDP."""
+    n = plan.world if fsdp(plan) else 1
+    return {"shards": state_shards(plan), "grad_shards": n, "weight_shards": n}
 
 
 def window_layers(plan, sizes) -> int:
     """Streamed layers resident on the device at once (the prefetch window), at least two."""
-    streamed = [sizes[p.layer].param_bytes for p in plan.placements if p.weights != Tier.GPU]
+    if fsdp(plan):   # every layer is gathered; one streamed from off the device holds its loaded shard too
+        streamed = [sizes[p.layer].param_bytes + (0 if p.weights == Tier.GPU else weight_shard_bytes(
+            sizes[p.layer].param_bytes, sizes[p.layer].params, plan.world)) for p in plan.placements]
+    else:
+        streamed = [sizes[p.layer].param_bytes for p in plan.placements if p.weights != Tier.GPU]
     if not streamed:
         return 0
     return max(2, plan.prefetch_window_bytes // max(streamed))
@@ -184,68 +224,87 @@ def nvme_staging_bytes(window_layers_: int, largest_nvme_layer_bytes: int) -> in
     return max(2, window_layers_) * largest_nvme_layer_bytes if largest_nvme_layer_bytes else 0
 
 
-def trained_layer_host_bytes(params: int, param_bytes: int, state: str, weights: str) -> int:
-    """Host bytes one layer of the active block holds for the whole phase (module docstring: trained layers)."""
+def trained_layer_host_bytes(params: int, param_bytes: int, state: str, weights: str, shards: int = 1,
+                             grad_shards: int = 1) -> int:
+    """Host bytes one layer of the active block holds for the whole phase (module docstring: trained layers), on
+    one rank: its shard of the state (`shards`) and of the fp32 gradient accumulator (`grad_shards`)."""
     if state == Tier.GPU:
         return param_bytes if weights == Tier.NVME else 0         # pinned copy of new weights for the NVMe write
-    return params * ((STATE_BYTES if state == Tier.CPU else 0) + HOST_GRAD_BYTES)
+    return (shard_params(params, shards) * (STATE_BYTES if state == Tier.CPU else 0)
+            + shard_params(params, grad_shards) * HOST_GRAD_BYTES)
 
 
 def step_host_bytes(max_params: int, max_param_bytes: int, state: str, *, nvme_weights: bool,
-                    cuda: bool = True) -> int:
+                    cuda: bool = True, shards: int = 1) -> int:
     """Host bytes of one or two layers at a time during a phase (module docstring: the step's window), from the
-    largest trained layer's parameter count and weight bytes. nvme_weights: a trained layer's weights live on
-    NVMe (a fresh state's master is read from there)."""
+    largest trained layer's parameter count and weight bytes, on one rank stepping its shard (`shards`) of each
+    layer. nvme_weights: a trained layer's weights live on NVMe (a fresh state's master is read from there)."""
     out = max_param_bytes if nvme_weights else 0
+    p = shard_params(max_params, shards)
     if state == Tier.NVME:
-        out += STATE_WINDOW * max_params * STATE_BYTES
+        out += STATE_WINDOW * p * STATE_BYTES
     if state != Tier.GPU:
-        out += max_params * ADAM_WORKSPACE_BYTES
+        out += p * ADAM_WORKSPACE_BYTES
         if cuda:   # one pinned gradient staging buffer; updated weights of STATE_WINDOW layers on their way out
             out += max_param_bytes + STATE_WINDOW * max_param_bytes
     return out
 
 
-def host_breakdown(plan, sizes, *, cuda: bool = True, window: int | None = None) -> dict[str, int]:
-    """Host RAM of a plan by class (module docstring), at the phase that needs most. `sizes`: LayerSizes per layer
-    (the profile's dtype sets the weight bytes); `window`: the prefetch window in layers (default the plan's)."""
+def host_breakdown(plan, sizes, *, cuda: bool = True, window: int | None = None,
+                   ranks: int | None = None) -> dict[str, int]:
+    """Host RAM of a plan by class (module docstring), at the phase that needs most, for one node: `ranks` ranks
+    (default the plan's GPUs a node), each with its own buffers, and the frozen weights they stream from host
+    memory held once for all of them (FSDP: each rank's shard). `sizes`: LayerSizes per layer (the profile's
+    dtype sets the weight bytes); `window`: the prefetch window in layers (default the plan's)."""
     pls = plan.placements
     trained = sorted({i for b in plan.blocks for i in b.layers})
     wl = window_layers(plan, sizes) if window is None else window
     nvme_w = [sizes[p.layer].param_bytes for p in pls if p.weights == Tier.NVME]
+    r = plan.cluster.gpus_per_node if ranks is None else ranks
+    sh = plan_shards(plan)
+    ws, gs, ss = sh["weight_shards"], sh["grad_shards"], sh["shards"]
 
     def block_bytes(b) -> int:
-        return sum(trained_layer_host_bytes(sizes[i].params, sizes[i].param_bytes, pls[i].master, pls[i].weights)
-                   for i in b.layers)
+        return sum(trained_layer_host_bytes(sizes[i].params, sizes[i].param_bytes, pls[i].master, pls[i].weights,
+                                            ss, gs) for i in b.layers)
     masters = {pls[i].master for i in trained}
     state = next((t for t in (Tier.NVME, Tier.CPU) if t in masters), Tier.GPU)   # the one needing most
+    pinned = sum(weight_shard_bytes(sizes[p.layer].param_bytes, sizes[p.layer].params, ws)
+                 for p in pls if p.weights == Tier.CPU)
     out = {
-        "pinned_weights": sum(sizes[p.layer].param_bytes for p in pls if p.weights == Tier.CPU),
-        "offloaded_activations": sum(sizes[p.layer].saved_bytes for p in pls if p.activations == Tier.CPU),
-        "nvme_staging": nvme_staging_bytes(wl, max(nvme_w, default=0)),
-        "trained_layers": max(block_bytes(b) for b in plan.blocks),
-        "step_window": step_host_bytes(max(sizes[i].params for i in trained),
-                                       max(sizes[i].param_bytes for i in trained), state,
-                                       nvme_weights=any(pls[i].weights == Tier.NVME for i in trained),
-                                       cuda=cuda) if trained else 0,
-        "kept_state": (sum(sizes[i].params for i in trained) * STATE_BYTES if plan.switch_state == "keep_cpu"
-                       else 0),
+        "pinned_weights": pinned * r if ws > 1 else pinned,    # shared by the node's ranks (FSDP: a shard each)
+        "offloaded_activations": r * sum(sizes[p.layer].saved_bytes for p in pls if p.activations == Tier.CPU),
+        "nvme_staging": r * nvme_staging_bytes(wl, max(nvme_w, default=0)),
+        "trained_layers": r * max(block_bytes(b) for b in plan.blocks),
+        "step_window": r * step_host_bytes(max(sizes[i].params for i in trained),
+                                           max(sizes[i].param_bytes for i in trained), state,
+                                           nvme_weights=any(pls[i].weights == Tier.NVME for i in trained),
+                                           cuda=cuda, shards=ss) if trained else 0,
+        "kept_state": (r * sum(shard_params(sizes[i].params, ss) for i in trained) * STATE_BYTES
+                       if plan.switch_state == "keep_cpu" else 0),
     }
     return out
 
 
-def host_bytes(plan, sizes, *, cuda: bool = True, window: int | None = None) -> int:
-    return sum(host_breakdown(plan, sizes, cuda=cuda, window=window).values())
+def host_bytes(plan, sizes, *, cuda: bool = True, window: int | None = None, ranks: int | None = None) -> int:
+    """Host RAM of a plan on one node (host_breakdown)."""
+    return sum(host_breakdown(plan, sizes, cuda=cuda, window=window, ranks=ranks).values())
 
 
 # -- NVMe ----------------------------------------------------------------------------------------------------------
 
-def nvme_bytes(plan, sizes) -> int:
-    """Bytes on NVMe: weights on the nvme tier, plus the optimizer state files: the largest block's while its
-    state lives there (the files of a block that is left go), every trained layer's under keep_nvme."""
+def nvme_bytes(plan, sizes, *, ranks: int | None = None) -> int:
+    """Bytes on one node's NVMe: weights on the nvme tier (once for the node's ranks; FSDP: a shard each), plus
+    each rank's optimizer state files (its shard): the largest block's while its state lives there (the files of
+    a block that is left go), every trained layer's under keep_nvme."""
     pls = plan.placements
-    w = sum(sizes[p.layer].param_bytes for p in pls if p.weights == Tier.NVME)
+    r = plan.cluster.gpus_per_node if ranks is None else ranks
+    sh = plan_shards(plan)
+    ws, ss = sh["weight_shards"], sh["shards"]
+    w = sum(weight_shard_bytes(sizes[p.layer].param_bytes, sizes[p.layer].params, ws)
+            for p in pls if p.weights == Tier.NVME) * (r if ws > 1 else 1)
     if plan.switch_state == "keep_nvme":
-        return w + sum(sizes[i].params for b in plan.blocks for i in b.layers) * STATE_BYTES
-    biggest = max(sum(sizes[i].params for i in b.layers if pls[i].master == Tier.NVME) for b in plan.blocks)
-    return w + biggest * STATE_BYTES
+        return w + r * sum(shard_params(sizes[i].params, ss) for b in plan.blocks for i in b.layers) * STATE_BYTES
+    biggest = max(sum(shard_params(sizes[i].params, ss) for i in b.layers if pls[i].master == Tier.NVME)
+                  for b in plan.blocks)
+    return w + r * biggest * STATE_BYTES

@@ -67,17 +67,21 @@ class PhasePrediction:
     breakdown: dict = field(default_factory=dict)   # bytes by class: weights, prefetch, master, moments, ...
     step_seconds: float = 0.0
     switch_seconds: float = 0.0
+    wire_bytes_per_step: int = 0  # bytes each rank sends per optimizer step (its collectives, planner.cluster)
+    net_seconds: float = 0.0      # seconds the network is busy per step (the part of it that backward does not
+                                  # hide is in step_seconds)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
     phases: tuple[PhasePrediction, ...]
-    host_ram_bytes: int
-    nvme_bytes: int
+    host_ram_bytes: int           # per node: its ranks' buffers, and the frozen weights they share once
+    nvme_bytes: int               # per node
     cycle_seconds: float          # every block trained steps_per_block steps, switches included
     tokens_per_s: float           # tokens processed per second, averaged over a cycle
     nvme_write_bytes_per_step: int = 0     # written to NVMe per optimizer step, a mean over the cycle (planner.wear)
     nvme_write_bytes_per_day: float = 0.0  # ... per day at the predicted rate
+    wire_bytes_per_step: int = 0  # bytes each rank sends per optimizer step, a mean over the cycle's phases
 
     @property
     def peak_vram_bytes(self) -> int:
@@ -231,13 +235,14 @@ def validate(plan: Plan) -> None:
     if len(plan.predicted.phases) != len(plan.blocks):
         bad("one predicted phase per block is required")
     pr = plan.predicted
-    if not all(_posint(x + 1) for x in [pr.host_ram_bytes, pr.nvme_bytes, pr.nvme_write_bytes_per_step]
-               + [p.peak_vram_bytes for p in pr.phases]):
+    if not all(_posint(x + 1) for x in [pr.host_ram_bytes, pr.nvme_bytes, pr.nvme_write_bytes_per_step,
+                                        pr.wire_bytes_per_step]
+               + [p.peak_vram_bytes for p in pr.phases] + [p.wire_bytes_per_step for p in pr.phases]):
         bad("predicted byte counts must be non-negative integers")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
                for x in [pr.cycle_seconds, pr.tokens_per_s, pr.nvme_write_bytes_per_day]
                + [p.step_seconds for p in pr.phases]
-               + [p.switch_seconds for p in pr.phases]):
+               + [p.switch_seconds for p in pr.phases] + [p.net_seconds for p in pr.phases]):
         bad("predicted times and rates must be finite non-negative numbers")
 
 

@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 
 from planner import ilp, memory, wear
-from planner.cluster import Cluster, make_cluster
+from planner.cluster import Cluster, collective_seconds, make_cluster, rank_hardware, wire_bytes
 from planner.costs import layer_sizes
 from planner.errors import UserError
-from planner.hardware import GIB, Hardware
+from planner.hardware import GIB, Hardware, Link
 from planner.infeasible import explain_infeasible
 from planner.models import ModelConfig
 from planner.plan import SCHEMA_VERSION, Block, PhasePrediction, Plan, Prediction, Shape, SolverReport, cycle_rate
@@ -24,8 +24,8 @@ class Request:
     vram_gib: float | None = None        # budget; default the GPU's VRAM
     reserve_gib: float = 1.5             # CUDA context + allocator slack, kept out of the budget
     seq_len: int = 2048
-    batch: int = 8                       # sequences per optimizer step
-    micro_batch: int | None = None       # fixed, or chosen by the planner among the divisors of batch
+    batch: int = 8                       # sequences per optimizer step, over all GPUs (the global batch)
+    micro_batch: int | None = None       # fixed, or chosen by the planner among the divisors of batch / gpus
     steps_per_block: int = 50
     order: str = "ascending"
     seed: int = 0
@@ -56,18 +56,38 @@ def work_limit(req: Request, prof: ModelProfile) -> float:
     return req.work_limit if req.work_limit is not None else WORK_LIMIT
 
 
+def rank_batch(req: Request) -> int:
+    """Sequences each rank runs per optimizer step: the global batch over the GPUs (make_plan checks it
+    divides)."""
+    return req.batch // max(1, req.gpus)
+
+
+def accum(req: Request, mb: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step at micro-batch `mb`."""
+    return rank_batch(req) // mb
+
+
 def candidates(req: Request) -> list[int]:
     if req.micro_batch:
         return [req.micro_batch]
-    return [m for m in (1, 2, 4, 8, 16, 32) if req.batch % m == 0 and m <= req.batch]
+    b = rank_batch(req)
+    return [m for m in (1, 2, 4, 8, 16, 32) if b % m == 0 and m <= b]
 
 
 def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfile | None = None) -> Plan:
     prof = profile or profile_model(cfg)
     if req.seq_len > cfg.max_seq:
         raise UserError(f"--seq {req.seq_len} is longer than the model allows ({cfg.max_seq}).")
-    if req.micro_batch and req.batch % req.micro_batch:
-        raise UserError(f"--micro-batch {req.micro_batch} does not divide --batch {req.batch}.")
+    cluster = cluster_of(req, hw)   # validates --gpus / --nodes / the links
+    if req.batch % cluster.world:
+        raise UserError(f"--batch {req.batch} is the global batch (sequences per optimizer step over all GPUs) and "
+                        f"does not divide evenly over --gpus {cluster.world}; give a multiple of {cluster.world}.")
+    if req.micro_batch and rank_batch(req) % req.micro_batch:
+        raise UserError(f"--micro-batch {req.micro_batch} does not divide the {rank_batch(req)} sequences each GPU "
+                        f"runs per step (--batch {req.batch}" + (f" over --gpus {cluster.world}" if cluster.world > 1
+                                                                  else "") + ").")
+    if req.shard_state and cluster.world == 1:
+        raise UserError("--shard-state on shards optimizer state over several GPUs; give --gpus 2 or more.")
     if req.min_blocks and req.method == "full":
         raise UserError("--blocks / --min-blocks apply to --method bcd; full-parameter training is one block.")
     if req.min_blocks and req.min_blocks > min(cfg.layers, req.max_blocks or cfg.layers):
@@ -80,7 +100,9 @@ def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfil
         raise UserError(f"--reserve ({req.reserve_gib} GiB) must be smaller than the VRAM budget "
                         f"({budget / GIB:g} GiB).")
     cap = memory.device_cap_bytes(budget, reserve)
-    room = cap + memory.host_usable_bytes(hw) + memory.nvme_usable_bytes(hw)
+    # (FSDP holds a shard of the weights on each GPU of the node; BCD all of them on each)
+    room = cap * (cluster.gpus_per_node if req.method == "full" else 1) + memory.host_usable_bytes(hw) \
+        + memory.nvme_usable_bytes(hw)
     weights = sum(lp.param_bytes for lp in prof.layers)
     if weights > room:
         raise UserError(
@@ -192,18 +214,18 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
         stats["work"] += sol.work
         stats["capped"] |= sol.wall_capped
         if not kw and sol.status != "UNKNOWN":
-            sc = score(sol.objective_s * (req.batch // mb), u + sum(tier[1]), obj)
+            sc = score(sol.objective_s * accum(req, mb), u + sum(tier[1]), obj)
             if best is None or sc < best[0]:
                 best = (sc, mb, u + sum(tier[1]), sol)
         return sol
 
     def bound(mb, u, tier) -> float:
-        return score(ilp.lower_bound(problems[mb], u, tier[0]) * (req.batch // mb), u + sum(tier[1]), obj)
+        return score(ilp.lower_bound(problems[mb], u, tier[0]) * accum(req, mb), u + sum(tier[1]), obj)
 
     frontier = []                     # (bound, mb, tier, u, work for its next solve); u == 0: a family to bisect
     for mb in problems:
         # the state tier, and where a trained embedding and head go (ilp.layouts): separate families
-        for tier in [(t, own) for t in memory.tiers(hw) for own in ilp.layouts(problems[mb])]:
+        for tier in [(t, own) for t in ilp.state_choices(problems[mb]) for own in ilp.layouts(problems[mb])]:
             frontier.append((min(bound(mb, u, tier) for u in counts), mb, tier, 0, 0.0))
     heapq.heapify(frontier)
     left = None                       # the smallest bound not closed when the search stops
@@ -231,7 +253,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
             work = min(work, max(first, budget - stats["work"]))
         sol = run(mb, u, tier, work)
         if sol is not None and sol.status != "OPTIMAL":
-            again = (max(lb, score(sol.bound_s * (req.batch // mb), u + sum(tier[1]), obj)), mb, tier, u,
+            again = (max(lb, score(sol.bound_s * accum(req, mb), u + sum(tier[1]), obj)), mb, tier, u,
                      4 * work)
             if stats["capped"] and best is None:
                 dropped.append(again[0])   # no more time for it; its bound still counts
@@ -270,11 +292,14 @@ def _fewest_blocks(fits, counts: list[int]) -> int | None:
 
 
 def _problem(prof: ModelProfile, hw: Hardware, req: Request, mb: int, cap: int) -> ilp.Problem:
+    """The ILP's subproblem at micro-batch `mb`: one rank's view of the cluster (its share of the node's host
+    bandwidths and CPU optimizer, planner.cluster.rank_hardware), its micro-batches per step."""
     sizes = tuple(layer_sizes(lp, mb, req.seq_len) for lp in prof.layers)
-    return ilp.Problem(sizes=sizes, hw=hw, method=req.method, grad_accum=req.batch // mb,
+    cl = cluster_of(req, hw)
+    return ilp.Problem(sizes=sizes, hw=rank_hardware(hw, cl), method=req.method, grad_accum=accum(req, mb),
                        cap_bytes=cap, steps_per_block=req.steps_per_block, switch_state=req.switch_state,
                        train_embeddings=req.train_embeddings and req.method == "bcd",
-                       tied=prof.model.tie_embeddings)
+                       tied=prof.model.tie_embeddings, cluster=cl, shard=req.shard_state)
 
 
 def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
@@ -285,7 +310,7 @@ def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
     else:
         starts = list(sol.starts) + [n + 2 if req.train_embeddings else n + 1]
         blocks = tuple(Block(first=a, last=b - 1) for a, b in zip(starts, starts[1:]))
-    tokens_per_step = mb * req.seq_len * (req.batch // mb)
+    tokens_per_step = req.seq_len * req.batch   # the global batch
     best = found.score_s
     gap = max(0.0, (best - found.bound_s) / best) if best > 0 else 0.0
     status = "OPTIMAL" if gap < 1e-9 else "FEASIBLE"
@@ -297,21 +322,29 @@ def _assemble(prof, hw, req, budget, reserve, found: Search) -> Plan:
                           time_limit_s=req.time_limit_s, work=found.work, work_limit=work_limit(req, prof),
                           wall_capped=found.wall_capped, candidates=found.solved)
     return build_plan(prof, hw, req, budget, reserve, micro_batch=mb, blocks=blocks, placements=sol.placements,
-                      window_bytes=sol.window_bytes, solver=solver)
+                      window_bytes=sol.window_bytes, solver=solver, shard_state=sol.shard)
 
 
 def cluster_of(req: Request, hw: Hardware) -> Cluster:
-    return make_cluster(hw.gpu, gpus=req.gpus, nodes=req.nodes, interconnect_name=req.interconnect,
-                        interconnect_gbps=req.interconnect_gbps, ports_per_node=req.ports_per_node)
+    """The request's cluster; a calibrated hardware profile's measured collective bandwidth (host
+    .collective_gbps, `blockfit calibrate` under torchrun) replaces the catalog's intra-node link figure."""
+    cl = make_cluster(hw.gpu, gpus=req.gpus, nodes=req.nodes, interconnect_name=req.interconnect,
+                      interconnect_gbps=req.interconnect_gbps, ports_per_node=req.ports_per_node)
+    if cl.intra is not None and hw.host.collective_gbps > 0:
+        cl = dataclasses.replace(cl, intra=Link(name="calibrated", gbps=hw.host.collective_gbps,
+                                                latency_s=cl.intra.latency_s))
+    return cl
 
 
 def build_plan(prof: ModelProfile, hw: Hardware, req: Request, budget: int, reserve: int, *, micro_batch: int,
                blocks: tuple[Block, ...], placements, window_bytes: int, solver: SolverReport,
-               predicted: Prediction | None = None) -> Plan:
+               predicted: Prediction | None = None, shard_state: bool | None = None) -> Plan:
     """The Plan for a chosen micro-batch, blocks and placements (the ILP's or the fast planner's): the request's
-    other choices copied in, and `predicted` or, when None, the planner's prediction (`predict`)."""
+    other choices copied in, and `predicted` or, when None, the planner's prediction (`predict`). `shard_state`:
+    the solver's choice (default the request's); full-parameter training on 2+ GPUs is FSDP, always sharded."""
     cl = cluster_of(req, hw)
-    shape = Shape(micro_batch=micro_batch, seq_len=req.seq_len, grad_accum=req.batch // micro_batch, gpus=cl.world)
+    shape = Shape(micro_batch=micro_batch, seq_len=req.seq_len, grad_accum=accum(req, micro_batch), gpus=cl.world)
+    shard = bool(req.shard_state if shard_state is None else shard_state) or req.method == "full"
     draft = Plan(schema=SCHEMA_VERSION, model=prof.model, fingerprint=prof.fingerprint, hardware=hw,
                  budget_bytes=budget, reserve_bytes=reserve, shape=shape, method=req.method, blocks=blocks,
                  order=req.order, seed=req.seed, steps_per_block=req.steps_per_block,
@@ -320,30 +353,62 @@ def build_plan(prof: ModelProfile, hw: Hardware, req: Request, budget: int, rese
                                                                 for k in range(len(blocks))),
                                                    host_ram_bytes=0, nvme_bytes=0, cycle_seconds=0.0,
                                                    tokens_per_s=0.0),
-                 solver=solver, cluster=cl, shard_state=bool(req.shard_state) and cl.world > 1)
+                 solver=solver, cluster=cl, shard_state=shard and cl.world > 1)
     return draft if predicted is not None else dataclasses.replace(draft, predicted=predict(draft, prof))
 
 
 def predict(plan: Plan, prof: ModelProfile, *, window: int | None = None) -> Prediction:
-    """The planner's predictions for a plan: memory from the schedule's replay, time from the ILP's costs.
-    `window`: as in build_schedule."""
-    hw = plan.hardware
+    """The planner's predictions for a plan: memory from the schedule's replay (per GPU; host RAM and NVMe per
+    node), time from the ILP's costs on one rank's share of its node (planner.cluster.rank_hardware), the
+    gradient reductions' exposed part (ilp.exposed_reduce_seconds) included; bytes each rank sends per step
+    counted from the schedule's net ops. `window`: as in build_schedule."""
+    cl = plan.cluster
+    hw = rank_hardware(plan.hardware, cl)
+    fs = plan.world if memory.fsdp(plan) else 1
+    shards = memory.state_shards(plan)
     sched = build_schedule(plan, prof, window=window)
     sizes = sched.sizes
     g = plan.shape.grad_accum
+    tiers = memory.tiers(plan.hardware)
     phases = []
     for ph in sched.phases:
         peak, breakdown, _ = memory_timeline(ph)
         k = ph.block
         bl = plan.blocks[k]
-        per_mb = sum(ilp.layer_cost(sizes[i], *priced_as(plan, k, i), hw, lowest=(i == bl.first))
+        per_mb = sum(ilp.layer_cost(sizes[i], *priced_as(plan, k, i), hw, lowest=(i == bl.first), cluster=cl,
+                                    fsdp=fs)
                      for i in range(plan.n_layers))
-        opt = sum(ilp.step_cost(sizes[i], plan.placement(i), hw) for i in bl.layers)
-        sw = sum(ilp.switch_cost(sizes[i], plan.placement(i).master, plan.switch_state, hw) for i in bl.layers)
+        opt = sum(ilp.step_cost(sizes[i], plan.placement(i), hw, shards=shards, cluster=cl, gather=fs == 1)
+                  for i in bl.layers)
+        sw = sum(ilp.switch_cost(sizes[i], plan.placement(i).master, plan.switch_state, hw, shards=shards)
+                 for i in bl.layers)
+        net = _exposed_reduce(plan, sizes, bl, hw, tiers) if plan.world > 1 and fs == 1 else 0.0
+        ops = [op for op in ph.ops if op.stream == "net"]
         phases.append(PhasePrediction(block=k, peak_vram_bytes=int(peak), breakdown=breakdown,
-                                      step_seconds=g * per_mb + opt, switch_seconds=sw))
+                                      step_seconds=g * per_mb + opt + net, switch_seconds=sw,
+                                      wire_bytes_per_step=sum(wire_bytes(op.collective, op.bytes, plan.world)
+                                                              for op in ops),
+                                      net_seconds=sum(collective_seconds(op.collective, op.bytes, cl) for op in ops)))
     cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     per_step, per_day = wear.per_step_and_day(sched, steps_per_block=plan.steps_per_block, cycle_seconds=cycle)
     return Prediction(phases=tuple(phases), host_ram_bytes=memory.host_bytes(plan, sizes, window=sched.window_layers),
                       nvme_bytes=memory.nvme_bytes(plan, sizes), cycle_seconds=cycle, tokens_per_s=rate,
-                      nvme_write_bytes_per_step=per_step, nvme_write_bytes_per_day=per_day)
+                      nvme_write_bytes_per_step=per_step, nvme_write_bytes_per_day=per_day,
+                      wire_bytes_per_step=sum(p.wire_bytes_per_step for p in phases) // len(phases))
+
+
+def _exposed_reduce(plan: Plan, sizes, bl, hw: Hardware, tiers) -> float:
+    """Seconds a phase's gradient reductions add to its step, the ILP's rule (ilp.exposed_reduce_seconds and
+    bottom_reduce_seconds): each trained layer's reduction beyond its own backward, and the lowest layer's
+    beyond nothing, up to its kind's cheapest backward."""
+    cl, shard = plan.cluster, plan.shard_state
+    out = 0.0
+    for i in bl.layers:
+        pl = plan.placement(i)
+        r = ilp.reduce_seconds(sizes[i], shard, cl)
+        out += ilp.exposed_reduce_seconds(r, ilp.pass_costs(sizes[i], pl, "active", hw, cluster=cl)[1])
+    low = sizes[bl.first]
+    tier = plan.placement(bl.first).master
+    b_min = min(ilp.pass_costs(low, ilp._placement(low.index, c, tier), "active", hw, cluster=cl)[1]
+                for c in ilp.combos(low.kind, tiers))
+    return out + ilp.bottom_reduce_seconds(ilp.reduce_seconds(low, shard, cl), b_min)

@@ -25,9 +25,13 @@ from planner.memory import (
     STATE_BYTES,
     STATE_WINDOW,
     Tier,
+    fsdp,
     kept_tier,
+    plan_shards,
     shard_params,
+    state_shards,
     static_device_bytes,
+    weight_shard_bytes,
     window_layers,
 )
 from planner.plan import Placement, Plan
@@ -101,12 +105,13 @@ def priced_as(plan: Plan, block: int, layer: int) -> tuple[Placement, str]:
 class Builder:
     """Appends ops with ids; `emit` returns the new op's id. Tracks the prefetch window across the phase."""
 
-    def __init__(self, window: int, *, flat_grads: bool = False):
+    def __init__(self, window: int, *, flat_grads: bool = False, fsdp_world: int = 1):
         self.ops: list[Op] = []
         # data parallel: a trained layer's device gradients are views of one zeroed flat bucket from the step's
         # start (runtime.reducer), so every micro-batch's gradient, the first too, is added into it
         self.flat_grads = flat_grads
         self.window = window          # streamed layers resident at once
+        self.fsdp_world = fsdp_world  # > 1: FSDP over that many ranks (pass_ops gathers every layer's weights)
         self.evicts: list[int] = []   # evict op ids of streamed layers, in order
         self.computes: list[int] = []
         self.offloads: dict[tuple[int, int], int] = {}   # (layer, micro-batch) -> offload_act op id
@@ -140,15 +145,27 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
     gradient and allocates the gradient for the layer below (not for the lowest layer of the pass)."""
     tag = f"L{sz.index} mb{mb}"
     deps: list[int] = [] if prev is None else [prev]
-    streamed = pl.weights != Tier.GPU
+    n = b.fsdp_world
+    # FSDP: each rank holds its shard of every layer (on its weights tier) and all-gathers the whole layer for
+    # each pass, within the prefetch window like a streamed load; the shard is loaded first if it lives off the
+    # device. The gathered copy and the loaded shard are evicted after the pass.
+    w_bytes = weight_shard_bytes(sz.param_bytes, sz.params, n)   # what the tier holds: the layer, or a shard
+    streamed = pl.weights != Tier.GPU or n > 1
+    held = (sz.param_bytes if n > 1 else 0) + (w_bytes if pl.weights != Tier.GPU else 0)   # freed by evict
     if streamed:
         wdeps = b.window_deps()
         if pl.weights == Tier.NVME:
             wdeps = (b.emit(name=f"read {tag} {pass_}", kind="read_weights", stream="nvme_read", layer=sz.index,
-                            micro_batch=mb, bytes=sz.param_bytes, tier=Tier.NVME, deps=wdeps),)
-        deps.append(b.emit(name=f"load {tag} {pass_}", kind="load_weights", stream="h2d", layer=sz.index,
-                           micro_batch=mb, bytes=sz.param_bytes, tier=pl.weights, alloc_bytes=sz.param_bytes,
-                           mem_class="prefetch", deps=wdeps))
+                            micro_batch=mb, bytes=w_bytes, tier=Tier.NVME, deps=wdeps),)
+        if pl.weights != Tier.GPU:
+            wdeps = (b.emit(name=f"load {tag} {pass_}", kind="load_weights", stream="h2d", layer=sz.index,
+                            micro_batch=mb, bytes=w_bytes, tier=pl.weights, alloc_bytes=w_bytes,
+                            mem_class="prefetch", deps=wdeps),)
+        if n > 1:
+            wdeps = (b.emit(name=f"gather {tag} {pass_}", kind="gather_weights", stream="net", layer=sz.index,
+                            micro_batch=mb, bytes=sz.param_bytes, tier=pl.weights, collective="all_gather",
+                            alloc_bytes=sz.param_bytes, mem_class="prefetch", deps=wdeps),)
+        deps.extend(wdeps)
     saved = sz.saved(role_)
     recompute = pl.activations == RECOMPUTE and role_ != "below"
     if pass_ == "fwd":
@@ -175,9 +192,11 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                            alloc_bytes=saved, transient_bytes=sz.fwd_workspace(role_), mem_class="activations",
                            deps=tuple(deps))]
         grads_off = role_ == "active" and pl.grads == Tier.CPU
-        # the first micro-batch's gradient becomes the .grad, unless a flat bucket is there already
-        accumulates = role_ == "active" and pl.grads == Tier.GPU and (mb > 0 or b.flat_grads)
-        grad_bytes = sz.param_bytes if grads_off else 0  # gradients have the weights' dtype
+        # the first micro-batch's gradient becomes the .grad, unless a flat bucket is there already (FSDP: the
+        # layer's whole gradient is made, then reduce-scattered each micro-batch into the rank's shard)
+        accumulates = role_ == "active" and pl.grads == Tier.GPU and (mb > 0 or b.flat_grads) and n == 1
+        g_shard = weight_shard_bytes(sz.param_bytes, sz.params, n)
+        grad_bytes = (sz.param_bytes if grads_off or n > 1 else 0) if role_ == "active" else 0
         c = b.emit(name=f"bwd {tag}", kind="backward", stream="compute", layer=sz.index, micro_batch=mb,
                    flops=sz.bwd(role_), tokens=sz.tokens, traffic_bytes=2 * sz.traffic_bytes,
                    alloc_bytes=(0 if lowest else in_bytes) + grad_bytes,
@@ -185,24 +204,34 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
                    # a gradient added into the block's existing one is a temporary first (AccumulateGrad)
                    transient_bytes=sz.bwd_workspace(role_) + (sz.param_bytes if accumulates else 0),
                    mem_class="activations", deps=tuple(deps))
+        made = c
+        if n > 1 and role_ == "active":
+            made = b.emit(name=f"reduce {tag}", kind="reduce_grads", stream="net", layer=sz.index, micro_batch=mb,
+                          bytes=sz.param_bytes, tier=pl.grads, collective="reduce_scatter",
+                          free_bytes=sz.param_bytes - (g_shard if grads_off else 0), mem_class="activations",
+                          deps=(c,))
+            b.grads.setdefault(sz.index, []).append(made)
+            grad_bytes = g_shard
         if grads_off:
             b.grads.setdefault(sz.index, []).append(b.emit(
                    name=f"grad {tag}", kind="grad_offload", stream="d2h", layer=sz.index, micro_batch=mb,
-                   bytes=grad_bytes, tier=Tier.CPU, free_bytes=grad_bytes, mem_class="activations", deps=(c,)))
+                   bytes=grad_bytes, tier=Tier.CPU, free_bytes=grad_bytes, mem_class="activations", deps=(made,)))
     b.computes.append(c)
     if streamed:
         b.evicts.append(b.emit(name=f"evict {tag} {pass_}", kind="evict", stream="compute", layer=sz.index,
-                               micro_batch=mb, free_bytes=sz.param_bytes, mem_class="prefetch", deps=(c,)))
+                               micro_batch=mb, free_bytes=held or sz.param_bytes, mem_class="prefetch",
+                               deps=(c,)))
     return c
 
 
 def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ...], *,
-                  shards: int = 1) -> tuple[int, ...]:
+                  shards: int = 1, gather: bool = True) -> tuple[int, ...]:
     """Emit one layer's optimizer step and the transfers around it; returns the ids of the ops after which the
     layer's host copies (its NVMe state read into host RAM, its updated weights) are no longer read.
 
     With `shards` > 1 (sharded state) each rank steps its 1/shards of the layer's parameters (planner.memory
-    .shard_params) and an all-gather then brings every rank the whole updated bf16 weights."""
+    .shard_params) and an all-gather then brings every rank the whole updated bf16 weights (`gather`; FSDP keeps
+    its shard of the weights and gathers them in the next pass instead)."""
     tier = pl.master
     p = shard_params(sz.params, shards)
     tag = f"L{sz.index}"
@@ -217,7 +246,7 @@ def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ..
     if tier == Tier.NVME:
         done.append(b.emit(name=f"write state {tag}", kind="write_state", stream="nvme_write", layer=sz.index,
                            bytes=p * STATE_BYTES, tier=Tier.NVME, deps=(step,)))
-    if shards > 1:
+    if shards > 1 and gather:
         step = b.emit(name=f"gather {tag}", kind="gather_weights", stream="net", layer=sz.index,
                       bytes=sz.param_bytes, tier=tier, collective="all_gather", deps=(step,))
         done.append(step)
@@ -242,7 +271,7 @@ def reduce_ops(b: Builder, plan: Plan, sizes, layers) -> tuple[int, ...]:
     a reduce-scatter leaves each rank the sum of its shard; else an all-reduce leaves every rank the sum.
     The bucket is the layer's gradient itself, held flat (the runtime allocates a layer's gradients as views of
     one buffer), so reducing it in place needs no device bytes. Returns the ids of the reduce ops."""
-    if plan.world <= 1:
+    if plan.world <= 1 or fsdp(plan):   # FSDP reduce-scatters every micro-batch's gradient in pass_ops
         return ()
     last_mb = plan.shape.grad_accum - 1
     out = []
@@ -278,7 +307,7 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
     n = plan.n_layers
     bl = plan.blocks[block]
     priced = [priced_as(plan, block, i) for i in range(n)]
-    b = Builder(window, flat_grads=plan.world > 1)
+    b = Builder(window, flat_grads=plan.world > 1, fsdp_world=plan.world if fsdp(plan) else 1)
     prev = None
     for mb in range(plan.shape.grad_accum):
         for i in range(n):
@@ -300,16 +329,16 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
     grads = tuple(g for i in bl.layers for g in b.grads.get(i, ()))
     grads += reduce_ops(b, plan, sizes, bl.layers)
     released: list[tuple[int, ...]] = []
-    shards = plan.world if plan.shard_state else 1
+    shards = state_shards(plan)
     for i in bl.layers:
         pl = plan.placement(i)
         host = pl.master != Tier.GPU
         window = released[-STATE_WINDOW] if host and len(released) >= STATE_WINDOW else ()
-        done = optimizer_ops(b, pl, sizes[i], (prev,) + grads + window, shards=shards)
+        done = optimizer_ops(b, pl, sizes[i], (prev,) + grads + window, shards=shards, gather=not fsdp(plan))
         if host:
             released.append(done)
     static = static_device_bytes(plan.placements, bl.layers, [s.params for s in sizes],
-                                 [s.param_bytes for s in sizes])
+                                 [s.param_bytes for s in sizes], **plan_shards(plan))
     return PhaseSchedule(block=block, layers=tuple(bl.layers), static=static,
                          ops=_issue_order(b.ops), switch_ops=_switch_ops(plan, sizes, bl.layers))
 
@@ -317,7 +346,7 @@ def build_phase(plan: Plan, sizes, block: int, window: int) -> PhaseSchedule:
 def _issue_order(ops: list[Op]) -> tuple[Op, ...]:
     """Move every load, NVMe read and activation fetch up to just after the op it waits for last, so a runtime
     that issues in list order starts it as early as the window allows. Ids follow list order."""
-    movers = {"read_weights", "load_weights", "fetch_act", "reduce_grads"}
+    movers = {"read_weights", "load_weights", "fetch_act", "reduce_grads", "gather_weights"}
     after: dict[int, list[Op]] = {}
     head: list[Op] = []
     for op in ops:

@@ -3,6 +3,11 @@
     plan --model 7b --gpu rtx4090 --vram 24
     plan --model 70b --gpu rtx4090 --vram 24 --host-ram 256 --nvme 2000 --out p.json
     plan --model path/to/config.json --gpu a100-80g --compare
+    plan --model 7b --gpu rtx4090 --gpus 8                                   # one box of 8 cards, data parallel
+    plan --model 7b --gpu a100-80g --gpus 16 --nodes 2 --interconnect ib-hdr  # two nodes
+    plan --model 7b --gpu rtx4090 --gpus 8 --method full                     # FSDP / ZeRO-3 over the 8
+
+--batch is the global batch: sequences per optimizer step over all GPUs; each GPU runs batch / gpus of them.
 """
 from __future__ import annotations
 
@@ -33,6 +38,41 @@ def add_hardware_args(p) -> None:
                         "the plan warns when a day's writes exceed the drive's daily share over five years")
 
 
+def add_cluster_args(p) -> None:
+    """Cluster flags (planner.cluster): how many GPUs on how many nodes, and the links between them."""
+    from planner.cluster import DEFAULT_INTERCONNECT, INTERCONNECTS
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in all, data parallel (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over, evenly (default 1)")
+    p.add_argument("--interconnect", default=None,
+                   help=f"link between nodes: {', '.join(INTERCONNECTS)} (default {DEFAULT_INTERCONNECT})")
+    p.add_argument("--interconnect-gbps", type=float, default=None,
+                   help="... or a custom link between nodes, GB/s per direction per port")
+    p.add_argument("--ports-per-node", type=int, default=None,
+                   help="inter-node ports per node (default: one per GPU with NVLink, else one)")
+    p.add_argument("--shard-state", choices=("on", "off", "auto"), default="auto",
+                   help="bcd on 2+ GPUs: shard the active block's optimizer state over the GPUs (reduce-scatter, "
+                        "step a shard, all-gather), or not; auto: the planner chooses (default)")
+
+
+def cluster_request_args(a) -> dict:
+    """Request fields from the cluster flags, checked here (exit 2 with one paragraph)."""
+    for flag, v, top in (("--gpus", a.gpus, 1 << 16), ("--nodes", a.nodes, 1 << 12),
+                         ("--ports-per-node", a.ports_per_node, 64)):
+        check_positive(flag, v, integer=True, upper=top)
+    if a.interconnect is not None and a.interconnect_gbps is not None:
+        raise UserError("give --interconnect NAME or --interconnect-gbps X, not both.")
+    check_positive("--interconnect-gbps", a.interconnect_gbps, upper=10000)
+    if a.nodes > a.gpus:
+        raise UserError(f"--nodes {a.nodes} is more than --gpus {a.gpus}: --gpus counts the GPUs in all, "
+                        "at least one a node.")
+    if a.nodes == 1 and (a.interconnect is not None or a.interconnect_gbps is not None):
+        raise UserError("--interconnect / --interconnect-gbps are the link between nodes; give --nodes 2 or more.")
+    if a.shard_state == "on" and a.gpus == 1:
+        raise UserError("--shard-state on shards optimizer state over several GPUs; give --gpus 2 or more.")
+    return dict(gpus=a.gpus, nodes=a.nodes, interconnect=a.interconnect, interconnect_gbps=a.interconnect_gbps,
+                ports_per_node=a.ports_per_node, shard_state={"on": True, "off": False}.get(a.shard_state))
+
+
 def hardware_from_args(a):
     return make_hardware(gpu=a.gpu, hardware_file=a.hardware, vram_gib=a.vram, host_ram_gib=a.host_ram,
                          nvme_gib=a.nvme, pcie_gbps=a.pcie_gbps, nvme_read_gbps=a.nvme_read_gbps,
@@ -46,7 +86,8 @@ def register(sub) -> None:
     add_hardware_args(p)
     p.add_argument("--reserve", default=1.5, help=f"kept free for CUDA context and slack ({SIZE_HELP}; default 1.5)")
     p.add_argument("--seq", type=int, default=2048, help="sequence length")
-    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--batch", type=int, default=8,
+                   help="sequences per optimizer step over all GPUs (the global batch; each runs batch / gpus)")
     p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch (default: chosen)")
     p.add_argument("--method", choices=["bcd", "full"], default="bcd")
     p.add_argument("--compare", action="store_true", help="plan BCD and full-parameter training side by side")
@@ -72,6 +113,7 @@ def register(sub) -> None:
                         "same command gives the same plan on any machine")
     p.add_argument("--time-limit", type=float, default=60.0,
                    help="wall-clock safety net in seconds; the plan says so if it stopped the search")
+    add_cluster_args(p)
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     p.add_argument("--json", action="store_true", help="print machine-readable output")
     p.set_defaults(func=run)
@@ -103,7 +145,8 @@ def request_from_args(a, method: str):
                    switch_state=a.switch_state, objective=getattr(a, "objective", "tokens"),
                    work_limit=getattr(a, "work_limit", None), time_limit_s=a.time_limit, max_blocks=hi,
                    min_blocks=lo, max_nvme_write_bytes_per_day=None if cap_gib is None else cap_gib * GIB,
-                   train_embeddings=getattr(a, "train_embeddings", False))
+                   train_embeddings=getattr(a, "train_embeddings", False),
+                   **(cluster_request_args(a) if hasattr(a, "gpus") else {}))
 
 
 def run(a) -> int:

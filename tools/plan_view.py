@@ -40,17 +40,22 @@ def show_plan(plan: Plan, prof, console: Console | None = None) -> None:
     hw = plan.hardware
     c.print(f"[bold]{plan.model.name}[/] ({params / 1e9:.2f} B params) on {hw.gpu.name}, "
             f"budget {_gib(plan.budget_bytes)} GiB ({_gib(plan.reserve_bytes)} reserved), method {plan.method}; "
-            f"micro-batch {plan.shape.micro_batch} x {plan.shape.grad_accum} accumulation, "
-            f"sequence {plan.shape.seq_len}")
+            f"micro-batch {plan.shape.micro_batch} x {plan.shape.grad_accum} accumulation"
+            + (f" x {plan.world} GPUs" if plan.world > 1 else "") + f", sequence {plan.shape.seq_len}")
+    if plan.world > 1:
+        show_cluster(plan, c)
 
     t = Table(title="Blocks (trained one at a time)", title_justify="left")
-    for col in ("block", "layers", "params", "peak VRAM GiB", "step s", "tokens/s"):
+    net = plan.world > 1
+    for col in ("block", "layers", "params", "peak VRAM GiB" + (" per GPU" if net else ""), "step s", "tokens/s") + (
+            ("wire GB/step", "network share") if net else ()):
         t.add_column(col, justify="right")
     tok = plan.shape.tokens_per_step
     for b, ph in zip(plan.blocks, pred.phases):
         n = sum(prof.layers[i].params for i in b.layers)
         t.add_row(str(ph.block), f"{_layer_name(plan, b.first)}-{_layer_name(plan, b.last)}", f"{n / 1e6:.0f} M",
-                  _gib(ph.peak_vram_bytes), f"{ph.step_seconds:.2f}", f"{tok / ph.step_seconds:,.0f}")
+                  _gib(ph.peak_vram_bytes), f"{ph.step_seconds:.2f}", f"{tok / ph.step_seconds:,.0f}",
+                  *((f"{ph.wire_bytes_per_step / 1e9:,.2f}", f"{_net_share(ph):.0%}") if net else ()))
     c.print(t)
 
     t = Table(title="Where each tensor class lives", title_justify="left")
@@ -83,9 +88,11 @@ def show_plan(plan: Plan, prof, console: Console | None = None) -> None:
         if warning:
             c.print(f"[bold yellow]warning:[/] {warning}")
     s = plan.solver
+    per_node = " per node" if plan.world > 1 else ""
     c.print(f"predicted: {pred.tokens_per_s:,.0f} tokens/s averaged over a cycle of {len(plan.blocks)} blocks x "
             f"{plan.steps_per_block} steps ({pred.cycle_seconds / 60:.1f} min); host RAM {_gib(pred.host_ram_bytes)} "
-            f"GiB, NVMe {_gib(pred.nvme_bytes)} GiB; prefetch window {_gib(plan.prefetch_window_bytes)} GiB")
+            f"GiB{per_node}, NVMe {_gib(pred.nvme_bytes)} GiB{per_node}; prefetch window "
+            f"{_gib(plan.prefetch_window_bytes)} GiB")
     goal = ("most tokens/s" if s.objective_kind == "tokens" else "shortest cycle") if s.status != "HEURISTIC" else ""
     c.print(f"solver: {s.status}{', ' + goal if goal else ''}, gap {s.gap:.2%}, {s.solve_seconds:.2f} s in CP-SAT "
             f"over {s.candidates} subproblem solves (micro-batch x block count x state tier), work {s.work:.2f} of "
@@ -94,6 +101,35 @@ def show_plan(plan: Plan, prof, console: Console | None = None) -> None:
         c.print(f"[bold yellow]warning:[/] the {s.time_limit_s:g} s wall-clock safety net stopped the search before "
                 f"its deterministic work budget: this plan may differ on another machine or under another load "
                 f"(raise --time-limit, or lower --work-limit)")
+
+
+def _net_share(ph) -> float:
+    """Of a step, the share the network is busy (it partly overlaps backward)."""
+    return min(1.0, ph.net_seconds / ph.step_seconds) if ph.step_seconds > 0 else 0.0
+
+
+def show_cluster(plan: Plan, c: Console) -> None:
+    """The cluster, its links, what each GPU and each node holds, and what the network carries per step."""
+    cl, pred = plan.cluster, plan.predicted
+    links = []
+    if cl.intra is not None:
+        links.append(f"within a node {cl.intra.name} {cl.intra.gbps:g} GB/s per GPU per direction")
+    if cl.inter is not None:
+        links.append(f"between nodes {cl.inter.name} {cl.inter.gbps:g} GB/s per port x {cl.ports_per_node} "
+                     f"port(s) a node")
+    if plan.method == "full":
+        how = "FSDP / ZeRO-3: weights, gradients and optimizer state sharded over every GPU"
+    elif plan.shard_state:
+        how = "data parallel, active block's optimizer state sharded (reduce-scatter, step a shard, all-gather)"
+    else:
+        how = "data parallel, active block's gradients all-reduced"
+    steps = [p.step_seconds for p in pred.phases]
+    busy = [p.net_seconds for p in pred.phases]
+    c.print(f"cluster: {cl.nodes} node(s) x {cl.gpus_per_node} GPU(s) = {plan.world}; {'; '.join(links)}; {how}")
+    c.print(f"per GPU: VRAM peak {_gib(pred.peak_vram_bytes)} GiB of {_gib(plan.budget_bytes)}; per node: host RAM "
+            f"{_gib(pred.host_ram_bytes)} GiB of {plan.hardware.host.ram_gib:g}, NVMe {_gib(pred.nvme_bytes)} GiB; "
+            f"on the wire {pred.wire_bytes_per_step / 1e9:,.2f} GB per GPU per step (mean over the cycle), the "
+            f"network busy {sum(busy) / max(sum(steps), 1e-12):.0%} of the step")
 
 
 def show_compare(plans: dict, console: Console | None = None) -> None:
