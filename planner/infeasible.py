@@ -23,7 +23,9 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     micro-batch and the finest partition allowed, which need the least memory."""
     from planner.planning import _problem, candidates  # the search's own subproblems (planning calls this)
     host_usable, nvme_usable = memory.Tier.CPU.usable_fraction, memory.Tier.NVME.usable_fraction
-    what = f"{prof.model.name} ({req.method}, micro-batch {candidates(req)[0]}, sequence {req.seq_len})"
+    what = f"{prof.model.name} ({req.method}, micro-batch {candidates(req)[0]}, sequence {req.seq_len}" + (
+        f", {req.gpus} GPUs on {req.nodes} node(s): VRAM per GPU, host RAM and NVMe per node)" if req.gpus > 1
+        else ")")
     trained = sum(lp.params for lp in prof.layers if req.method == "full" or lp.kind == "decoder")
     if req.switch_state == "keep_nvme" and hw.host.nvme_gib <= 0:
         need = trained * memory.STATE_BYTES / nvme_usable
@@ -37,10 +39,13 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
     limit = min(2.0, req.time_limit_s)
 
     def fitting(h, ts) -> list[str]:
-        """The tiers of `ts` in which a plan fits on hardware `h`."""
+        """The tiers of `ts` in which a plan fits on hardware `h` (on a cluster, sharded or not, as the search
+        chooses: ilp.state_choices)."""
         pb = _problem(prof, h, req, mb, budget - reserve)
-        return [t for t in ts if any(getattr(ilp.solve(pb, u, t, own=own, time_limit_s=limit, feasibility=True),
-                                             "status", "UNKNOWN") != "UNKNOWN" for own in ilp.layouts(pb))]
+        return [t for t in ts if any(getattr(ilp.solve(pb, u, c, own=own, time_limit_s=limit, feasibility=True),
+                                             "status", "UNKNOWN") != "UNKNOWN"
+                                     for c in ilp.state_choices(pb) if ilp._state(c)[0] == t
+                                     for own in ilp.layouts(pb))]
 
     def smallest(field: str, top: float) -> float | None:
         """The smallest capacity (GiB) of host.<field> that fits, to 0.2% (None if even `top` does not)."""
@@ -60,7 +65,7 @@ def explain_infeasible(prof, hw, req, budget, reserve) -> UserError:
         return hi
 
     pb = _problem(prof, hw, req, mb, 1 << 62)
-    peaks = [sol.objective_s for t in memory.tiers(hw) for own in ilp.layouts(pb)
+    peaks = [sol.objective_s for t in ilp.state_choices(pb) for own in ilp.layouts(pb)
              if (sol := ilp.solve(pb, u, t, own=own, time_limit_s=limit, min_memory=True)) is not None
              and sol.status != "UNKNOWN"]
     vram = (min(peaks) + reserve) / GIB if peaks else None
