@@ -492,7 +492,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
         m.add(most >= layer_kib(se) * own_e)
         m.add(most >= layer_kib(sh) * own_h)
         return most
-    keep_all = n * state_kib(sd) + sum(state_kib(x) for x in trained_edges)
+    keep_all = kib((n * shard_params(sd.params, shards) + sum(shard_params(x.params, shards) for x in trained_edges))
+                   * STATE_BYTES)
     big = max((sd,) + trained_edges, key=lambda x: x.params)
     window = memory.step_host_bytes(big.params, big.param_bytes, tier, nvme_weights=nvme, shards=shards)
     # the prefetch window (win) is at most two of the largest layers, so is the NVMe staging that follows it
@@ -508,7 +509,8 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
     if nvme:
         nv = shared * weight_kib(Tier.NVME) + ranks * (keep_all if pb.switch_state == "keep_nvme" else 0)
         if tier == Tier.NVME:
-            nv += ranks * (largest_block(state_kib, "nvme_block") + sum(state_kib(x) for x in edges))
+            nv += ranks * (largest_block(state_kib, "nvme_block")
+                           + kib(sum(shard_params(x.params, shards) for x in edges) * STATE_BYTES))
         m.add(nv <= memory.nvme_usable_bytes(hw) // 1024)
 
     if not feasibility:  # a feasibility check stops at the first solution

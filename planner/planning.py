@@ -83,9 +83,9 @@ def make_plan(cfg: ModelConfig, hw: Hardware, req: Request, profile: ModelProfil
         raise UserError(f"--batch {req.batch} is the global batch (sequences per optimizer step over all GPUs) and "
                         f"does not divide evenly over --gpus {cluster.world}; give a multiple of {cluster.world}.")
     if req.micro_batch and rank_batch(req) % req.micro_batch:
-        raise UserError(f"--micro-batch {req.micro_batch} does not divide the {rank_batch(req)} sequences each GPU "
-                        f"runs per step (--batch {req.batch}" + (f" over --gpus {cluster.world}" if cluster.world > 1
-                                                                  else "") + ").")
+        raise UserError(f"--micro-batch {req.micro_batch} does not divide --batch {req.batch}." if cluster.world == 1
+                        else f"--micro-batch {req.micro_batch} does not divide the {rank_batch(req)} sequences each "
+                        f"GPU runs per step (--batch {req.batch} over --gpus {cluster.world}).")
     if req.shard_state and cluster.world == 1:
         raise UserError("--shard-state on shards optimizer state over several GPUs; give --gpus 2 or more.")
     if req.min_blocks and req.method == "full":

@@ -18,7 +18,10 @@ CPU optimizer are timed through the runtime's primitives, not through stand-ins 
     fitted to the same curve. This fit (fit="layer", the default) sets bf16_tflops = A with matmul_max 1.0 and
     matmul_half_tokens = half, so attention, norms and framework overhead are in the rate the simulator prices a
     layer with; the bare GEMM fit (fit="gemm") is the alternative, and both are recorded;
-  - memory-bound GB/s of an elementwise add (memory_gbps, with efficiency 1.0).
+  - memory-bound GB/s of an elementwise add (memory_gbps, with efficiency 1.0);
+  - under torchrun (2+ processes), the bus bandwidth of an all-reduce between them through torch.distributed (NCCL
+    on CUDA, gloo on CPU): `measure_collective`, run by every rank before rank 0 measures the rest alone. On one
+    node it becomes host.collective_gbps, which the planner uses for the link between the node's GPUs.
 When the CPU stands in for the device the runtime keeps weights, activations and gradients in fp32 (Target),
 twice the bf16 bytes the schedule counts for them, so the link, NVMe and memory rates are scaled by 2 / itemsize to
 price schedule bytes (the scale is recorded as schedule_bytes_scale; optimizer state is fp32 in both, so a
@@ -282,11 +285,55 @@ def _ram_gib() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
+def measure_collective(world, device: str, sizes: list[int], reps: int) -> dict | None:
+    """Bus bandwidth (nccl-tests' convention: algorithm bandwidth x 2(N-1)/N, comparable to a link's figure and to
+    planner.cluster's ring model) of an all-reduce of each size in `sizes` bytes between the world's processes,
+    through torch.distributed: NCCL on CUDA, gloo on CPU. None with one process (nothing to measure).
+
+    Every rank makes the same calls (a fixed number: a time budget could differ between ranks and leave one
+    waiting in a collective forever); each size's time is the best of `reps` after a barrier, the slowest rank's
+    (a max-reduce), since a collective ends when its last rank does. The process group is the one torchrun's
+    environment describes (MASTER_ADDR, MASTER_PORT); one made here is destroyed before returning."""
+    if world.size < 2:
+        return None
+    import torch
+    import torch.distributed as dist
+    made = not dist.is_initialized()
+    cuda = device == "cuda"
+    if made:
+        if cuda:
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=world.rank, world_size=world.size)
+    try:
+        dev = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
+        n, out = world.size, {}
+        for size in sizes:
+            x = torch.zeros(size // 4, dtype=torch.float32, device=dev)   # zeros: sums stay finite
+            best = float("inf")
+            for k in range(reps + 1):   # the first call warms up
+                dist.barrier()
+                t0 = _now(cuda)
+                dist.all_reduce(x)
+                t = _now(cuda) - t0
+                best = t if k and t < best else best
+            worst = torch.tensor([best], dtype=torch.float64, device=dev)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            out[str(size)] = size / float(worst.item()) * 2 * (n - 1) / n / GB
+        return {"backend": dist.get_backend(), "world": n, "local_world": world.local_size, "bus_gbps": out,
+                "what": "torch.distributed.all_reduce of float32 buffers, best of "
+                        f"{reps} per size, slowest rank; bus bandwidth = bytes / s x 2(N-1)/N"}
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
 def calibrate(*, directory: str | None = None, quick: bool = False, model: str = "7b", dtype: str | None = None,
               device: str | None = None, fit: str = "layer", seq: int = 512, nvme_file_bytes: int | None = None,
-              log=None) -> tuple[Hardware, dict]:
+              log=None, collective: dict | None = None) -> tuple[Hardware, dict]:
     """Measure everything; (the Hardware profile, the raw measurements). The NVMe files are one decoder layer of
-    `model` at the runtime's weight dtype (what read_weights moves), or `nvme_file_bytes` when given."""
+    `model` at the runtime's weight dtype (what read_weights moves), or `nvme_file_bytes` when given.
+    `collective`: measure_collective's result when it ran (under torchrun); on one node its largest size's bus
+    bandwidth becomes host.collective_gbps (across nodes the figure mixes both levels, so it is only recorded)."""
     import torch
     say = log or (lambda _msg: None)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -344,9 +391,12 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
                                                                     else f"matmul at {cfg.name}'s GEMM shape"),
                   "h2d_gbps": "the runtime's copies between host buffers (no CUDA)" if dev == "cpu" else
                               f"the runtime's copies of {big >> 20} MiB from registered host memory"})
+    coll = 0.0
+    if collective and collective["world"] == collective["local_world"]:
+        coll = collective["bus_gbps"][max(collective["bus_gbps"], key=int)]
     host = Host(ram_gib=round(host_ram, 2), nvme_gib=round(nvme_gib, 2), nvme_read_gbps=nvme["read_gbps"] * scale,
                 nvme_write_gbps=nvme["write_gbps"] * scale, cpu_adam_params_per_s=adam["params_per_s"],
-                pageable_factor=min(1.0, pageable))
+                pageable_factor=min(1.0, pageable), collective_gbps=coll)
     hw = Hardware(gpu=gpu, host=host, eff=Efficiency(matmul_max=1.0, matmul_half_tokens=half, memory=1.0, link=1.0),
                   calibrated=True)
     meas = {"device": dev, "dtype": dtype, "model": cfg.name, "quick": quick, "seconds": 0.0,
@@ -355,7 +405,7 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
             "nvme": nvme, "cpu_adam": adam, "matmul_tflops": [{"tokens": t, "tflops": a} for t, a in mm],
             "matmul_fit": {"tflops": gemm_fit[0], "half_tokens": gemm_fit[1]}, "layer": layer_pts,
             "layer_fit": {"tflops": layer_fit[0], "half_tokens": layer_fit[1]}, "fit_used": fit, "memory_gbps": mem,
-            "schedule_bytes_scale": scale}
+            "schedule_bytes_scale": scale, "collective": collective}
     meas["seconds"] = time.perf_counter() - started
     return hw, meas
 

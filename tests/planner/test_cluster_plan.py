@@ -153,6 +153,13 @@ def test_a_rank_gets_its_share_of_the_nodes_bandwidths():
     assert rank_hardware(hw, make_cluster(hw.gpu, gpus=4, nodes=4)) == hw        # one GPU a node shares nothing
 
 
+def test_a_calibrated_collective_figure_is_the_link_between_a_nodes_gpus(prof):
+    hw = make_hardware(gpu="rtx4090", host_ram_gib=8)
+    hw = dataclasses.replace(hw, host=dataclasses.replace(hw.host, collective_gbps=7.5))
+    plan = make_plan(TINY, hw, Request(seq_len=64, batch=8, reserve_gib=0.01, vram_gib=0.05, gpus=2), prof)
+    assert plan.cluster.intra.gbps == 7.5 and plan.cluster.intra.name == "calibrated"
+
+
 def test_the_exposed_reduction_is_between_its_bounds(prof):
     """One GPU per node (nothing shared, so only the network differs from the single-GPU plan), a link so slow
     that every reduction outlasts any backward: a phase of s layers adds at most s x r (nothing hidden) and at
