@@ -30,6 +30,15 @@ Host RAM of a plan, as the runtime allocates it (runtime/store.py, optim.py, act
   kept state           keep_cpu: every trained layer's 12 B.
 On the CPU stand-in (cuda=False) the "device" is host memory too; these are only the host-tier buffers, the ones
 a CUDA run would hold in host RAM: no gradient staging, and updated fp32 weights are views of the fp32 master.
+
+Clusters (planner.cluster). Device bytes are per GPU. Host RAM and NVMe are per node: each of the node's ranks
+holds its own buffers above, except the frozen weights streamed from host memory or NVMe, which the node holds
+once for all its ranks (runtime: one shared host copy, one set of files). Sharded optimizer state (data-parallel
+BCD's choice, `state_shards`) leaves each rank shard_params(p, N) of a layer's master and moments, on whichever
+tier; its gradients stay whole (reduced in place). Full-parameter training on N GPUs is FSDP / ZeRO-3 (`fsdp`):
+weights, gradients and state all sharded, so a GPU holds
+    params x (2 + 2 + 12) / N  +  the gathered whole layers of the prefetch window  +  activations
+with the state (and the gradient shards) in host RAM instead when the plan offloads them.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 from planner import memory
 from planner.cluster import make_cluster, rank_hardware
 from planner.errors import UserError
-from planner.hardware import GIB, make_hardware
+from planner.hardware import make_hardware
 from planner.models import CATALOG
 from planner.plan import Plan, load_plan
 from planner.planning import Request, make_plan, predict
@@ -244,7 +244,8 @@ def test_the_acceptance_cluster_plans(tmp_path, capsys, args):
 @pytest.mark.parametrize("bad", [["--gpus", "0"], ["--gpus", "8", "--nodes", "3"], ["--gpus", "2", "--nodes", "4"],
                                  ["--gpus", "4", "--nodes", "2", "--interconnect", "carrier-pigeon"],
                                  ["--gpus", "4", "--nodes", "2", "--interconnect-gbps", "-1"],
-                                 ["--gpus", "4", "--nodes", "2", "--interconnect", "ib-hdr", "--interconnect-gbps", "9"],
+                                 ["--gpus", "4", "--nodes", "2", "--interconnect", "ib-hdr",
+                                  "--interconnect-gbps", "9"],
                                  ["--gpus", "2", "--interconnect", "ib-hdr"], ["--shard-state", "on"],
                                  ["--gpus", "8", "--batch", "12"], ["--gpus", "2", "--shard-state", "maybe"],
                                  ["--gpus", "1.5"], ["--ports-per-node", "0", "--gpus", "2", "--nodes", "2"]])
