@@ -231,9 +231,12 @@ def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ..
 
     With `shards` > 1 (sharded state) each rank steps its 1/shards of the layer's parameters (planner.memory
     .shard_params) and an all-gather then brings every rank the whole updated bf16 weights (`gather`; FSDP keeps
-    its shard of the weights and gathers them in the next pass instead)."""
+    its shard of the weights and gathers them in the next pass instead, so its transfers of updated weights move
+    only the shard). A gather of weights that do not stay on the device lands in a whole-layer device buffer for
+    its length: a transient."""
     tier = pl.master
     p = shard_params(sz.params, shards)
+    w = sz.param_bytes if gather else weight_shard_bytes(sz.param_bytes, sz.params, shards)   # updated bytes moved
     tag = f"L{sz.index}"
     d = deps
     if tier == Tier.NVME:
@@ -247,20 +250,22 @@ def optimizer_ops(b: Builder, pl: Placement, sz: LayerSizes, deps: tuple[int, ..
         done.append(b.emit(name=f"write state {tag}", kind="write_state", stream="nvme_write", layer=sz.index,
                            bytes=p * STATE_BYTES, tier=Tier.NVME, deps=(step,)))
     if shards > 1 and gather:
+        on_device = tier == Tier.GPU and pl.weights != Tier.GPU
         step = b.emit(name=f"gather {tag}", kind="gather_weights", stream="net", layer=sz.index,
-                      bytes=sz.param_bytes, tier=tier, collective="all_gather", deps=(step,))
+                      bytes=sz.param_bytes, tier=tier, collective="all_gather",
+                      transient_bytes=sz.param_bytes if on_device else 0, mem_class="workspace", deps=(step,))
         done.append(step)
     if tier != Tier.GPU and pl.weights == Tier.GPU:
         done.append(b.emit(name=f"upload {tag}", kind="upload_weights", stream="h2d", layer=sz.index,
-                           bytes=sz.param_bytes, tier=Tier.CPU, deps=(step,)))
+                           bytes=w, tier=Tier.CPU, deps=(step,)))
     last = step
     if tier == Tier.GPU and pl.weights != Tier.GPU:
         last = b.emit(name=f"writeback {tag}", kind="write_weights", stream="d2h", layer=sz.index,
-                      bytes=sz.param_bytes, tier=Tier.CPU, deps=(step,))
+                      bytes=w, tier=Tier.CPU, deps=(step,))
         done.append(last)
     if pl.weights == Tier.NVME:
         done.append(b.emit(name=f"writeback nvme {tag}", kind="write_weights", stream="nvme_write", layer=sz.index,
-                           bytes=sz.param_bytes, tier=Tier.NVME, deps=(last,)))
+                           bytes=w, tier=Tier.NVME, deps=(last,)))
     return tuple(done)
 
 

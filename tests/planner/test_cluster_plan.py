@@ -177,8 +177,9 @@ def test_the_exposed_reduction_is_between_its_bounds(prof):
         assert sum(r) - a.step_seconds <= extra <= sum(r) * (1 + 1e-9)
 
 
-def test_full_on_8_gpus_is_fsdp_with_weight_gathers_on_the_wire(prof):
-    plan = tiny_plan(prof, gpus=8, method="full", vram_gib=0.05)
+@pytest.mark.parametrize("vram", [0.05, 0.011], ids=["on-gpu", "cpu-offload"])
+def test_full_on_8_gpus_is_fsdp_with_weight_gathers_on_the_wire(prof, vram):
+    plan = tiny_plan(prof, gpus=8, method="full", vram_gib=vram)
     n, g = 8, plan.shape.grad_accum
     assert plan.shard_state and plan.world == 8
     assert_within_budget(plan, prof)
@@ -198,6 +199,12 @@ def test_full_on_8_gpus_is_fsdp_with_weight_gathers_on_the_wire(prof):
     assert ph.static["grads"] == sum(2 * -(-layer_params(TINY, i) // n) for i in on_gpu)
     assert ph.static["weights"] == sum(2 * -(-layer_params(TINY, i) // n)
                                        for i, p in enumerate(plan.placements) if p.weights == "gpu")
+    if vram < 0.02:   # CPU offload: each of the node's 8 ranks keeps its shards of state, gradients, weights in RAM
+        assert all(p.master == "cpu" for p in plan.placements)
+        host = memory.host_breakdown(plan, build_schedule(plan, prof).sizes)
+        shards = [-(-layer_params(TINY, i) // n) for i in range(TINY.layers + 2)]
+        assert host["trained_layers"] == 8 * sum((12 + 4) * p for p in shards)
+        assert host["pinned_weights"] == 8 * sum(2 * shards[p.layer] for p in plan.placements if p.weights == "cpu")
 
 
 def test_old_plan_files_load(tmp_path, prof):
