@@ -248,6 +248,21 @@ def test_the_acceptance_cluster_plans(tmp_path, capsys, args):
     assert "cluster:" in text and "per node" in text and "on the wire" in text
 
 
+def test_7b_fsdp_on_8_gpus_sends_two_gathers_and_a_reduce_scatter_of_every_layer(tmp_path, capsys):
+    cfg = CATALOG["7b"]
+    out = tmp_path / "full.json"
+    code, text, err = plan_cli(capsys, "--model", "7b", "--gpu", "rtx4090", "--gpus", "8", "--method", "full",
+                               "--out", str(out))
+    assert code == 0, err
+    p = load_plan(str(out))
+    assert p.method == "full" and p.world == 8 and "FSDP" in text
+    assert all(ph.peak_vram_bytes <= p.budget_bytes - p.reserve_bytes for ph in p.predicted.phases)
+    layers = [2 * layer_params(cfg, i) for i in range(cfg.layers + 2)]
+    want = p.shape.grad_accum * sum(2 * ring("all_gather", s, 8) + ring("reduce_scatter", s, 8) for s in layers)
+    assert p.predicted.wire_bytes_per_step == want
+    assert want > 3 * 0.87 * 2 * 6.7e9   # about three times the bf16 model, 7/8 of it each time
+
+
 @pytest.mark.parametrize("bad", [["--gpus", "0"], ["--gpus", "8", "--nodes", "3"], ["--gpus", "2", "--nodes", "4"],
                                  ["--gpus", "4", "--nodes", "2", "--interconnect", "carrier-pigeon"],
                                  ["--gpus", "4", "--nodes", "2", "--interconnect-gbps", "-1"],
