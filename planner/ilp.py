@@ -36,6 +36,17 @@ and of block j (trainable sizes) + the head's + block j's optimizer state and gr
 <= budget - reserve. Host RAM and NVMe likewise, each within its tier's usable capacity. Every byte rule here
 (bytes per tensor class, the transient reserve, what host RAM holds) is planner.memory's, written over the counts.
 
+Clusters (Problem.cluster, data parallel over N ranks). Each rank is priced on its share of its node
+(planner.cluster.rank_hardware: host bandwidths and the CPU optimizer divided among the node's ranks). A trained
+layer adds, per step, the reduction of its gradient (pricing.reduce_seconds: an all-reduce, or a reduce-scatter
+with sharded state) beyond the one backward it overlaps (pricing.exposed_reduce_seconds), and every phase the rest
+of its lowest layer's, which nothing hides (pricing.bottom_reduce_seconds): both linear. Whether the block's
+master and moments are sharded is a state choice like the tier (State, state_choices): sharded, each rank steps
+and holds shard_params(p, N) of every layer and all-gathers the updated weights. Host RAM and NVMe are constrained
+per node: the ranks' buffers times the ranks a node, the frozen weights streamed from it once. Full-parameter
+training on N ranks is FSDP: every layer's weights, gradients and state sharded, every pass gathering the layer
+(the schedule's gather_weights / reduce_grads ops, priced in each pass at the net stream's busiest-stream share).
+
 What the ILP simplifies (the simulator is the reference): per-pass max() instead of an event timeline, and a
 transient reserve that assumes the largest workspace, two in-flight saved sets and one optimizer temporary at
 once. The schedule's memory replay checks the result; the planner tightens and solves again if it overflows.

@@ -126,6 +126,23 @@ def test_auto_sharding_is_the_better_of_on_and_off(prof):
     assert auto.predicted.tokens_per_s >= max(rates.values()) * (1 - 2e-3)
 
 
+def test_the_searchs_cheap_bound_is_below_every_cluster_subproblems_optimum(prof):
+    """The search prunes on ilp.lower_bound; with the network and sharding priced it must stay a lower bound."""
+    from planner import ilp
+    from planner.planning import _problem
+    for req in (Request(seq_len=64, batch=8, gpus=4, nodes=2, interconnect_gbps=1e-3),
+                Request(seq_len=64, batch=8, gpus=4, shard_state=None)):
+        pb = _problem(prof, make_hardware(gpu="rtx4090", host_ram_gib=8), req, 1, int(0.04 * (1 << 30)))
+        assert len(ilp.state_choices(pb)) == 2 * len(memory.tiers(pb.hw))   # each tier, sharded or not
+        for choice in ilp.state_choices(pb):
+            for u in range(1, TINY.layers + 1):
+                sol = ilp.solve(pb, u, choice, work_limit=5.0)
+                if sol is not None and sol.status == "OPTIMAL":
+                    # (the solver's objective is rounded: each cost to 1/2000 of the dearest layer pass)
+                    assert ilp.lower_bound(pb, u, choice) <= sol.objective_s * (1 + 2e-3)
+                    assert sol.shard is choice.shard
+
+
 def test_a_node_holds_streamed_weights_once_and_every_rank_its_own_buffers(prof):
     plan = tiny_plan(prof, gpus=8, vram_gib=0.011, host_ram_gib=8)
     assert_within_budget(plan, prof)
