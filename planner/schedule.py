@@ -207,7 +207,7 @@ def pass_ops(b: Builder, pl: Placement, sz: LayerSizes, role_: str, pass_: str, 
         made = c
         if n > 1 and role_ == "active":
             made = b.emit(name=f"reduce {tag}", kind="reduce_grads", stream="net", layer=sz.index, micro_batch=mb,
-                          bytes=sz.param_bytes, tier=pl.grads, collective="reduce_scatter",
+                          bytes=sz.param_bytes, tier=Tier.GPU, collective="reduce_scatter",   # before any offload
                           free_bytes=sz.param_bytes - (g_shard if grads_off else 0), mem_class="activations",
                           deps=(c,))
             b.grads.setdefault(sz.index, []).append(made)

@@ -113,9 +113,9 @@ def show_cluster(plan: Plan, c: Console) -> None:
     cl, pred = plan.cluster, plan.predicted
     links = []
     if cl.intra is not None:
-        links.append(f"within a node {cl.intra.name} {cl.intra.gbps:g} GB/s per GPU per direction")
+        links.append(f"within a node {cl.intra.name} {cl.intra.gbps:.3g} GB/s per GPU per direction")
     if cl.inter is not None:
-        links.append(f"between nodes {cl.inter.name} {cl.inter.gbps:g} GB/s per port x {cl.ports_per_node} "
+        links.append(f"between nodes {cl.inter.name} {cl.inter.gbps:.3g} GB/s per port x {cl.ports_per_node} "
                      f"port(s) a node")
     if plan.method == "full":
         how = "FSDP / ZeRO-3: weights, gradients and optimizer state sharded over every GPU"
