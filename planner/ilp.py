@@ -98,13 +98,29 @@ class State(NamedTuple):
     shard: bool
 
 
-def state_choices(pb: Problem) -> tuple:
-    """The optimizer-state choices a search enumerates for this problem: the tiers, and on a cluster (bcd) each
-    tier sharded or not, unless the request fixed it."""
+def _all_choices(pb: Problem) -> tuple:
     ts = memory.tiers(pb.hw)
     if pb.cluster.world <= 1 or pb.method == "full":
         return ts
     return tuple(State(t, s) for t in ts for s in ((False, True) if pb.shard is None else (pb.shard,)))
+
+
+def state_choices(pb: Problem) -> tuple:
+    """The optimizer-state choices a search enumerates for this problem: the tiers, and on a cluster (bcd) each
+    tier sharded or not, unless the request fixed it. An unsharded choice is left out when the sharded one on the
+    same tier dominates it: sharding never needs more memory (device, host or NVMe), so when no cost in its
+    tables is higher either (the 1/N optimizer step saves more than the all-gather adds, as with a CPU optimizer
+    shared by a node's ranks), its optimum is at least as good."""
+    choices = _all_choices(pb)
+    if pb.cluster.world <= 1 or pb.method == "full" or pb.shard is not None:
+        return choices
+    t, _ = _costs(pb)
+
+    def dominated(tier) -> bool:
+        on, off = State(tier, True), State(tier, False)
+        return all(t[k]["bottom"][on] <= t[k]["bottom"][off] and all(
+            a <= b for a, b in zip(t[k]["active"][on], t[k]["active"][off])) for k in t)
+    return tuple(c for c in choices if c.shard or not dominated(c.tier))
 
 
 def _state(choice) -> tuple[str, bool]:
@@ -174,7 +190,7 @@ def _price(pb: Problem, tiers: tuple[Tier, ...]):
         cs = combos(sz.kind, tiers)
         kw = dict(cluster=cl, fsdp=fs)
         active, bottom = {}, {}
-        for choice in state_choices(pb):
+        for choice in _all_choices(pb):
             tier, shard = _state(choice)
             shards = cl.world if shard or fs > 1 else 1
             r = reduce_seconds(sz, shard, cl) if cl.world > 1 and fs == 1 else 0.0

@@ -133,8 +133,10 @@ def test_the_searchs_cheap_bound_is_below_every_cluster_subproblems_optimum(prof
     for req in (Request(seq_len=64, batch=8, gpus=4, nodes=2, interconnect_gbps=1e-3),
                 Request(seq_len=64, batch=8, gpus=4, shard_state=None)):
         pb = _problem(prof, make_hardware(gpu="rtx4090", host_ram_gib=8), req, 1, int(0.04 * (1 << 30)))
-        assert len(ilp.state_choices(pb)) == 2 * len(memory.tiers(pb.hw))   # each tier, sharded or not
-        for choice in ilp.state_choices(pb):
+        choices = ilp._all_choices(pb)
+        assert len(choices) == 2 * len(memory.tiers(pb.hw))   # each tier, sharded or not
+        assert {c for c in choices if c.shard} <= set(ilp.state_choices(pb))   # the search drops only unsharded
+        for choice in choices:
             for u in range(1, TINY.layers + 1):
                 sol = ilp.solve(pb, u, choice, work_limit=5.0)
                 if sol is not None and sol.status == "OPTIMAL":
