@@ -100,6 +100,8 @@ class State(NamedTuple):
 
 def _all_choices(pb: Problem) -> tuple:
     ts = memory.tiers(pb.hw)
+    if _fsdp(pb) > 1:   # FSDP2 offloads to host memory only (runtime/fsdp.py)
+        return tuple(t for t in ts if t != Tier.NVME)
     if pb.cluster.world <= 1 or pb.method == "full":
         return ts
     return tuple(State(t, s) for t in ts for s in ((False, True) if pb.shard is None else (pb.shard,)))
@@ -345,6 +347,19 @@ def solve(pb: Problem, blocks: int, tier: str, *, work_limit: float = 10.0, time
     h = [m.new_bool_var(f"h{c}") for c in range(nh)]
     m.add_exactly_one(e)
     m.add_exactly_one(h)
+    if fs > 1:
+        # FSDP as torch runs it (runtime/fsdp.py): one offload policy for the whole model (CPUOffloadPolicy keeps
+        # the weight shards where the state is: weights on the state's tier) and no activation offload
+        def banned(c) -> bool:
+            return c[0] != tier or c[1] == Tier.CPU
+        for j in range(U):
+            for c in range(nc):
+                if banned(d["combos"][c]):
+                    m.add(mc[j][c] == 0)
+        for v, cs in ((e, E["combos"]), (h, H["combos"])):
+            for c in range(len(cs)):
+                if banned(cs[c]):
+                    m.add(v[c] == 0)
 
     # --- objective: scaled seconds per micro-batch over one cycle
     terms = [mc[j][c] * q(j * d["below"][c] + (U - 1 - j) * d["above"][c] + d["active"][choice][c]

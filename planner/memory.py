@@ -38,7 +38,9 @@ BCD's choice, `state_shards`) leaves each rank shard_params(p, N) of a layer's m
 tier; its gradients stay whole (reduced in place). Full-parameter training on N GPUs is FSDP / ZeRO-3 (`fsdp`):
 weights, gradients and state all sharded, so a GPU holds
     params x (2 + 2 + 12) / N  +  the gathered whole layers of the prefetch window  +  activations
-with the state (and the gradient shards) in host RAM instead when the plan offloads them.
+with the state (and the gradient shards) in host RAM instead when the plan offloads them. As torch's FSDP2 runs it
+(runtime/fsdp.py), the ILP keeps each layer's weight shards on its state's tier (one offload policy), offloads
+no activations (recompute instead) and puts nothing on NVMe.
 """
 from __future__ import annotations
 

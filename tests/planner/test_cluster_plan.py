@@ -202,6 +202,9 @@ def test_full_on_8_gpus_is_fsdp_with_weight_gathers_on_the_wire(prof, vram):
     n, g = 8, plan.shape.grad_accum
     assert plan.shard_state and plan.world == 8
     assert_within_budget(plan, prof)
+    # what FSDP2 runs (runtime/fsdp.py): one offload policy for the model (weight shards where the state is),
+    # no activation offload, nothing on NVMe
+    assert all(p.weights == p.master and p.activations != "cpu" and p.master != "nvme" for p in plan.placements)
     sizes = [2 * layer_params(TINY, i) for i in range(TINY.layers + 2)]
     # per micro-batch, every layer all-gathered for forward and again for backward, its gradient reduce-scattered
     want = g * sum(2 * ring("all_gather", s, n) + ring("reduce_scatter", s, n) for s in sizes)
