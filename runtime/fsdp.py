@@ -47,7 +47,6 @@ Not supported here: --trace and --nvme-dir (exit 2).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import signal
@@ -60,6 +59,7 @@ from planner.errors import UserError
 from planner.llama import LlamaModel
 from planner.memory import Tier
 from planner.plan import Plan
+from runtime import dist as rdist
 from runtime import model as rmodel
 from runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_hf_config
 from runtime.data import TokenData
@@ -96,21 +96,11 @@ def offloads(plan: Plan) -> bool:
     return any(t == Tier.CPU for p in plan.placements for t in (p.weights, p.master, p.moments, p.grads))
 
 
-def _process_group(world: World, target: Target):
-    """The default process group (gloo on the CPU, NCCL for CUDA tensors), unless the caller opened one."""
-    if dist.is_initialized():
-        return contextlib.nullcontext()
-    dist.init_process_group("cpu:gloo,cuda:nccl" if target.cuda else "gloo", rank=world.rank,
-                            world_size=world.size, timeout=datetime.timedelta(seconds=300))
-
-    @contextlib.contextmanager
-    def close():
-        try:
-            yield
-        finally:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
-    return close()
+def _peer_error(e: BaseException) -> bool:
+    """A collective that failed because the other side went away (gloo: connection closed or reset, a
+    timeout; NCCL: a watchdog or remote error), not a bug in this rank."""
+    text = str(e).lower()
+    return any(k in text for k in ("connection", "timed out", "timeout", "peer", "gloo", "nccl", "socket"))
 
 
 class FsdpTrainer:
@@ -388,7 +378,8 @@ def check_resume(plan: Plan, resume: str | None, cfg: TrainConfig, data: TokenDa
 
 
 def train(plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, resume: str | None = None,
-          allow_changes: bool = False, summary_path: str | None = None, unsupported: dict | None = None) -> int:
+          allow_changes: bool = False, summary_path: str | None = None, unsupported: dict | None = None,
+          timeout_seconds: float = rdist.DEFAULT_TIMEOUT_SECONDS) -> int:
     """`blockfit train` for a full plan on N ranks: check, open the process group, train, write the summary.
     `unsupported`: flags given that this path does not execute ({flag: value}), refused with exit 2."""
     check_plan(plan, world)
@@ -402,9 +393,17 @@ def train(plan: Plan, data: TokenData, cfg: TrainConfig, *, world: World, resume
     if torch.cuda.is_available() and not cfg.force_cpu:
         torch.cuda.set_device(world.local_rank)
     target = Target.detect(force_cpu=cfg.force_cpu)
-    with _process_group(world, target):
+    # An outer caller (a test harness) may have opened the group already; else runtime.dist owns it.
+    group = (contextlib.nullcontext() if dist.is_initialized()
+             else rdist.process_group(world, cuda=target.cuda, timeout_seconds=timeout_seconds))
+    with group:
         trainer = FsdpTrainer(plan, data, cfg, world=world, target=target, resume=ck)
-        code = trainer.run()
+        try:
+            code = trainer.run()
+        except (RuntimeError, dist.DistBackendError) as e:   # FSDP2's own collectives, when a peer is gone
+            if "nan" in str(e).lower() or not _peer_error(e):
+                raise
+            raise rdist.peer_lost(world, "an FSDP2 collective", e) from None
         if summary_path and world.leader:
             write_json(summary_path, trainer.summary())
     return code

@@ -165,7 +165,8 @@ class Trainer:
         """The phase's device bytes besides the weights (planner.memory's rule, at the runtime's sizes)."""
         numel = [lay.numel for lay in self.layouts]
         return memory.state_device_bytes(self.plan.placements, layers, numel,
-                                         [n * self.target.weight_dtype.itemsize for n in numel])
+                                         [n * self.target.weight_dtype.itemsize for n in numel],
+                                         shards=memory.state_shards(self.plan))
 
     def _enter(self, block: int, *, switch: bool) -> None:
         phase = self.schedule.phases[block]

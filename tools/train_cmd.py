@@ -175,9 +175,10 @@ def run(args) -> int:
                           dtype=args.data_dtype, order=args.data_order)
     guards.check_data(data, plan)
     if plan.method == "full" and plan.world > 1:  # full-parameter training on N ranks: FSDP2 (runtime/fsdp.py)
-        from runtime import dist, fsdp
-        return fsdp.train(plan, data, cfg, world=dist.from_env(), resume=args.resume, allow_changes=args.allow_changes,
-                          summary_path=args.summary, unsupported={"--trace": args.trace, "--nvme-dir": args.nvme_dir})
+        from runtime import fsdp
+        return fsdp.train(plan, data, cfg, world=world, resume=args.resume, allow_changes=args.allow_changes,
+                          summary_path=args.summary, unsupported={"--trace": args.trace, "--nvme-dir": args.nvme_dir},
+                          timeout_seconds=timeout_s)
     resume = guards.check_resume(plan, args.resume, args.ckpt_dir)
     if resume is not None:
         changed = guards.check_settings(resume, train_settings(cfg, data), steps=cfg.steps,
