@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from dataclasses import dataclass
 
 from planner import ilp, memory, wear
+from planner.bounds import resource_bound
 from planner.cluster import Cluster, collective_seconds, make_cluster, rank_hardware, wire_bytes
 from planner.costs import layer_sizes
 from planner.errors import UserError
@@ -50,6 +52,12 @@ class Request:
 # on a 24 GiB card optimal, and for every row of benchmarks/plan_quality.py to come within 99% of the best
 # over an exhaustive scan of block counts (8B on a 40 GiB A100 needs the most)
 WORK_LIMIT = 1.6
+
+# past a quarter of its work budget, the search stops solving once the best plan is within this fraction of
+# every bound left (the plan reports the gap that remains). Before, it closes the gap (7B: proven optimal with
+# a tenth of the budget); 70B's neighbouring block counts differ by less than this and CP-SAT leaves gaps of
+# this order on each, so closing them took all of the budget for differences the cost model cannot tell apart
+GAP_TOLERANCE = 0.005
 
 
 def work_limit(req: Request, prof: ModelProfile) -> float:
@@ -170,7 +178,8 @@ def score(cost_s: float, blocks: int, objective: str) -> float:
     return cost_s / blocks if objective == "tokens" else cost_s
 
 
-def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search | None:
+def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
+           gap_tolerance: float = GAP_TOLERANCE, tight_bounds: bool = True) -> Search | None:
     """Every micro-batch candidate x state tier x block count, as separate CP-SAT problems: branch and bound,
     best first.
 
@@ -180,13 +189,18 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
 
     Every subproblem is queued under a cheap valid lower bound (ilp.lower_bound, divided by the block count
     for the tokens objective: of the form a + b/U + c*U, not monotone in U, so each count gets its own).
-    The smallest is popped and solved with a small amount of work; unless that proves it, it goes back under
-    the solver's own bound (the LP relaxation's, much tighter than the cheap one) with four times the work for
-    next time. The search ends when the smallest bound left cannot beat the best plan (proven optimal), or the
-    work budget is spent with a plan in hand (the smallest bound left is then the reported bound).
+    The first time one is popped it goes back under bounds.resource_bound (tight_bounds), which prices the
+    memory that forces dearer placements (a few milliseconds, where the cheap bound is 10-25% loose and a solve
+    costs a tenth of a second); most subproblems are never solved once that bound is in the queue. Popped a
+    second time, it is solved with a small amount of work; unless that proves it, it goes back under the
+    solver's own bound (the LP relaxation's) with four times the work for next time. The search stops solving
+    when the smallest bound left cannot beat the best plan (proven optimal), when it is within gap_tolerance of
+    it and a quarter of the work budget is spent, or when all of it is spent with a plan in hand; the smallest
+    bound left (tightened, as far as a few dozen resource bounds go) is then the reported bound.
     Finer partitions never need more memory, so feasibility is monotone in the block count: an infeasible
-    count rules out the smaller ones of its family (for the cycle objective, which pops the fewest blocks
-    first, a bisection for the fewest feasible blocks does that up front)."""
+    count rules out the smaller ones of its family. For the tokens objective a family (micro-batch, state
+    tier, layout) checks its finest partition once, before its first count is solved; for the cycle objective,
+    which pops the fewest blocks first, a bisection for the fewest feasible blocks does that up front."""
     n = prof.n_decoder
     started = time.perf_counter()
     obj = req.objective
@@ -222,6 +236,26 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
     def bound(mb, u, tier) -> float:
         return score(ilp.lower_bound(problems[mb], u, tier[0]) * accum(req, mb), u + sum(tier[1]), obj)
 
+    tightened = set()                 # subproblems queued under bounds.resource_bound, not the cheap bound
+
+    def fits(mb, k, tier) -> bool:
+        """Any feasible plan with k blocks? (An undecided check counts as feasible.)"""
+        return run(mb, k, tier, 2 * first * _size(problems[mb], k), feasibility=True) is not None
+
+    def tighten(lb, mb, tier, u, work) -> bool:
+        """Queue a subproblem again under the tighter bound, if it is the first time and it is tighter."""
+        tightened.add((mb, tier, u))
+        if not tight_bounds:
+            return False
+        g, blocks = req.batch // mb, u + sum(tier[1])
+        # enough to rule it out: what the best plan scores, as this subproblem's cost
+        enough = math.inf if best is None else best[0] * (blocks if obj == "tokens" else 1) / g
+        tight = score(resource_bound(problems[mb], u, tier[0], enough=enough) * g, blocks, obj)
+        if tight > lb:
+            heapq.heappush(frontier, (tight, mb, tier, u, work))
+            return True
+        return False
+
     frontier = []                     # (bound, mb, tier, u, work for its next solve); u == 0: a family to bisect
     for mb in problems:
         # the state tier, and where a trained embedding and head go (ilp.layouts): separate families
@@ -229,6 +263,8 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
             frontier.append((min(bound(mb, u, tier) for u in counts), mb, tier, 0, 0.0))
     heapq.heapify(frontier)
     left = None                       # the smallest bound not closed when the search stops
+    spare = [64]                      # bounds still to tighten once done (for a tighter reported gap)
+    unchecked = set()                 # families whose finest partition has not been checked yet
     dropped = []                      # bounds of subproblems the safety net left unfinished
     while frontier:
         lb, mb, tier, u, work = heapq.heappop(frontier)
@@ -238,17 +274,36 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int) -> Search |
             break  # every subproblem left is bounded at least as high
         if wall_left() <= 0:
             stats["capped"] = True
-        if best is not None and (stats["capped"] or stats["work"] >= budget):
+        # done: no more solves (out of work, or the best plan is within gap_tolerance of every bound left);
+        # the smallest bound left is the reported one, and tightening it costs no solve
+        done = best is not None and (stats["capped"] or stats["work"] >= budget
+                                     or (lb >= best[0] * (1 - gap_tolerance) and stats["work"] >= budget / 4))
+        if done and (stats["capped"] or spare[0] <= 0):
             left = lb
             break
-        if u == 0:  # a family's first turn: does its finest partition fit at all (and, cycle: bisect)?
-            def fits(k, mb=mb, tier=tier):
-                return run(mb, k, tier, 2 * first * _size(problems[mb], k), feasibility=True) is not None
-            fewest = (_fewest_blocks(fits, counts) if obj == "cycle" or len(counts) == 1
-                      else counts[0] if fits(counts[-1]) else None)
+        if u == 0 and (done or (obj == "tokens" and len(counts) > 1)):
+            # a family's counts, under their cheap bounds; whether its finest partition fits at all is checked
+            # before the first of them is solved (most families never get there once the bounds are tight)
+            for k in counts:
+                heapq.heappush(frontier, (bound(mb, k, tier), mb, tier, k, first * _size(problems[mb], k)))
+            unchecked.add((mb, tier))
+            continue
+        if u and (mb, tier, u) not in tightened:
+            spare[0] -= done
+            if tighten(lb, mb, tier, u, work):
+                continue
+        if done:
+            left = lb
+            break
+        if u == 0:  # cycle: bisect a family for its fewest feasible blocks (which also checks its finest)
+            fewest = _fewest_blocks(lambda k, mb=mb, tier=tier: fits(mb, k, tier), counts)
             for k in counts[counts.index(fewest):] if fewest is not None else []:
                 heapq.heappush(frontier, (bound(mb, k, tier), mb, tier, k, first * _size(problems[mb], k)))
             continue
+        if (mb, tier) in unchecked:
+            unchecked.discard((mb, tier))
+            if not fits(mb, counts[-1], tier):
+                continue   # nothing of this family fits (run() marked every count infeasible)
         if best is not None:  # the last solves share out what is left of the budget
             work = min(work, max(first, budget - stats["work"]))
         sol = run(mb, u, tier, work)

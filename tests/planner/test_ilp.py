@@ -13,11 +13,12 @@ import itertools
 import pytest
 
 from planner import ilp
+from planner.bounds import resource_bound
 from planner.costs import layer_sizes
 from planner.hardware import GIB, make_hardware
 from planner.memory import STATE_BYTES
-from planner.models import ModelConfig
-from planner.planning import Request, _assemble, candidates, make_plan, search
+from planner.models import CATALOG, ModelConfig
+from planner.planning import Request, _assemble, _problem, candidates, make_plan, search
 from planner.profile import profile_model
 from planner.schedule import build_schedule, memory_timeline
 
@@ -339,3 +340,47 @@ def test_infeasible_budget_names_smallest_feasible(prof):
     make_plan(CFG, make_hardware(gpu="rtx4090", vram_gib=need * 1.001), req, profile=prof)
     with pytest.raises(UserError):
         make_plan(CFG, make_hardware(gpu="rtx4090", vram_gib=need * 0.97), req, profile=prof)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("slack", [1.0, 1.15, 1.6])
+def test_resource_bound_is_below_every_enumerated_optimum(prof, prof2, case, slack):
+    """bounds.resource_bound, which the search prunes with, never exceeds the cheapest configuration that fits
+    for its micro-batch, state tier and number of decoder blocks (any embedding / head layout), by enumeration."""
+    hw_kw, req_kw, model = CASES[case]
+    p = {"t3": prof, "t2": prof2}.get(model) or _profile_t3v(tied=model == "t3vt")
+    hw = make_hardware(gpu="rtx4090", **hw_kw)
+    req = Request(seq_len=64, batch=2, steps_per_block=3, **req_kw)
+    if case not in _CONFIGS:
+        _CONFIGS[case] = configurations(p, hw, req)
+    configs = _CONFIGS[case]
+    cap = int(min(c[1] for c in configs) * 1024 * slack)
+    n = p.n_decoder
+    cheapest = {}
+    for cost, need, mb, starts, _, tier in configs:
+        if need > cap // 1024:
+            continue
+        own_e = req.train_embeddings and len(starts) > 1 and starts[1] == 1   # the embedding's block alone
+        own_h = req.train_embeddings and starts[-1] == n + 1
+        key = (mb, tier, len(starts) - own_e - own_h)
+        cheapest[key] = min(cheapest.get(key, float("inf")), cost)
+    assert cheapest
+    for (mb, tier, blocks), cost in cheapest.items():
+        pb = _problem(p, hw, req, mb, cap)
+        assert resource_bound(pb, blocks, tier) * (req.batch // mb) <= cost * (1 + 1e-9), (mb, tier, blocks)
+
+
+def test_resource_bound_prices_what_the_cheap_bound_leaves_out():
+    """7B at micro-batch 8 on a 24 GiB card: 2 GiB of saved activations per layer cannot stay on the device, and
+    offloading them all would take more than the 54 GiB of usable host RAM, so layers recompute. ilp.lower_bound
+    gives every layer its cheapest placement; the resource bound prices the memory and lands within a few
+    percent under the ILP's proven optimum."""
+    prof7 = profile_model(CATALOG["7b"])
+    hw = make_hardware(gpu="rtx4090", vram_gib=24)
+    req = Request()
+    pb = _problem(prof7, hw, req, 8, int(22.5 * GIB))
+    sol = ilp.solve(pb, 18, "gpu", work_limit=20)
+    assert sol.status == "OPTIMAL"
+    cheap, tight = ilp.lower_bound(pb, 18, "gpu"), resource_bound(pb, 18, "gpu")
+    assert tight <= sol.objective_s * (1 + 2e-3)   # the ILP's costs are rounded to 1/2000 of the dearest pass
+    assert cheap < 0.9 * sol.objective_s and tight > 0.93 * sol.objective_s
