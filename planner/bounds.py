@@ -36,10 +36,12 @@ from planner import ilp, memory
 from planner.memory import Tier, transient_bytes
 
 
-def resource_bound(pb: ilp.Problem, blocks: int, tier: str, *, enough: float = math.inf) -> float:
-    """A valid lower bound on the cycle cost of solve(pb, blocks, tier) (any `own`), at least ilp.lower_bound.
-    The search for prices stops once the bound reaches `enough` (what the caller needs to rule it out)."""
-    cheap = ilp.lower_bound(pb, blocks, tier)
+def resource_bound(pb: ilp.Problem, blocks: int, tier: str, *, enough: float = math.inf,
+                   cheap: float | None = None) -> float:
+    """A valid lower bound on the cycle cost of solve(pb, blocks, tier) (any `own`), at least ilp.lower_bound
+    (`cheap`, when the caller has it). The search for prices stops once the bound reaches `enough` (what the
+    caller needs to rule it out)."""
+    cheap = ilp.lower_bound(pb, blocks, tier) if cheap is None else cheap
     if pb.method == "full" or cheap == float("inf"):
         return cheap
     # twice the cheap bound is enough for any use: beyond, the relaxation is usually infeasible (its prices

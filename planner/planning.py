@@ -233,8 +233,15 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
                 best = (sc, mb, u + sum(tier[1]), sol)
         return sol
 
+    cheap = {}                        # ilp.lower_bound by (mb, blocks, state tier): each is asked for twice or more
+
+    def cheap_bound(mb, u, state) -> float:
+        if (mb, u, state) not in cheap:
+            cheap[(mb, u, state)] = ilp.lower_bound(problems[mb], u, state)
+        return cheap[(mb, u, state)]
+
     def bound(mb, u, tier) -> float:
-        return score(ilp.lower_bound(problems[mb], u, tier[0]) * accum(req, mb), u + sum(tier[1]), obj)
+        return score(cheap_bound(mb, u, tier[0]) * accum(req, mb), u + sum(tier[1]), obj)
 
     tightened = set()                 # subproblems queued under bounds.resource_bound, not the cheap bound
 
@@ -250,7 +257,8 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
         g, blocks = req.batch // mb, u + sum(tier[1])
         # enough to rule it out: what the best plan scores, as this subproblem's cost
         enough = math.inf if best is None else best[0] * (blocks if obj == "tokens" else 1) / g
-        tight = score(resource_bound(problems[mb], u, tier[0], enough=enough) * g, blocks, obj)
+        tight = score(resource_bound(problems[mb], u, tier[0], enough=enough,
+                                     cheap=cheap_bound(mb, u, tier[0])) * g, blocks, obj)
         if tight > lb:
             heapq.heappush(frontier, (tight, mb, tier, u, work))
             return True
