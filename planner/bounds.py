@@ -22,9 +22,14 @@ sum_i f(t_i) - lam_d * device room - lam_h * host room, for ANY prices: that is 
 well the prices are chosen. Block j from the top has U-1-j blocks below it, so each t in 0..U-1 is taken by
 one block's layers; with the largest block of s layers, the sum is smallest when every t gets one layer and
 the n-U others go, s-1 at most per t, to the smallest f(t). The bound is the minimum over s (which also sets
-the host bytes of the largest block) and the maximum over the prices found by a short golden-section search
-on each price in turn (the relaxation is concave in them). It is never below ilp.lower_bound: the larger of
-the two is returned.
+the host bytes of the largest block) at the best prices a short compass search finds (the relaxation is
+concave in them; `_maximise`), and never below ilp.lower_bound: the larger of the two is returned. Two cases
+are bounded apart and the smaller taken, as a solution is in one of them: some decoder layer streams (the
+device holds the two-layer window), or none does (only resident weights).
+
+Every byte rule here is the ILP's (planner.memory, as ilp.solve writes it over the counts): when solve()'s
+memory terms change, these must follow. tests/planner/test_ilp.py checks the bound against enumeration of
+every configuration of small models, and against the ILP's proven optimum on 7B.
 """
 from __future__ import annotations
 
@@ -37,10 +42,12 @@ from planner.memory import Tier, transient_bytes
 
 
 def resource_bound(pb: ilp.Problem, blocks: int, tier: str, *, enough: float = math.inf,
-                   cheap: float | None = None) -> float:
+                   cheap: float | None = None, prices: dict | None = None) -> float:
     """A valid lower bound on the cycle cost of solve(pb, blocks, tier) (any `own`), at least ilp.lower_bound
     (`cheap`, when the caller has it). The search for prices stops once the bound reaches `enough` (what the
-    caller needs to rule it out)."""
+    caller needs to rule it out). `prices`: the caller's record of the prices found so far, where the next
+    block count of the same problem and tier starts its search (one per planner search, so that a bound, and
+    the plan, never depend on what the process computed before)."""
     cheap = ilp.lower_bound(pb, blocks, tier) if cheap is None else cheap
     if pb.method == "full" or cheap == float("inf"):
         return cheap
@@ -89,23 +96,18 @@ def resource_bound(pb: ilp.Problem, blocks: int, tier: str, *, enough: float = m
     for dev_room, keep in cases:
         cols = [np.array([v[i] for i in keep], dtype=float) for v in (a, b, dev0, dev1, host)]
         key = (id(pb), tier, dev_room)   # the problem itself is kept with its prices: its id cannot be reused
+        prices = {} if prices is None else prices
         fn = _Relaxed(*cols, dev_room=dev_room, host_room=host_room, layer_host=layer_host, n=n, u=u,
                       s_lo=s_lo, s_hi=int(s_hi))
         scale = (max(a) * u / max(1, max(dev0 + dev1)), max(a) * u / max(1, max(host)))
         home = (math.log10(scale[0]) - 1, math.log10(scale[1]) - 1)
-        hit = _PRICES.get(key)
+        hit = prices.get(key)
         warm = bool(hit and hit[0] is pb)
         value, at = _maximise(fn, hit[1] if warm else home, home, step=0.25 if warm else 1.0,
                               enough=enough - ends)
-        _PRICES[key] = (pb, at)
+        prices[key] = (pb, at)
         worst = min(worst, value + ends)
-    if len(_PRICES) > 256:
-        _PRICES.clear()
     return max(cheap, worst)
-
-
-# the best prices found for a problem, tier and case: the next block count starts its search there
-_PRICES: dict[tuple, tuple[ilp.Problem, tuple[float, float]]] = {}
 
 
 class _Relaxed:

@@ -244,6 +244,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
         return score(cheap_bound(mb, u, tier[0]) * accum(req, mb), u + sum(tier[1]), obj)
 
     tightened = set()                 # subproblems queued under bounds.resource_bound, not the cheap bound
+    prices = {}                       # resource_bound's prices, from one block count to the next
 
     def fits(mb, k, tier) -> bool:
         """Any feasible plan with k blocks? (An undecided check counts as feasible.)"""
@@ -257,21 +258,21 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
         g, blocks = req.batch // mb, u + sum(tier[1])
         # enough to rule it out: what the best plan scores, as this subproblem's cost
         enough = math.inf if best is None else best[0] * (blocks if obj == "tokens" else 1) / g
-        tight = score(resource_bound(problems[mb], u, tier[0], enough=enough,
-                                     cheap=cheap_bound(mb, u, tier[0])) * g, blocks, obj)
+        tight = score(resource_bound(problems[mb], u, tier[0], enough=enough, cheap=cheap_bound(mb, u, tier[0]),
+                                     prices=prices) * g, blocks, obj)
         if tight > lb:
             heapq.heappush(frontier, (tight, mb, tier, u, work))
             return True
         return False
 
-    frontier = []                     # (bound, mb, tier, u, work for its next solve); u == 0: a family to bisect
+    frontier = []                     # (bound, mb, tier, u, work for its next solve); u == 0: a family not expanded
     for mb in problems:
         # the state tier, and where a trained embedding and head go (ilp.layouts): separate families
         for tier in [(t, own) for t in ilp.state_choices(problems[mb]) for own in ilp.layouts(problems[mb])]:
             frontier.append((min(bound(mb, u, tier) for u in counts), mb, tier, 0, 0.0))
     heapq.heapify(frontier)
     left = None                       # the smallest bound not closed when the search stops
-    spare = [64]                      # bounds still to tighten once done (for a tighter reported gap)
+    spare = 64                        # bounds still to tighten once done (for a tighter reported gap)
     unchecked = set()                 # families whose finest partition has not been checked yet
     dropped = []                      # bounds of subproblems the safety net left unfinished
     while frontier:
@@ -286,7 +287,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
         # the smallest bound left is the reported one, and tightening it costs no solve
         done = best is not None and (stats["capped"] or stats["work"] >= budget
                                      or (lb >= best[0] * (1 - gap_tolerance) and stats["work"] >= budget / 4))
-        if done and (stats["capped"] or spare[0] <= 0):
+        if done and (stats["capped"] or spare <= 0):
             left = lb
             break
         if u == 0 and (done or (obj == "tokens" and len(counts) > 1)):
@@ -297,7 +298,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
             unchecked.add((mb, tier))
             continue
         if u and (mb, tier, u) not in tightened:
-            spare[0] -= done
+            spare -= done
             if tighten(lb, mb, tier, u, work):
                 continue
         if done:
