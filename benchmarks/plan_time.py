@@ -1,6 +1,6 @@
 """Wall time of the `plan` command, process start included, for the catalog models (median of --runs).
 
-    python benchmarks/plan_time.py [--runs 3]
+    python benchmarks/plan_time.py [--runs 3] [--models 7b,70b]
 
 Each run is a fresh process, as a user types it. Profiles of catalog models ship with the package, so no
 torch import happens; a model profiled for the first time (a local config.json) costs about 3 s more once.
@@ -29,11 +29,12 @@ CASES = [
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--models", default=",".join(m for m, _ in CASES), help="comma-separated (default: all)")
     a = ap.parse_args()
     exe = os.path.join(os.path.dirname(sys.executable), "plan")
     print(f"{'model':6} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s':>6}  {'gap':>6}  {'CP-SAT s':>8}  "
           f"{'work':>6}  subproblems")
-    for model, args in CASES:
+    for model, args in [c for c in CASES if c[0] in a.models.split(",")]:
         walls, cpus, report = [], [], None
         for _ in range(a.runs):
             t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
