@@ -49,13 +49,13 @@ def resource_bound(pb: ilp.Problem, blocks: int, tier: str, *, enough: float = m
     block count of the same problem and tier starts its search (one per planner search, so that a bound, and
     the plan, never depend on what the process computed before)."""
     cheap = ilp.lower_bound(pb, blocks, tier) if cheap is None else cheap
-    if pb.method == "full" or cheap == float("inf"):
-        return cheap
+    if pb.method == "full" or cheap == float("inf") or pb.cluster.world > 1:
+        return cheap   # clusters (sharded states, a node's host RAM shared by its ranks) keep the cheap bound
     # twice the cheap bound is enough for any use: beyond, the relaxation is usually infeasible (its prices
     # grow without end) and the search for them would walk to its reach
     enough = min(enough, 2 * cheap)
     t, tiers = ilp._costs(pb)
-    d, e, h = t["decoder"], t["embedding"], t["head"]
+    d = t["decoder"]
     n = sum(1 for s in pb.sizes if s.kind == "decoder")
     u = blocks
     if u < 1 or u > n:
@@ -65,9 +65,7 @@ def resource_bound(pb: ilp.Problem, blocks: int, tier: str, *, enough: float = m
     state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier)
     transient = transient_bytes(pb.sizes, tier)
     nvme = Tier.NVME in tiers
-    ends = u * (min(e["below"]) + min(h["above"]))
-    if pb.train_embeddings:  # as ilp.lower_bound: each trained in one phase, its cheapest way
-        ends = ((u - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][tier]) + min(h["active"][tier]))
+    ends = ilp.ends_bound(pb, u, tier)
     # per combination: cost a + t*b of a layer above the block in t phases; device bytes in the bottom phase
     # above it (dev1) and in it (dev0); host bytes
     cs = d["combos"]

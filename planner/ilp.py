@@ -236,6 +236,19 @@ def _bottoms(t, choice, phases: int, own_e: bool, own_h: bool, te: bool, full: b
     return e + own_h * h + (phases - 1 - own_h) * d
 
 
+def ends_bound(pb: Problem, blocks: int, choice) -> float:
+    """A lower bound on a cycle's seconds outside the decoder layers' passes and steps: the embedding and the
+    head (each trained in one phase, its cheapest way, when they train) and the reductions no backward hides."""
+    t, _ = _costs(pb)
+    d, e, h = t["decoder"], t["embedding"], t["head"]
+    u = blocks
+    if pb.train_embeddings:  # each trained in one phase (its own or a decoder block's), cheapest way
+        return ((u - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][choice])
+                + min(h["active"][choice]) + (u - 1) * d["bottom"][choice]
+                + min(d["bottom"][choice], e["bottom"][choice]))
+    return u * (min(e["below"]) + min(h["above"])) + u * d["bottom"][choice]
+
+
 def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     """A valid lower bound on the cycle cost with `blocks` blocks and the optimizer state on `tier`.
 
@@ -268,12 +281,7 @@ def lower_bound(pb: Problem, blocks: int, tier: str) -> float:
     w = max(1, sd.param_bytes)
     state = memory.trained_layer_device_bytes(sd.params, sd.param_bytes, tier, shards, grad_shards)  # a layer
     room = pb.cap_bytes - transient_bytes(pb.sizes, tier)
-    ends = u * (min(e["below"]) + min(h["above"])) + u * d["bottom"][choice]
-    if pb.train_embeddings:  # each trained in one phase (its own or a decoder block's), cheapest way
-        ends = ((u - 1) * (min(e["below"]) + min(h["above"])) + min(e["active"][choice])
-                + min(h["active"][choice]) + (u - 1) * d["bottom"][choice]
-                + min(d["bottom"][choice], e["bottom"][choice]))
-    fixed = ends + n * active
+    fixed = ends_bound(pb, u, choice) + n * active
     best = float("inf")
     # with no device state, s costs nothing: the largest s (the smallest chain) is the minimum
     for s in ([n - u + 1] if state == 0 else range(-(-n // u), n - u + 2)):

@@ -255,7 +255,7 @@ def search(prof: ModelProfile, hw: Hardware, req: Request, cap: int, *,
         tightened.add((mb, tier, u))
         if not tight_bounds:
             return False
-        g, blocks = req.batch // mb, u + sum(tier[1])
+        g, blocks = accum(req, mb), u + sum(tier[1])
         # enough to rule it out: what the best plan scores, as this subproblem's cost
         enough = math.inf if best is None else best[0] * (blocks if obj == "tokens" else 1) / g
         tight = score(resource_bound(problems[mb], u, tier[0], enough=enough, cheap=cheap_bound(mb, u, tier[0]),
