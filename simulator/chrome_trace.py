@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import json
 
-from planner.costs import STREAMS, op_seconds
 from planner.plan import write_atomic
-from planner.tracefmt import PID, TIDS, header, step_track
+from planner.tracefmt import PID, STEPS_TID, TIDS, header, step_track
+from simulator.engine import STREAMS, durations
+
+# The network's track: planner/tracefmt.py's where it has one, else one after the steps track
+NET_TID = TIDS.get("net", STEPS_TID + 1)
+
+
+def _tid(stream: str) -> int:
+    return NET_TID if stream == "net" else TIDS[stream]
 
 
 def _event(op, ts_s: float, dur_s: float, step: int, block: int) -> dict:
-    return {"name": op.name, "cat": op.kind, "ph": "X", "pid": PID, "tid": TIDS[op.stream],
+    return {"name": op.name, "cat": op.kind, "ph": "X", "pid": PID, "tid": _tid(op.stream),
             "ts": round(ts_s * 1e6, 3), "dur": round(dur_s * 1e6, 3),
             "args": {"id": op.id, "kind": op.kind, "layer": op.layer, "bytes": op.bytes, "step": step,
                      "block": block}}
@@ -27,6 +34,10 @@ def _event(op, ts_s: float, dur_s: float, step: int, block: int) -> dict:
 def trace_events(sim) -> list[dict]:
     """Metadata events naming the process and the tracks, then every op of one step of every phase."""
     events = header("blockfit")
+    if "net" not in TIDS and sim.plan.world > 1:
+        events += [{"name": "thread_name", "ph": "M", "pid": PID, "tid": NET_TID, "args": {"name": "net"}},
+                   {"name": "thread_sort_index", "ph": "M", "pid": PID, "tid": NET_TID,
+                    "args": {"sort_index": NET_TID}}]
     by_block = {p.block: p for p in sim.phases}
     sched = {ph.block: ph for ph in sim.schedule.phases}
     t0 = 0.0
@@ -34,8 +45,8 @@ def trace_events(sim) -> list[dict]:
     for step, k in enumerate(sim.plan.block_order(0)):
         res, ph = by_block[k], sched[k]
         free = dict.fromkeys(STREAMS, t0)
-        for op in ph.switch_ops:  # no dependencies: each stream runs its share back to back
-            d = op_seconds(op, sim.hardware)
+        for op, d in zip(ph.switch_ops, durations(ph.switch_ops, sim.hardware)):
+            # no dependencies: each stream runs its share back to back
             events.append(_event(op, free[op.stream], d, -1, k))
             free[op.stream] += d
         t0 += res.switch_seconds

@@ -19,9 +19,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from planner.costs import STREAMS
 from planner.errors import UserError, read_json
 from planner.tracefmt import TIDS
+from simulator.network import STREAMS
 
 SWITCH_KINDS = ("load_state", "save_state")
 STEP_KEYS = ("step_seconds", "mean_step_seconds", "median_step_seconds", "step_s")

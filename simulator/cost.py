@@ -7,6 +7,10 @@ silicon, memory and host link with NVLink capped at 400 GB/s, which a single-GPU
 the figure as a stand-in. The A100 40GB gets no price: its dollar columns are empty, and its BCD-versus-full
 ratio (which needs no price: same GPU, same price) is still shown.
 
+A cluster of N GPUs costs N GPU-hours per hour: dollars = price per GPU-hour x N x hours, and its tokens per
+second count every rank's tokens. Network, storage and host prices are not counted (the catalog's per-GPU
+cloud prices include a share of the host they run in).
+
 "Tokens" are tokens processed by training steps: a step of micro_batch x seq_len x grad_accum tokens. In BCD
 each token trains one block, in full-parameter training every layer; the two are compared per token processed,
 as the BCD paper compares them at equal data.
@@ -43,18 +47,21 @@ def hourly_price(gpu: str) -> Price:
     return Price(gpu=gpu, per_hour=None, note=f"no price for the {g.name} in the catalog")
 
 
-def usd_per_billion_tokens(tokens_per_s: float, per_hour: float | None) -> float | None:
+def usd_per_billion_tokens(tokens_per_s: float, per_hour: float | None, gpus: int = 1) -> float | None:
+    """Dollars per 10^9 tokens on `gpus` GPUs at `per_hour` dollars per GPU-hour, processing `tokens_per_s` in all."""
     if per_hour is None or tokens_per_s <= 0:
         return None
-    return per_hour / 3600.0 / tokens_per_s * 1e9
+    return per_hour * gpus / 3600.0 / tokens_per_s * 1e9
 
 
-def token_budget(tokens: float, tokens_per_s: float, per_hour: float | None) -> tuple[float, float | None]:
-    """(seconds, dollars) to train on `tokens` tokens at `tokens_per_s`; dollars None without a price."""
+def token_budget(tokens: float, tokens_per_s: float, per_hour: float | None,
+                 gpus: int = 1) -> tuple[float, float | None]:
+    """(seconds, dollars) to train on `tokens` tokens at `tokens_per_s` on `gpus` GPUs; dollars None without
+    a price."""
     if tokens_per_s <= 0:
         return float("inf"), None
     seconds = tokens / tokens_per_s
-    return seconds, (None if per_hour is None else per_hour * seconds / 3600.0)
+    return seconds, (None if per_hour is None else per_hour * gpus * seconds / 3600.0)
 
 
 def human_seconds(s: float) -> str:

@@ -1,8 +1,10 @@
 """The discrete-event simulator: time one training step of a phase from its schedule, op by op.
 
-Every stream (compute, h2d, d2h, nvme_read, nvme_write, cpu_opt) is a FIFO queue that runs its ops in list
+Every stream (compute, h2d, d2h, nvme_read, nvme_write, cpu_opt, net) is a FIFO queue that runs its ops in list
 order, one at a time; an op starts when its stream is free and every op it depends on has finished, and lasts
-`planner.costs.op_seconds(op, hw)`, the one cost model the ILP also prices with. Because the schedule lists
+`planner.costs.op_seconds(op, hw)`, the one cost model the ILP also prices with; a collective on the `net` stream
+lasts `planner.cluster.collective_seconds` over the plan's cluster (simulator/network.py: one rank stands for
+all, and what a straggler or a slow link changes). Because the schedule lists
 every op after its dependencies and each stream keeps list order, the event loop collapses to one pass:
     start[i] = max(finish of the previous op on i's stream, finish of i's deps),  finish[i] = start[i] + dur[i]
 which is exactly what a queue-per-stream event simulation computes, at a few hundred nanoseconds per op.
@@ -22,19 +24,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.costs import STREAMS, op_seconds, overlapped_seconds
+from planner.cluster import SINGLE, Cluster
+from planner.costs import op_seconds, overlapped_seconds
 from planner.hardware import Hardware
 from planner.memory import plan_cap_bytes
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, Schedule, build_schedule
+from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, phase_wire_bytes
 
 MEM_CLASSES = ("weights", "master", "moments", "grads", "prefetch", "activations", "workspace")
 _STREAM_INDEX = {s: k for k, s in enumerate(STREAMS)}
 _CLASS_INDEX = {c: k for k, c in enumerate(MEM_CLASSES)}
 
 STREAM_WORDS = {"compute": "GPU compute", "h2d": "host-to-device link", "d2h": "device-to-host link",
-                "nvme_read": "NVMe reads", "nvme_write": "NVMe writes", "cpu_opt": "CPU optimizer"}
+                "nvme_read": "NVMe reads", "nvme_write": "NVMe writes", "cpu_opt": "CPU optimizer",
+                "net": "network"}
 
 
 def _work_words(stream: str, kind: str, tier: str) -> str:
@@ -49,6 +54,7 @@ def _work_words(stream: str, kind: str, tier: str) -> str:
         "write_weights": f"updated weights written back to {src}", "read_state": "optimizer state read from NVMe",
         "write_state": "optimizer state written to NVMe", "load_state": f"optimizer state loaded from {src}",
         "save_state": f"optimizer state saved to {src}", "evict": "evictions",
+        "reduce_grads": "gradients reduced over the ranks", "gather_weights": "updated weights gathered from the ranks",
     }.get(kind, kind)
 
 
@@ -66,6 +72,7 @@ class PhaseResult:
     peak_at_seconds: float
     peak_breakdown: dict               # bytes by class at the peak
     switch_seconds: float = 0.0        # moving optimizer state when the phase starts
+    wire_bytes: int = 0                # bytes one rank sends over the network in the step (simulator/network.py)
     start: tuple[float, ...] = ()      # per op, seconds from the step's start
     finish: tuple[float, ...] = ()
     memory_seconds: tuple[float, ...] = field(default=(), repr=False)  # memory timeline: times ...
@@ -81,6 +88,12 @@ class Simulation:
     phases: tuple[PhaseResult, ...]
     cycle_seconds: float
     tokens_per_s: float
+    skew: Skew = NOMINAL               # the straggler / slow-link what-if the simulation was run under
+
+    @property
+    def wire_bytes_per_step(self) -> float:
+        """Bytes one rank sends per optimizer step, a mean over the cycle (every phase trains as many steps)."""
+        return sum(p.wire_bytes for p in self.phases) / len(self.phases) if self.phases else 0.0
 
     @property
     def peak_bytes(self) -> int:
@@ -110,30 +123,43 @@ class Simulation:
                 "device_peak_bytes": self.peak_bytes,
                 "device_peak_bytes_by_phase": {str(p.block): p.peak_bytes for p in self.phases},
                 "cycle_seconds": self.cycle_seconds, "tokens_per_s": self.tokens_per_s,
+                "gpus": self.plan.world, "nodes": self.plan.cluster.nodes,
+                "tokens_per_s_per_gpu": self.tokens_per_s / self.plan.world,
+                "wire_bytes_per_step": self.wire_bytes_per_step,
+                "straggler": self.skew.straggler, "slow_link": self.skew.slow_link,
                 "phases": [{"block": p.block, "step_seconds": p.step_seconds, "switch_seconds": p.switch_seconds,
                             "peak_vram_bytes": p.peak_bytes, "utilisation": p.utilisation,
+                            "wire_bytes": p.wire_bytes,
                             "bottleneck": p.bottleneck} for p in self.phases]}
 
 
-def durations(ops, hw: Hardware, memo: dict | None = None) -> list[float]:
-    """op_seconds for every op; ops of identical size are priced once (decoder layers repeat)."""
+def durations(ops, hw: Hardware, memo: dict | None = None, *, cluster: Cluster = SINGLE,
+              skew: Skew = NOMINAL) -> list[float]:
+    """Seconds of every op (the straggler's, under `skew`: simulator/network.py); ops of identical size are
+    priced once (decoder layers repeat). A memo belongs to one (hw, cluster, skew)."""
     memo = {} if memo is None else memo
     out = []
     for op in ops:
-        key = (op.stream, op.kind, op.flops, op.tokens, op.traffic_bytes, op.bytes, op.params)
+        key = (op.stream, op.kind, op.flops, op.tokens, op.traffic_bytes, op.bytes, op.params, op.collective)
         d = memo.get(key)
         if d is None:
-            d = memo[key] = op_seconds(op, hw)
+            if op.stream == "net":
+                d = net_seconds(op, cluster, skew)
+            else:
+                d = op_seconds(op, hw) * (skew.straggler if op.stream == "compute" else 1.0)
+            memo[key] = d
         out.append(d)
     return out
 
 
-def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = None,
-                   keep_timeline: bool = True) -> PhaseResult:
-    """Simulate one step of `phase` on `hw`. `memo` shares priced durations across phases of one plan."""
+def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = None, keep_timeline: bool = True,
+                   cluster: Cluster = SINGLE, skew: Skew = NOMINAL) -> PhaseResult:
+    """Simulate one step of `phase` on `hw` and `cluster` (one rank standing for all; under `skew`, the
+    straggler's timeline, which every rank shares: simulator/network.py). `memo` shares priced durations across
+    phases of one plan."""
     ops = phase.ops
     n = len(ops)
-    dur = durations(ops, hw, memo)
+    dur = durations(ops, hw, memo, cluster=cluster, skew=skew)
     sidx = [_STREAM_INDEX[op.stream] for op in ops]
     start = [0.0] * n
     finish = [0.0] * n
@@ -166,7 +192,8 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
         block=phase.block, step_seconds=step, busy_seconds=dict(zip(STREAMS, busy)), utilisation=util,
         critical_path=tuple(path), critical_seconds=dict(zip(STREAMS, crit)),
         bottleneck=describe_bottleneck(ops, path, dur, crit, util), peak_bytes=peak, peak_at_seconds=peak_t,
-        peak_breakdown=breakdown, switch_seconds=switch_seconds(phase, hw), start=tuple(start),
+        peak_breakdown=breakdown, switch_seconds=switch_seconds(phase, hw),
+        wire_bytes=phase_wire_bytes(phase, cluster.world), start=tuple(start),
         finish=tuple(finish), memory_seconds=tuple(mt) if keep_timeline else (),
         memory_bytes=tuple(mb) if keep_timeline else ())
 
@@ -238,14 +265,16 @@ def _memory(phase: PhaseSchedule, start, finish, dur):
 
 
 def simulate(plan: Plan, hw: Hardware | None = None, *, profile: ModelProfile | None = None,
-             schedule: Schedule | None = None, keep_timeline: bool = True) -> Simulation:
-    """Simulate one step of every phase of `plan` on `hw` (default: the plan's own hardware) and the cycle:
-    every block trained steps_per_block steps, each phase preceded by its switch."""
+             schedule: Schedule | None = None, keep_timeline: bool = True, skew: Skew = NOMINAL) -> Simulation:
+    """Simulate one step of every phase of `plan` on `hw` (default: the plan's own hardware) and its cluster, and
+    the cycle: every block trained steps_per_block steps, each phase preceded by its switch. Tokens per second
+    count every rank's tokens (plan.shape.tokens_per_step)."""
     hw = hw or plan.hardware
     if schedule is None:
         schedule = build_schedule(plan, profile or profile_model(plan.model))
     memo: dict = {}
-    phases = tuple(simulate_phase(ph, hw, memo=memo, keep_timeline=keep_timeline) for ph in schedule.phases)
+    phases = tuple(simulate_phase(ph, hw, memo=memo, keep_timeline=keep_timeline, cluster=plan.cluster, skew=skew)
+                   for ph in schedule.phases)
     cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     return Simulation(plan=plan, hardware=hw, schedule=schedule, phases=phases, cycle_seconds=cycle,
-                      tokens_per_s=rate)
+                      tokens_per_s=rate, skew=skew)

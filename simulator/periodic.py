@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 
-from planner.costs import STREAMS
 from planner.hardware import Hardware
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
-from planner.schedule import PhaseSchedule, build_schedule
-from simulator.engine import PhaseResult, Simulation, describe_bottleneck, durations, simulate, simulate_phase
+from planner.schedule import PhaseSchedule, Schedule, build_schedule
+from simulator.engine import (
+    STREAMS,
+    PhaseResult,
+    Simulation,
+    describe_bottleneck,
+    durations,
+    simulate,
+    simulate_phase,
+)
+from simulator.network import NOMINAL, Skew
 
 PLAYED = 3
 
 
-def _extend(ph: PhaseSchedule, r: PhaseResult, extra: int, hw: Hardware, memo: dict) -> PhaseResult | None:
+def _extend(ph: PhaseSchedule, r: PhaseResult, extra: int, hw: Hardware, memo: dict, **net) -> PhaseResult | None:
     """The result for `extra` more micro-batches, or None when micro-batch 2 does not repeat micro-batch 1."""
     ops = ph.ops
     m1 = [i for i, op in enumerate(ops) if op.micro_batch == PLAYED - 2]
@@ -41,7 +49,7 @@ def _extend(ph: PhaseSchedule, r: PhaseResult, extra: int, hw: Hardware, memo: d
         if ops[i].kind != ops[j].kind or ops[i].layer != ops[j].layer or \
                 abs(r.start[j] - r.start[i] - d) > tol or abs(r.finish[j] - r.finish[i] - d) > tol:
             return None
-    dur = durations(ops, hw, memo)
+    dur = durations(ops, hw, memo, **net)
     shift = extra * d
     # the last micro-batch and the tail move by `shift`; the first micro-batches stay where they are
     late = max((r.finish[i] for i, op in enumerate(ops) if op.micro_batch in (PLAYED - 1, -1)), default=0.0)
@@ -67,24 +75,33 @@ def _extend(ph: PhaseSchedule, r: PhaseResult, extra: int, hw: Hardware, memo: d
                                bottleneck=words, start=(), finish=())
 
 
-def simulate_repeating(plan: Plan, hw: Hardware | None = None, *,
-                       profile: ModelProfile | None = None) -> Simulation:
-    """What simulate(plan, keep_timeline=False) gives, from a schedule of at most three micro-batches.
-    The result's schedule is the one played; its phases carry no per-op times or memory timeline."""
+def simulate_repeating(plan: Plan, hw: Hardware | None = None, *, profile: ModelProfile | None = None,
+                       skew: Skew = NOMINAL, schedule: Schedule | None = None) -> Simulation:
+    """What simulate(plan, keep_timeline=False, skew=skew) gives, from a schedule of at most three micro-batches.
+    The result's schedule is the one played; its phases carry no per-op times or memory timeline. `schedule`:
+    the played schedule when the caller has it (short_schedule; it does not depend on the cluster's layout or
+    links, only on the world size, so a search over layouts builds it once)."""
     hw = hw or plan.hardware
     prof = profile or profile_model(plan.model)
     g = plan.shape.grad_accum
     if g <= PLAYED:
-        return simulate(plan, hw, profile=prof, keep_timeline=False)
-    short = dataclasses.replace(plan, shape=dataclasses.replace(plan.shape, grad_accum=PLAYED))
-    sched = build_schedule(short, prof)
+        return simulate(plan, hw, profile=prof, schedule=schedule, keep_timeline=False, skew=skew)
+    sched = schedule or short_schedule(plan, prof)
     memo: dict = {}
+    net = dict(cluster=plan.cluster, skew=skew)
     phases = []
     for ph in sched.phases:
-        r = _extend(ph, simulate_phase(ph, hw, memo=memo, keep_timeline=False), g - PLAYED, hw, memo)
+        r = _extend(ph, simulate_phase(ph, hw, memo=memo, keep_timeline=False, **net), g - PLAYED, hw, memo, **net)
         if r is None:
-            return simulate(plan, hw, profile=prof, keep_timeline=False)
+            return simulate(plan, hw, profile=prof, keep_timeline=False, skew=skew)
         phases.append(r)
     cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     return Simulation(plan=plan, hardware=hw, schedule=sched, phases=tuple(phases), cycle_seconds=cycle,
-                      tokens_per_s=rate)
+                      tokens_per_s=rate, skew=skew)
+
+
+def short_schedule(plan: Plan, prof: ModelProfile) -> Schedule:
+    """The schedule simulate_repeating plays: the whole step's when it has at most PLAYED micro-batches."""
+    if plan.shape.grad_accum <= PLAYED:
+        return build_schedule(plan, prof)
+    return build_schedule(dataclasses.replace(plan, shape=dataclasses.replace(plan.shape, grad_accum=PLAYED)), prof)

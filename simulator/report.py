@@ -7,13 +7,13 @@ import os
 from rich.console import Console
 from rich.table import Table
 
-from planner.costs import STREAMS
 from planner.errors import UserError
 from planner.hardware import GIB
 from simulator.cost import hourly_price, human_seconds, token_budget
+from simulator.network import STREAMS
 
 SHORT = {"compute": "gpu", "h2d": "h2d", "d2h": "d2h", "nvme_read": "nvme r", "nvme_write": "nvme w",
-         "cpu_opt": "cpu opt"}
+         "cpu_opt": "cpu opt", "net": "net"}
 
 
 def console() -> Console:
@@ -43,6 +43,8 @@ def render_simulation(sim, console: Console, *, compare_planner: bool = True, ti
                   f"{' (calibrated)' if hw.calibrated else ''}; {len(plan.blocks)} block(s), micro-batch "
                   f"{s.micro_batch} x {s.grad_accum} accumulation x {s.seq_len} tokens, "
                   f"{plan.steps_per_block} steps per block")
+    if plan.world > 1 or sim.skew.straggler != 1.0:
+        console.print(cluster_line(sim))
     t = Table()
     t.add_column("phase", justify="right")
     t.add_column("layers")
@@ -77,6 +79,20 @@ def render_simulation(sim, console: Console, *, compare_planner: bool = True, ti
                   f"{plan.reserve_bytes / GIB:g} GiB reserve)" + ("" if over else ": fits"))
     for line in overflow_lines(sim):
         console.print(f"[red]{line}[/red]")
+
+
+def cluster_line(sim) -> str:
+    """The cluster, its links, the bytes on the wire and the what-if in force, in one sentence."""
+    plan, c = sim.plan, sim.plan.cluster
+    links = [f"{lk.name} {lk.gbps:g} GB/s" for lk in (c.intra, c.inter) if lk is not None]
+    out = (f"{plan.world} GPU(s) on {c.nodes} node(s)" + (f" ({', '.join(links)})" if links else "")
+           + f", data parallel{' with sharded optimizer state' if plan.shard_state else ''}; "
+           f"{sim.wire_bytes_per_step / 1e6:,.1f} MB sent per rank per step")
+    if sim.skew.straggler != 1.0:
+        out += f"; one straggler at {sim.skew.straggler:g}x compute (every rank waits for it at each collective)"
+    if sim.skew.slow_link != 1.0:
+        out += f"; network links {sim.skew.slow_link:g}x slower"
+    return out
 
 
 def overflow_lines(sim) -> list[str]:
@@ -128,30 +144,46 @@ def save_figure(fig, path: str) -> None:
         plt.close(fig)
 
 
+def _layout(r) -> str:
+    return f"{r.gpus}" if r.nodes == 1 else f"{r.nodes}x{r.gpus // r.nodes}"
+
+
 def render_sweep(rows, console: Console, *, tokens: float | None = None) -> None:
+    cluster = any(r.gpus > 1 for r in rows)
     t = Table(title="Sweep (each configuration planned, then simulated)")
-    for c, j in (("model", "left"), ("gpu", "left"), ("vram", "right"), ("method", "left"), ("mb", "right"),
-                 ("blocks", "right"), ("streamed", "right"), ("state", "left"), ("step s", "right"),
-                 ("tokens/s", "right"), ("peak GiB", "right"), ("$/h", "right"), ("$/B tok", "right")):
+    cols = [("model", "left"), ("gpu", "left")] + ([("GPUs", "right")] if cluster else []) + [
+        ("vram", "right"), ("method", "left"), ("mb", "right"), ("blocks", "right"), ("streamed", "right"),
+        ("state", "left"), ("step s", "right"), ("tokens/s", "right")]
+    cols += [("tok/s/GPU", "right"), ("scaling", "right"), ("wire MB/step", "right")] if cluster else []
+    cols += [("peak GiB", "right"), ("$/h", "right"), ("$/B tok", "right")]
+    for c, j in cols:
         t.add_column(c, justify=j)
     if tokens:
         t.add_column(f"time for {tokens:.3g} tok", justify="right")
         t.add_column("cost", justify="right")
     t.add_column("limited by / why not")
     for r in rows:
-        row = [r.model, r.gpu, f"{r.vram_gib:g}", r.method]
+        row = [r.model, r.gpu] + ([_layout(r)] if cluster else []) + [f"{r.vram_gib:g}", r.method]
+        price = _money(None if r.price_per_hour is None else r.price_per_hour * r.gpus)
         if r.fits:
             row += [str(r.micro_batch), str(r.blocks), str(r.streamed_layers), r.state_tier, f"{r.step_seconds:.3g}",
-                    f"{r.tokens_per_s:,.0f}", f"{r.peak_gib:.1f}", _money(r.price_per_hour),
-                    _money(r.usd_per_btok, 0)]
+                    f"{r.tokens_per_s:,.0f}"]
+            if cluster:
+                eff = "-" if r.scaling_efficiency is None else f"{r.scaling_efficiency:.0%}"
+                row += [f"{r.tokens_per_s_per_gpu:,.0f}", eff, f"{r.wire_bytes_per_step / 1e6:,.1f}"]
+            row += [f"{r.peak_gib:.1f}", price, _money(r.usd_per_btok, 0)]
             if tokens:
-                secs, usd = token_budget(tokens, r.tokens_per_s, r.price_per_hour)
+                secs, usd = token_budget(tokens, r.tokens_per_s, r.price_per_hour, r.gpus)
                 row += [human_seconds(secs), _money(usd, 0)]
             row.append(r.limited_by)
         else:
-            row += ["-"] * 7 + [_money(r.price_per_hour), "-"] + (["-", "-"] if tokens else []) + [r.reason]
+            row += ["-"] * (10 if cluster else 7) + [price, "-"] + (["-", "-"] if tokens else []) + [r.reason]
         t.add_row(*row)
     console.print(t)
+    if cluster:
+        console.print("  GPUs: in all, or nodes x GPUs per node; $/h for all of them. Each GPU keeps the one-GPU "
+                      "shape (--batch per GPU); scaling: tokens/s per GPU over one GPU's; wire: bytes one rank "
+                      "sends per step.")
 
 
 def cost_rows(rows) -> list[dict]:
@@ -159,24 +191,25 @@ def cost_rows(rows) -> list[dict]:
     (the ratio of the two times, so it needs no price)."""
     pairs: dict[tuple, dict] = {}
     for r in rows:
-        pairs.setdefault((r.model, r.gpu, r.vram_gib), {})[r.method] = r
+        pairs.setdefault((r.model, r.gpu, r.vram_gib, r.gpus, r.nodes), {})[r.method] = r
     out = []
-    for (model, gpu, vram), d in pairs.items():
+    for (model, gpu, vram, gpus, nodes), d in pairs.items():
         bcd, full = d.get("bcd"), d.get("full")
         price = hourly_price(gpu)
         ratio = None
         if bcd and full and bcd.fits and full.fits and bcd.tokens_per_s > 0:
             ratio = full.tokens_per_s / bcd.tokens_per_s
-        out.append(dict(model=model, gpu=gpu, vram_gib=vram, price_per_hour=price.per_hour, price_note=price.note,
-                        bcd=bcd, full=full, ratio=ratio))
+        out.append(dict(model=model, gpu=gpu, vram_gib=vram, gpus=gpus, nodes=nodes, price_per_hour=price.per_hour,
+                        price_note=price.note, bcd=bcd, full=full, ratio=ratio))
     return out
 
 
 def render_costs(rows, console: Console) -> None:
     models = sorted({r.model for r in rows})
     t = Table(title=f"BCD versus full-parameter training, {', '.join(models)}: simulated cost per billion tokens")
-    for c in ("gpu", "vram", "$/h", "BCD tok/s", "BCD $/Btok", "full tok/s", "full $/Btok", "BCD/full",
-              "full limited by"):
+    cluster = any(r.gpus > 1 for r in rows)
+    for c in ("gpu",) + (("GPUs",) if cluster else ()) + ("vram", "$/h", "BCD tok/s", "BCD $/Btok", "full tok/s",
+                                                         "full $/Btok", "BCD/full", "full limited by"):
         t.add_column(c, justify="left" if c in ("gpu", "full limited by") else "right")
     notes = []
     for c in cost_rows(rows):
@@ -192,10 +225,12 @@ def render_costs(rows, console: Console) -> None:
         if c["price_note"]:
             notes.append(f"{c['gpu']}: {c['price_note']}")
         limit = full.limited_by if full and full.fits else (full.reason if full else "-")
-        t.add_row(c["gpu"] + ("" if len(models) == 1 else f" ({c['model']})"), f"{c['vram_gib']:g}", price,
+        where = [(bcd or full) and _layout(bcd or full)] if cluster else []
+        t.add_row(c["gpu"] + ("" if len(models) == 1 else f" ({c['model']})"), *where, f"{c['vram_gib']:g}", price,
                   *cells(bcd), *cells(full), "-" if c["ratio"] is None else f"{c['ratio']:.1%}", limit)
     console.print(t)
     for n in dict.fromkeys(notes):
         console.print(f"  * {n}")
     console.print("  BCD/full: BCD's cost per token as a share of full-parameter training's on the same GPU "
-                  "(the ratio of their times, so no price is needed).")
+                  "(the ratio of their times, so no price is needed)." + (" $/h is per GPU; $/Btok counts every GPU."
+                                                                           if cluster else ""))

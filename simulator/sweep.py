@@ -1,4 +1,10 @@
-"""Sweeps: a grid of models x GPUs x VRAM budgets (x methods), each configuration planned and simulated.
+"""Sweeps: a grid of models x GPUs x VRAM budgets (x methods) (x GPU counts x nodes), each configuration
+planned and simulated.
+
+Clusters scale weakly: `batch` is the sequences per optimizer step of each GPU, so a cluster of N trains N x
+batch sequences per step (the global batch the planner's Request takes) and every rank keeps the one-GPU
+shape. A configuration's per-GPU tokens/s over the one-GPU figure at the same shape is then its scaling
+efficiency: what the exposed communication costs (simulator/network.py); cost counts every GPU's hours.
 
 What one configuration costs decides how a sweep works. A CP-SAT solve takes 0.1 to 10 s, and 1,000
 configurations must finish in 30 s on 2 cores (60 ms each), so by default a configuration is planned by
@@ -17,6 +23,7 @@ simulations per distinct plan.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +54,9 @@ class Config:
     cpu_adam_params_per_s: float | None = None
     blocks: int | None = None   # BCD's block count fixed (default: the planner's choice)
     exact: bool = False
+    gpus: int = 1               # GPUs in all, data parallel (planner.cluster)
+    nodes: int = 1
+    interconnect: str | None = None   # between nodes (planner.cluster.INTERCONNECTS); None: the planner's default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,12 +80,37 @@ class Row:
     usd_per_btok: float | None = None
     price_note: str = ""
     planner: str = "fast"         # fast | ilp
+    gpus: int = 1
+    nodes: int = 1
+    tokens_per_s_per_gpu: float = 0.0
+    scaling_efficiency: float | None = None   # per-GPU tokens/s over the one-GPU figure at the same shape
+    wire_bytes_per_step: float = 0.0          # bytes one rank sends per optimizer step (mean over the cycle)
+    shard_state: bool = False
+
+
+def request_batch(batch_per_gpu: int, world: int) -> int:
+    """The planner's Request.batch for a cluster: the global batch, sequences per step over all ranks."""
+    return batch_per_gpu * world
+
+
+def layouts(counts: list[int], nodes: list[int]) -> list[tuple[int, int]]:
+    """(GPUs in all, nodes) pairs that split evenly, in the order given; a count below the nodes is skipped."""
+    for v in counts + nodes:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16:
+            raise UserError(f"--gpus and --nodes take positive whole numbers, got {v!r}.")
+    out = [(g, n) for g in counts for n in nodes if g % n == 0]
+    if not out:
+        raise UserError(f"no GPU count in --gpus {','.join(map(str, counts))} splits evenly over the nodes in "
+                        f"--nodes {','.join(map(str, nodes))}; give counts that are multiples of the node counts.")
+    return out
 
 
 def grid(models: list[str], gpus: list[str], vrams: list[float | None], methods: list[str], *, seq_len: int = 2048,
          batch: int = 8, host_ram_gib: float | None = None, cpu_adam_params_per_s: float | None = None,
-         blocks: int | None = None, exact: bool = False) -> list[Config]:
-    """Every combination, validated at the edge: unknown names raise UserError with a did-you-mean."""
+         blocks: int | None = None, exact: bool = False, counts: list[int] | None = None,
+         nodes: list[int] | None = None, interconnect: str | None = None) -> list[Config]:
+    """Every combination, validated at the edge: unknown names raise UserError with a did-you-mean.
+    `counts` x `nodes`: cluster layouts (GPUs in all, nodes; pairs that do not split evenly are left out)."""
     known_gpus = gpu_names()
     for g in gpus:
         if g not in known_gpus:
@@ -94,9 +129,14 @@ def grid(models: list[str], gpus: list[str], vrams: list[float | None], methods:
     if blocks is not None and (blocks <= 0 or exact):
         raise UserError("--blocks must be a positive number of blocks, and works with the fast planner only "
                         "(the ILP chooses its own block count; --exact cannot fix it).")
+    lay = layouts(counts or [1], nodes or [1])
+    if interconnect is not None:
+        from planner.cluster import interconnect as link
+        link(interconnect)  # an unknown name: UserError with the known ones
     return [Config(model=m, gpu=g, vram_gib=v, method=me, seq_len=seq_len, batch=batch, host_ram_gib=host_ram_gib,
-                   cpu_adam_params_per_s=cpu_adam_params_per_s, blocks=blocks, exact=exact)
-            for m in models for g in gpus for me in methods for v in vrams]
+                   cpu_adam_params_per_s=cpu_adam_params_per_s, blocks=blocks, exact=exact, gpus=n, nodes=k,
+                   interconnect=interconnect)
+            for m in models for g in gpus for me in methods for v in vrams for n, k in lay]
 
 
 # Per-process state of a worker: profiles handed over by the parent, and caches.
@@ -123,12 +163,13 @@ def evaluate(c: Config) -> Row:
     vram = hw.gpu.vram_gib if c.vram_gib is None else c.vram_gib
     price = hourly_price(c.gpu)
     row = dict(model=c.model, gpu=c.gpu, vram_gib=vram, method=c.method, price_per_hour=price.per_hour,
-               price_note=price.note, planner="ilp" if c.exact else "fast")
+               price_note=price.note, planner="ilp" if c.exact else "fast", gpus=c.gpus, nodes=c.nodes)
     if vram > hw.gpu.vram_gib + 1e-9:
         return Row(fits=False, reason=f"budget above the card's {hw.gpu.vram_gib:g} GiB", **row)
     prof = _PROFILES.get(c.model) or profile_model(load_model_config(c.model))
-    req = Request(method=c.method, vram_gib=vram, seq_len=min(c.seq_len, prof.model.max_seq), batch=c.batch,
-                  time_limit_s=5.0)
+    req = Request(method=c.method, vram_gib=vram, seq_len=min(c.seq_len, prof.model.max_seq),
+                  batch=request_batch(c.batch, c.gpus), time_limit_s=5.0, gpus=c.gpus, nodes=c.nodes,
+                  interconnect=c.interconnect if c.nodes > 1 else None)
     if req.reserve_gib * GIB >= vram * GIB:
         return Row(fits=False, reason="budget below the reserve", **row)
     out, why = _exact(prof, hw, req) if c.exact else _fast(prof, hw, req, c.blocks)
@@ -137,7 +178,9 @@ def evaluate(c: Config) -> Row:
     return Row(fits=True, micro_batch=out.micro_batch, blocks=out.plan_blocks, streamed_layers=out.streamed,
                state_tier=out.state_tier, step_seconds=out.step_seconds, tokens_per_s=out.tokens_per_s,
                peak_gib=out.peak_bytes / GIB, bottleneck=out.bottleneck, limited_by=out.limited_by,
-               usd_per_btok=usd_per_billion_tokens(out.tokens_per_s, price.per_hour), **row)
+               usd_per_btok=usd_per_billion_tokens(out.tokens_per_s, price.per_hour, c.gpus),
+               tokens_per_s_per_gpu=out.tokens_per_s / c.gpus, wire_bytes_per_step=out.wire_bytes,
+               shard_state=out.shard_state, **row)
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,8 @@ class _Outcome:
     peak_bytes: int
     bottleneck: str
     limited_by: str
+    wire_bytes: float = 0.0
+    shard_state: bool = False
 
 
 def _outcome(sim) -> _Outcome:
@@ -162,11 +207,29 @@ def _outcome(sim) -> _Outcome:
                     state_tier=plan.placement(plan.blocks[0].first).master,
                     step_seconds=sum(p.step_seconds for p in sim.phases) / len(sim.phases),
                     tokens_per_s=sim.tokens_per_s, peak_bytes=sim.peak_bytes, bottleneck=slowest.bottleneck,
-                    limited_by=STREAM_WORDS[max(slowest.critical_seconds, key=slowest.critical_seconds.get)])
+                    limited_by=STREAM_WORDS[max(slowest.critical_seconds, key=slowest.critical_seconds.get)],
+                    wire_bytes=sim.wire_bytes_per_step, shard_state=plan.shard_state)
 
 
 def _fast(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None = None):
-    """quick_plan, simulated; on a simulated overflow tighten the cap and plan again (as make_plan does).
+    """(outcome, "") of the fast plan, simulated, or (None, why not)."""
+    plan, why = fast_plan(prof, hw, req, blocks)
+    return (None, why) if plan is None else (_SIMS[_sim_key(prof, hw, plan)], "")
+
+
+def outcome_of(prof: ModelProfile, hw: Hardware, plan) -> "_Outcome":
+    """The cached simulation outcome of a plan fast_plan returned."""
+    return _SIMS[_sim_key(prof, hw, plan)]
+
+
+def _sim_key(prof: ModelProfile, hw: Hardware, plan) -> tuple:
+    return (prof.fingerprint, hw.gpu.id, hw.host, plan.shape, plan.blocks, plan.placements,
+            plan.prefetch_window_bytes, plan.cluster, plan.shard_state)
+
+
+def fast_plan(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None = None):
+    """(plan, "") from quick_plan whose simulation fits, or (None, why not). On a simulated overflow it
+    tightens the cap and plans again (as make_plan does); simulations are cached per distinct plan.
 
     The ILP's accounting (which quick_plan shares) counts offloaded activations as gone once their layer's
     forward ends; on the simulated clock they stay until the device-to-host copy finishes, and when the link
@@ -178,14 +241,13 @@ def _fast(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None = N
         plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
         if plan is None:
             return None, "nothing fits: not even with every layer streamed and activations recomputed"
-        key = (prof.fingerprint, hw.gpu.id, hw.host, plan.shape, plan.blocks, plan.placements,
-               plan.prefetch_window_bytes)
+        key = _sim_key(prof, hw, plan)
         out = _SIMS.get(key)
         if out is None:
             out = _SIMS[key] = _outcome(simulate_repeating(plan, hw, profile=prof))
         over = out.peak_bytes - memory.plan_cap_bytes(plan)
         if over <= 0:
-            return out, ""
+            return plan, ""
         if acts == ACTS and any(p.activations == "cpu" for p in plan.placements):
             acts = ("gpu", "recompute")
             continue
@@ -208,12 +270,29 @@ def _run_chunk(chunk: list[Config]) -> list[Row]:
 
 
 def run(configs: list[Config], *, workers: int = 2, chunk: int = 25) -> list[Row]:
-    """Evaluate every configuration, in `workers` processes (1: in this process). Rows keep the grid's order."""
+    """Evaluate every configuration, in `workers` processes (1: in this process). Rows keep the grid's order.
+    Cluster rows get their scaling efficiency from the one-GPU configuration of the same shape (evaluated too
+    when the grid lacks it, not returned)."""
+    base = {dataclasses.replace(c, gpus=1, nodes=1, interconnect=None) for c in configs if c.gpus > 1}
+    extra = sorted(base - set(configs), key=lambda c: (c.model, c.gpu, c.method, str(c.vram_gib)))
+    rows = _run(configs + extra, workers=workers, chunk=chunk)
+    ones = {(c.model, c.gpu, c.vram_gib, c.method): r for c, r in zip(configs + extra, rows) if c.gpus == 1}
+    out = []
+    for c, r in zip(configs, rows):
+        one = ones.get((c.model, c.gpu, c.vram_gib, c.method))
+        if r.fits and one is not None and one.fits and one.tokens_per_s > 0:
+            r = dataclasses.replace(r, scaling_efficiency=r.tokens_per_s_per_gpu / one.tokens_per_s)
+        out.append(r)
+    return out
+
+
+def _run(configs: list[Config], *, workers: int, chunk: int) -> list[Row]:
     profiles = {}
     for name in dict.fromkeys(c.model for c in configs):
         profiles[name] = profile_model(load_model_config(name))
     # chunks share a model and a GPU so a worker's caches hit
-    order = sorted(range(len(configs)), key=lambda i: (configs[i].model, configs[i].gpu, configs[i].method))
+    order = sorted(range(len(configs)), key=lambda i: (configs[i].model, configs[i].gpu, configs[i].method,
+                                                       configs[i].gpus))
     chunks = [order[k:k + chunk] for k in range(0, len(order), chunk)]
     rows: list[Row | None] = [None] * len(configs)
     if workers <= 1 or len(chunks) == 1:
@@ -256,11 +335,12 @@ def plot(path: str, rows: list[Row]) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     lines: dict[tuple, list[Row]] = {}
     for r in rows:
-        lines.setdefault((r.model, r.gpu, r.method), []).append(r)
-    for (m, g, me), rs in lines.items():
+        lines.setdefault((r.model, r.gpu, r.method, r.gpus, r.nodes), []).append(r)
+    for (m, g, me, n, k), rs in lines.items():
         pts = sorted((r.vram_gib, r.tokens_per_s) for r in rs if r.fits)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"{m} {g} {me}")
+            where = "" if n == 1 else f" x{n}" + (f"/{k} nodes" if k > 1 else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"{m} {g}{where} {me}")
     ax.set_xlabel("VRAM budget (GiB)")
     ax.set_ylabel("tokens/s (simulated, whole BCD cycle)")
     ax.grid(alpha=0.3)

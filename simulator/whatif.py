@@ -8,18 +8,24 @@ if a phase no longer fits, `overflow_lines` names it and the bytes it is over by
 Hardware overrides start from the plan's own hardware, so what is not overridden (host RAM, NVMe, the CPU's
 AdamW rate, efficiencies) stays: `--gpu` swaps the GPU's catalog record, `--hardware` a whole calibrated profile.
 A new GPU or profile without `--vram` takes the new card's VRAM as the budget.
+
+On a cluster, `straggler` (one rank's GPU compute k times slower) and `slow_link` (the network's links at 1/s of
+their bandwidth) keep the plan and re-time it; simulator/network.py explains why a straggler's own timeline is
+every rank's.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from planner.cluster import INTERCONNECTS
 from planner.errors import UserError, check_positive
 from planner.hardware import GIB, Hardware, load_gpu, load_hardware_file, with_overrides
 from planner.plan import Plan, Shape
 from planner.planning import Request, make_plan
 from planner.profile import ModelProfile, profile_model
 from simulator.engine import Simulation, simulate
+from simulator.network import Skew
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,9 +38,16 @@ class Overrides:
     host_ram_gib: float | None = None
     micro_batch: int | None = None
     seq_len: int | None = None
+    straggler: float | None = None       # one rank's compute this many times slower (simulator/network.py)
+    slow_link: float | None = None       # network links at 1/slow_link of their bandwidth
 
     def any(self) -> bool:
         return any(v is not None for v in dataclasses.asdict(self).values())
+
+    def skew(self) -> Skew:
+        """The cluster what-if, validated (UserError for a factor below 1 or absurd)."""
+        return Skew(straggler=1.0 if self.straggler is None else self.straggler,
+                    slow_link=1.0 if self.slow_link is None else self.slow_link)
 
 
 def hardware(plan: Plan, ov: Overrides) -> Hardware:
@@ -88,8 +101,14 @@ def replan(plan: Plan, ov: Overrides, profile: ModelProfile | None = None, *, ti
     """A new plan from the planner for the new hardware and shape, with the plan's other choices kept."""
     hw = hardware(plan, ov)
     s = _shape(plan, ov)
+    cl = plan.cluster
+    inter = cl.inter
+    named = inter is not None and INTERCONNECTS.get(inter.name) == inter
     req = Request(method=plan.method, vram_gib=_budget_gib(plan, hw, ov), reserve_gib=plan.reserve_bytes / GIB,
-                  seq_len=s.seq_len, batch=s.micro_batch * s.grad_accum,
+                  seq_len=s.seq_len, batch=s.micro_batch * s.grad_accum * s.gpus,   # the global batch
+                  gpus=cl.world, nodes=cl.nodes, ports_per_node=cl.ports_per_node, shard_state=plan.shard_state,
+                  interconnect=inter.name if named else None,
+                  interconnect_gbps=None if inter is None or named else inter.gbps,
                   micro_batch=ov.micro_batch, steps_per_block=plan.steps_per_block, order=plan.order, seed=plan.seed,
                   switch_state=plan.switch_state, time_limit_s=time_limit_s,
                   train_embeddings=plan.method == "bcd" and plan.blocks[0].first == 0)  # a pretraining plan
@@ -100,6 +119,7 @@ def what_if(plan: Plan, ov: Overrides, *, replan_: bool = False,
             profile: ModelProfile | None = None) -> tuple[Simulation, Simulation]:
     """(the plan as it was, simulated on its own hardware; the what-if, simulated)."""
     prof = profile or profile_model(plan.model)
+    skew = ov.skew()
     before = simulate(plan, profile=prof)
     after_plan = replan(plan, ov, prof) if replan_ else keep_plan(plan, ov)
-    return before, simulate(after_plan, profile=prof)
+    return before, simulate(after_plan, profile=prof, skew=skew)

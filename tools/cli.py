@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "sweep": "tools.sweep_cmd",
     "calibrate": "tools.calibrate_cmd",
     "compare": "tools.compare_cmd",
+    "cheapest": "tools.cheapest_cmd",
 }
 
 

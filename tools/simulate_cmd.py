@@ -6,6 +6,8 @@
     blockfit simulate --plan p.json --vram 16 --pcie-gbps 12     # ... a smaller budget, a slower link
     blockfit simulate --plan p.json --gpu rtx3090 --replan       # ... or the planner's plan there
     blockfit simulate --plan p.json --hardware hw.json --json    # a calibrated profile; JSON summary
+    blockfit simulate --plan p8.json --straggler 1.3             # a cluster plan with one rank 30% slower
+    blockfit simulate --plan p8.json --slow-link 2               # ... or its network at half speed
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ def register(subparsers) -> None:
     g.add_argument("--host-ram", help=f"host RAM ({SIZE_HELP})")
     g.add_argument("--micro-batch", type=int, help="micro-batch (the batch per step is kept)")
     g.add_argument("--seq", type=int, help="sequence length")
+    g.add_argument("--straggler", type=float, help="one rank's GPU compute this many times slower (e.g. 1.3): "
+                                                   "every collective waits for it")
+    g.add_argument("--slow-link", type=float, help="the network's links this many times slower (e.g. 2)")
     g.add_argument("--replan", action="store_true", help="plan again for the new hardware and shape")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
     p.set_defaults(func=run)
@@ -68,7 +73,9 @@ def run(a) -> int:
     plan = load_plan(a.plan)
     vram, host_ram = size_gib("--vram", a.vram, upper_gib=4096), size_gib("--host-ram", a.host_ram, upper_gib=65536)
     ov = Overrides(gpu=a.gpu, hardware_file=a.hardware, vram_gib=vram, pcie_gbps=a.pcie_gbps,
-                   nvme_gbps=a.nvme_gbps, host_ram_gib=host_ram, micro_batch=a.micro_batch, seq_len=a.seq)
+                   nvme_gbps=a.nvme_gbps, host_ram_gib=host_ram, micro_batch=a.micro_batch, seq_len=a.seq,
+                   straggler=a.straggler, slow_link=a.slow_link)
+    ov.skew()   # validated before any work
     prof = profile_model(plan.model)
     before = None
     if ov.any() or a.replan:
@@ -81,6 +88,7 @@ def run(a) -> int:
     summary["overflow_messages"] = overflow_lines(sim)
     if before is not None:
         summary["baseline"] = {"gpu": before.hardware.gpu.id, "cycle_seconds": before.cycle_seconds,
+                               "step_seconds_by_phase": {str(p.block): p.step_seconds for p in before.phases},
                                "tokens_per_s": before.tokens_per_s, "replanned": a.replan}
     if a.summary:
         write_atomic(a.summary, json.dumps(summary, indent=1))
@@ -98,7 +106,7 @@ def run(a) -> int:
         what = "re-planned" if a.replan else "kept"
         render_simulation(sim, con, compare_planner=a.replan, title=f"What if (plan {what})")
         ratio = before.tokens_per_s / sim.tokens_per_s if sim.tokens_per_s > 0 else float("inf")
-        con.print(f"on its own hardware ({before.hardware.gpu.name}) the plan runs {before.tokens_per_s:,.0f} "
+        con.print(f"as planned ({before.hardware.gpu.name}) the plan runs {before.tokens_per_s:,.0f} "
                   f"tokens/s; here {sim.tokens_per_s:,.0f} tokens/s ({1 / ratio:.2f}x)")
     for path, what in ((a.trace, "trace"), (a.plot, "memory plot"), (a.summary, "summary")):
         if path:

@@ -4,6 +4,8 @@
     blockfit sweep --model 1b,7b,13b --gpu rtx3090,rtx4090,l40s --vram 8,12,16,24 --csv sweep.csv --plot sweep.png
     blockfit sweep --model 7b --gpu all --tokens 1e9            # time and dollars for a billion tokens
     blockfit sweep --model 7b --gpu rtx4090 --vram 12,24 --exact   # the real ILP per configuration (slow)
+    blockfit sweep --model 7b --gpu rtx4090,a100-80g --gpus 1,2,4,8 --nodes 1,2,4   # clusters: scaling, wire bytes
+    blockfit sweep --model 7b --gpu rtx4090,a100-80g --gpus 8 --compare-methods      # BCD vs full (FSDP) on 8 GPUs
 
 Each configuration is planned by a fast enumeration priced with the ILP's own tables (or by the ILP with
 --exact) and simulated by the engine; see simulator/sweep.py for why.
@@ -28,7 +30,13 @@ def register(subparsers) -> None:
     p.add_argument("--method", default="bcd", help="bcd, full, or both comma-separated (default bcd)")
     p.add_argument("--compare-methods", action="store_true", help="BCD and full side by side, with costs")
     p.add_argument("--seq", type=int, default=2048, help="sequence length (capped at the model's maximum)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step of each GPU (a cluster of N "
+                                                        "trains N times as many: every rank keeps the one-GPU shape)")
+    p.add_argument("--gpus", default="1", help="comma-separated GPU counts, in all (data parallel; default 1)")
+    p.add_argument("--nodes", default="1", help="comma-separated node counts; pairs with --gpus that do not split "
+                                                "evenly are left out (default 1)")
+    p.add_argument("--interconnect", help="link between nodes (eth25, eth100, eth200, eth400, ib-hdr, ib-ndr; "
+                                          "default the planner's)")
     p.add_argument("--host-ram", help=f"host RAM ({SIZE_HELP}; default 64)")
     p.add_argument("--blocks", type=int, help="fix BCD's number of blocks (default: the planner's choice, the "
                                               "count with the most tokens per second)")
@@ -47,6 +55,19 @@ def _names(s: str) -> list[str]:
     if not out:
         raise UserError(f"empty list '{s}'.")
     return out
+
+
+def _counts(flag: str, s: str) -> list[int]:
+    out = []
+    for x in _names(s):
+        try:
+            v = int(x)
+        except ValueError:
+            raise UserError(f"{flag} takes whole numbers separated by commas, got '{x}'.") from None
+        if not 1 <= v <= 1 << 16:
+            raise UserError(f"{flag} values must be between 1 and 65536, got {v}.")
+        out.append(v)
+    return list(dict.fromkeys(out))
 
 
 def parse_vram(s: str | None) -> list[float | None]:
@@ -83,7 +104,9 @@ def run(a) -> int:
     gpus = gpu_names() if a.gpu.strip() == "all" else _names(a.gpu)
     methods = ["bcd", "full"] if a.compare_methods else _names(a.method)
     configs = sweep.grid(_names(a.model), gpus, parse_vram(a.vram), methods, seq_len=a.seq, batch=a.batch,
-                         host_ram_gib=host_ram, cpu_adam_params_per_s=a.cpu_adam, blocks=a.blocks, exact=a.exact)
+                         host_ram_gib=host_ram, cpu_adam_params_per_s=a.cpu_adam, blocks=a.blocks, exact=a.exact,
+                         counts=_counts("--gpus", a.gpus), nodes=_counts("--nodes", a.nodes),
+                         interconnect=a.interconnect)
     rows = sweep.run(configs, workers=a.workers)
     if a.csv:
         sweep.write_csv(a.csv, rows)

@@ -1,0 +1,283 @@
+"""The cheapest cluster that trains a model on a token budget before a deadline: catalog GPUs x GPU counts x
+node layouts x method (BCD or full-parameter), each planned, simulated and priced.
+
+Cost is what the GPUs are rented for: price per GPU-hour x GPUs x hours, hours = tokens / tokens per second
+(simulator/cost.py); a configuration meets the deadline when those hours fit in it. Clusters scale weakly:
+each GPU keeps `batch_per_gpu` sequences per optimizer step (simulator/sweep.py), so every rank of a BCD
+cluster runs the one-GPU plan and only the collectives differ.
+
+Keeping it fast (a search touches some 400 configurations; the ILP takes seconds a plan):
+  - plans come from the fast planner (planner.fastplan through simulator.sweep.fast_plan, milliseconds to a
+    second); BCD is planned once per GPU, at one GPU, and put on each cluster (`on_cluster`): the per-rank plan
+    under weak scaling. Full-parameter training is planned per GPU count (sharded over N ranks it is another
+    plan), for the densest layout of that count (the most ranks sharing a node's host), and re-timed on the
+    sparser ones;
+  - a BCD schedule without sharded state holds the same ops for every world size above one (each reduce
+    carries the layer's whole gradient; only its price depends on the cluster), so it is built once per GPU
+    kind and only re-timed per layout (tests/simulator/test_cluster_sim.py checks the op lists are equal);
+  - a BCD cluster of N GPUs runs at most N times the one-GPU rate (collectives only add time: the same test
+    file checks it), so a count whose perfect scaling misses the deadline is ruled out without simulating it,
+    and reported as such.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+from planner.cluster import make_cluster
+from planner.errors import UserError, closest
+from planner.hardware import gpu_names, make_hardware
+from planner.models import load_model_config
+from planner.plan import METHODS, Plan
+from planner.planning import Request
+from planner.profile import profile_model
+from simulator import sweep
+from simulator.cost import hourly_price, human_seconds
+from simulator.periodic import short_schedule, simulate_repeating
+
+PER_NODE = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    gpu: str
+    gpus: int
+    nodes: int
+    method: str
+    fits: bool = True
+    reason: str = ""                  # why it does not fit or was not simulated
+    tokens_per_s: float = 0.0         # simulated, all ranks; 0 when not simulated
+    bound_tokens_per_s: float = 0.0   # perfect scaling of one GPU (BCD), when it was ruled out by it
+    seconds: float = math.inf         # to train the token budget
+    usd: float = math.inf
+    per_hour: float = 0.0             # dollars per GPU-hour
+    blocks: int = 0
+    meets: bool = False               # fits and trains the tokens before the deadline
+
+    @property
+    def layout(self) -> str:
+        return f"{self.gpus} x {self.gpu}" + (f" ({self.nodes} nodes x {self.gpus // self.nodes})"
+                                              if self.nodes > 1 else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    model: str
+    tokens: float
+    deadline_seconds: float
+    winner: Candidate | None
+    candidates: tuple[Candidate, ...]   # every configuration, cheapest that meets the deadline first
+    plans: int                          # planner calls
+    simulated: int                      # configurations simulated
+    wall_seconds: float
+    skipped_gpus: tuple[str, ...] = ()  # catalog GPUs without a price
+
+
+def counts(gpus_max: int) -> list[int]:
+    """GPU counts searched: powers of two up to gpus_max."""
+    out, n = [], 1
+    while n <= gpus_max:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def layouts(n: int, per_node_max: int = 8) -> list[tuple[int, int]]:
+    """(GPUs, nodes) for n GPUs: every per-node count of PER_NODE up to per_node_max that divides n."""
+    return [(n, n // k) for k in PER_NODE if k <= min(per_node_max, n) and n % k == 0]
+
+
+def on_cluster(plan: Plan, gpus: int, nodes: int, interconnect: str | None = None) -> Plan:
+    """`plan` with its per-rank shape and placements on another cluster: a one-GPU plan run by every rank
+    (weak scaling), or a plan re-laid over other nodes (its world size kept, and so its sharding)."""
+    cl = make_cluster(plan.hardware.gpu, gpus=gpus, nodes=nodes, interconnect_name=interconnect if nodes > 1 else None)
+    shard = plan.shard_state and gpus == plan.world
+    return dataclasses.replace(plan, cluster=cl, shard_state=shard, shape=dataclasses.replace(plan.shape, gpus=gpus))
+
+
+def parse_deadline(s: str) -> float:
+    """Seconds from '72h', '3d', '90min', '4500s' (a bare number is hours); UserError otherwise."""
+    units = (("min", 60.0), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0), ("w", 604800.0))
+    t = str(s).strip().lower()
+    scale = 3600.0
+    for u, f in units:
+        if t.endswith(u):
+            t, scale = t[: -len(u)].strip(), f
+            break
+    try:
+        v = float(t)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0) or v * scale > 100 * 365 * 86400:
+        raise UserError(f"--deadline must be a positive duration such as 72h, 3d, 90min or 4500s, not '{s}'.")
+    return v * scale
+
+
+def search(model: str, tokens: float, deadline_seconds: float, *, gpus: list[str] | None = None,
+           gpus_max: int = 64, per_node_max: int = 8, methods: tuple[str, ...] = METHODS, seq_len: int = 2048,
+           batch_per_gpu: int = 8, host_ram_gib: float | None = None, interconnect: str | None = None) -> Result:
+    """Every configuration, evaluated; the winner is the cheapest that meets the deadline (ties: fewer GPUs)."""
+    started = time.perf_counter()
+    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and 0 < tokens <= 1e16):
+        raise UserError(f"--tokens must be a positive number of tokens up to 1e16, not {tokens!r}.")
+    for flag, v, hi in (("--gpus-max", gpus_max, 1 << 14), ("--per-node", per_node_max, 8),
+                        ("--batch", batch_per_gpu, 1 << 16), ("--seq", seq_len, 1 << 20)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise UserError(f"{flag} must be a whole number from 1 to {hi}, not {v!r}.")
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method '{m}'; methods are {', '.join(METHODS)}{closest(m, METHODS)}.")
+    known = gpu_names()
+    for g in gpus or []:
+        if g not in known:
+            raise UserError(f"unknown GPU '{g}'. Known GPUs: {', '.join(known)}{closest(g, known)}.")
+    if interconnect is not None:
+        from planner.cluster import interconnect as link
+        link(interconnect)
+    cfg = load_model_config(model)
+    prof = profile_model(cfg)
+    seq = min(seq_len, cfg.max_seq)
+    priced = [g for g in (gpus or known) if hourly_price(g).known]
+    skipped = tuple(g for g in (gpus or known) if g not in priced)
+    if not priced:
+        raise UserError(f"no GPU among {', '.join(gpus or known)} has a price in the catalog; nothing to compare.")
+    out: list[Candidate] = []
+    stats = {"plans": 0, "simulated": 0}
+    for g in priced:
+        hw = make_hardware(gpu=g, host_ram_gib=host_ram_gib)
+        per_hour = hourly_price(g).per_hour
+        for method in methods:
+            out += _gpu_method(prof, hw, g, per_hour, method, tokens, deadline_seconds, seq, batch_per_gpu,
+                               gpus_max, per_node_max, interconnect, stats)
+    out.sort(key=_rank)
+    winner = out[0] if out and out[0].meets else None
+    return Result(model=cfg.name, tokens=tokens, deadline_seconds=deadline_seconds, winner=winner,
+                  candidates=tuple(out), plans=stats["plans"], simulated=stats["simulated"],
+                  wall_seconds=time.perf_counter() - started, skipped_gpus=skipped)
+
+
+def _rank(c: Candidate) -> tuple:
+    """Meeting the deadline first, then by cost and GPU count; the rest by time."""
+    return (not c.meets, c.usd if c.meets else 0.0, c.seconds, c.gpus, c.nodes, c.gpu, c.method)
+
+
+def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpus_max, per_node_max,
+                interconnect, stats) -> list[Candidate]:
+    """Every layout of one GPU kind and method. A plan is made once per GPU count (BCD: once, at one GPU), for
+    its densest layout (the most GPUs a node share a node's host), and re-timed on the other layouts; the
+    schedule is built once per count (BCD: once for every count above one)."""
+    out = []
+    plans: dict[int, tuple] = {}    # GPU count (BCD: 1) -> (plan or None, why not, one-GPU rate)
+    scheds: dict = {}
+    for n in counts(gpus_max):
+        for gpus, nodes in layouts(n, per_node_max):
+            c = Candidate(gpu=g, gpus=gpus, nodes=nodes, method=method, per_hour=per_hour)
+            planned_at = 1 if method == "bcd" else gpus
+            if planned_at not in plans:
+                stats["plans"] += 1
+                dense = 1 if method == "bcd" else gpus // min(per_node_max, gpus)
+                plan, why = sweep.fast_plan(prof, hw, _request(hw, method, seq, batch, planned_at, dense,
+                                                               interconnect))
+                rate = sweep.outcome_of(prof, hw, plan).tokens_per_s if plan is not None else 0.0
+                plans[planned_at] = (plan, why, rate)
+            plan, why, rate = plans[planned_at]
+            if plan is None:
+                out.append(dataclasses.replace(c, fits=False, reason=why))
+                continue
+            if method == "bcd" and tokens / (gpus * rate) > deadline:
+                # collectives only add time: N GPUs run at most N times one GPU's rate
+                secs = tokens / (gpus * rate)
+                out.append(dataclasses.replace(c, reason="over the deadline even at perfect scaling",
+                                               bound_tokens_per_s=gpus * rate, seconds=secs,
+                                               usd=_usd(per_hour, gpus, secs)))
+                continue
+            plan = on_cluster(plan, gpus, nodes, interconnect)
+            key = gpus > 1 if method == "bcd" and not plan.shard_state else gpus
+            if key not in scheds:
+                scheds[key] = short_schedule(plan, prof)
+            stats["simulated"] += 1
+            rate_n = simulate_repeating(plan, hw, profile=prof, schedule=scheds[key]).tokens_per_s
+            secs = tokens / rate_n if rate_n > 0 else math.inf
+            out.append(dataclasses.replace(c, tokens_per_s=rate_n, seconds=secs, usd=_usd(per_hour, gpus, secs),
+                                           blocks=len(plan.blocks), meets=secs <= deadline))
+    return out
+
+
+def _usd(per_hour: float, gpus: int, seconds: float) -> float:
+    return per_hour * gpus * seconds / 3600.0
+
+
+def _request(hw, method, seq, batch, gpus, nodes, interconnect) -> Request:
+    return Request(method=method, vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=sweep.request_batch(batch, gpus),
+                   time_limit_s=5.0, gpus=gpus, nodes=nodes, interconnect=interconnect if nodes > 1 else None)
+
+
+def why_it_loses(c: Candidate, winner: Candidate | None, deadline_seconds: float) -> str:
+    """One phrase: does not fit, over the deadline (by how much), or dearer than the winner (by how much)."""
+    if not c.fits:
+        return f"does not fit: {c.reason}"
+    if not c.meets:
+        if c.bound_tokens_per_s:
+            return (f"over the deadline even at perfect scaling ({c.bound_tokens_per_s:,.0f} tokens/s: "
+                    f"{human_seconds(c.seconds)} or more)")
+        return f"over the deadline: {human_seconds(c.seconds)} ({c.seconds / deadline_seconds:.2f}x the deadline)"
+    if winner is None or c is winner:
+        return ""
+    more = c.usd - winner.usd
+    money = f"${more:,.2f}" if more < 100 else f"${more:,.0f}"
+    return f"dearer: {money} more (+{more / winner.usd:.1%})" if winner.usd > 0 else "dearer"
+
+
+def runner_ups(r: Result, k: int = 5) -> list[tuple[Candidate, str]]:
+    """Why the rest lose, one line a choice: within the winner's GPU and method, the next cheapest layout that
+    meets the deadline and the largest count that misses it (why not fewer GPUs); then the best of every other
+    GPU and method (the cheapest that meets the deadline, else the fastest, else why nothing fits), up to k of
+    those that meet it and k of those that miss it, and every one that fits nowhere."""
+    w = r.winner
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in r.candidates:
+        groups.setdefault((c.gpu, c.method), []).append(c)
+    lines: list[Candidate] = []
+    if w is not None:
+        own = groups.pop((w.gpu, w.method))
+        lines += [c for c in own if c.meets and c is not w][:1]
+        lines += sorted((c for c in own if c.fits and not c.meets and c.gpus < w.gpus), key=lambda c: -c.gpus)[:1]
+    meets, misses, nofit = [], [], []
+    for cs in groups.values():
+        fit = [c for c in cs if c.fits]
+        if any(c.meets for c in fit):
+            meets.append(min((c for c in fit if c.meets), key=_rank))
+        elif fit:
+            misses.append(min(fit, key=lambda c: (c.seconds, c.gpus)))
+        else:
+            nofit.append(cs[0])
+    lines += sorted(meets, key=_rank)[:k] + sorted(misses, key=lambda c: c.seconds)[:k] + nofit
+    return [(c, why_it_loses(c, w, r.deadline_seconds)) for c in lines]
+
+
+def to_dict(r: Result) -> dict:
+    def cand(c: Candidate) -> dict:
+        d = dataclasses.asdict(c)
+        d["why"] = why_it_loses(c, r.winner, r.deadline_seconds)
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+    return {"model": r.model, "tokens": r.tokens, "deadline_seconds": r.deadline_seconds,
+            "winner": None if r.winner is None else cand(r.winner),
+            "runner_ups": [cand(c) for c, _ in runner_ups(r)], "candidates": [cand(c) for c in r.candidates],
+            "plans": r.plans, "simulated": r.simulated, "wall_seconds": r.wall_seconds,
+            "skipped_gpus": list(r.skipped_gpus)}
+
+
+def none_meets(r: Result) -> UserError:
+    """The exit-2 message when no configuration meets the deadline: the fastest one and what to change."""
+    fit = [c for c in r.candidates if c.fits and c.tokens_per_s > 0]
+    if not fit:
+        return UserError(f"nothing fits: no configuration of {r.model} could be planned on the GPUs searched "
+                         f"({'; '.join(sorted({f'{c.gpu} {c.method}: {c.reason}' for c in r.candidates}))}).")
+    best = min(fit, key=lambda c: c.seconds)
+    return UserError(f"no configuration trains {r.model} on {r.tokens:.3g} tokens within "
+                     f"{human_seconds(r.deadline_seconds)}: the fastest searched, {best.layout} with "
+                     f"{best.method.upper() if best.method == 'bcd' else 'full-parameter training'}, takes "
+                     f"{human_seconds(best.seconds)} (${best.usd:,.0f}). Give a later --deadline, fewer --tokens, "
+                     f"or a larger --gpus-max.")
