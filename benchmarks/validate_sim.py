@@ -5,6 +5,7 @@ calibrated profile, and print predicted against measured step time per plan and 
     .venv/bin/python benchmarks/validate_sim.py                    # ~4-6 minutes on 2 cores
     .venv/bin/python benchmarks/validate_sim.py --quick            # rougher calibration, fewer steps
     .venv/bin/python benchmarks/validate_sim.py --hardware hw.json --keep /tmp/val   # reuse a profile, keep files
+    .venv/bin/python benchmarks/validate_sim.py --ranks 2          # the same plans data parallel on 2 CPU ranks
 
 The model: Llama-shaped, hidden 512, 4 decoder layers, vocabulary 4096, sequence 256, 4 sequences per step,
 two blocks of two layers. The plans, all BCD:
@@ -28,6 +29,12 @@ per-op tables from the files this leaves behind with --keep.
 
 On a CPU standing in for the device, "transfers" are memcpys on threads that share the cores with compute, so
 the simulator's independent streams are an idealisation there; on a GPU the copy engines are independent.
+
+--ranks N runs every plan data parallel on N CPU ranks (gloo, `blockfit train --nproc-per-node N`), each rank
+with the one-rank shape (weak scaling). The cores are split between the ranks (OMP_NUM_THREADS = cores / N for
+the calibration and the runs, as torchrun would), and the gloo all-reduce is measured here at two sizes
+(`gloo_link`: 2(N-1)/N x S / bandwidth + 2(N-1) x latency, the ring model planner.cluster prices with), so the
+plans' intra-node link is this machine's. The ranks' trace is rank 0's (the path given to --trace).
 """
 from __future__ import annotations
 
@@ -48,8 +55,13 @@ sys.path.insert(0, ROOT)
 # gives them back. Set before torch loads; the runtime subprocesses inherit it. (--spin keeps the default.)
 if "--spin" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--ranks" in sys.argv:   # split the cores between the ranks before torch loads (torchrun's default is 1)
+    _n = int(sys.argv[sys.argv.index("--ranks") + 1])
+    if _n > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _n))
 
-from planner.hardware import load_hardware_file  # noqa: E402
+from planner.cluster import Cluster  # noqa: E402
+from planner.hardware import Link, load_hardware_file  # noqa: E402
 from planner.models import load_model_config  # noqa: E402
 from planner.plan import Block, Placement, validate, write_atomic  # noqa: E402
 from planner.planning import Request, make_plan, predict  # noqa: E402
@@ -89,6 +101,57 @@ def variants(base, prof):
         validate(p)
         out[name] = p
     return out
+
+
+def _gloo_worker(rank: int, n: int, port: int, sizes: list[int], out) -> None:
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    best = []
+    for size in sizes:
+        buf = torch.ones(size // 4, dtype=torch.float32)
+        dist.all_reduce(buf)  # warm-up
+        times = []
+        for _ in range(5):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(buf)
+            times.append(time.perf_counter() - t0)
+        best.append(min(times))
+    if rank == 0:
+        out.put(best)
+    dist.destroy_process_group()
+
+
+def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> Link:
+    """The ring model's link from gloo all-reduces of two sizes on n local processes: solve
+    t = 2(n-1)/n x S / bandwidth + 2(n-1) x latency for the bandwidth and the latency."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, n, port, list(sizes), q)) for r in range(n)]
+    for p in procs:
+        p.start()
+    t_small, t_big = q.get(timeout=300)
+    for p in procs:
+        p.join(timeout=60)
+    per_byte = (t_big - t_small) / (2 * (n - 1) / n * (sizes[1] - sizes[0]))
+    latency = max(0.0, (t_small - 2 * (n - 1) / n * sizes[0] * per_byte) / (2 * (n - 1)))
+    return Link(name="gloo", gbps=1.0 / per_byte / 1e9, latency_s=latency)
+
+
+def on_ranks(plan, prof, n: int, link: Link):
+    """`plan` data parallel on n ranks of one node joined by `link`, each rank with the plan's shape."""
+    p = dataclasses.replace(plan, cluster=Cluster(nodes=1, gpus_per_node=n, intra=link),
+                            shape=dataclasses.replace(plan.shape, gpus=n))
+    p = dataclasses.replace(p, predicted=predict(p, prof))
+    validate(p)
+    return p
 
 
 def cpu_pressure() -> float | None:
@@ -134,7 +197,10 @@ def main() -> int:
     ap.add_argument("--wait-s", type=float, default=None,
                     help="longest wait for a quiet CPU before each measurement (default 120 s, quick 10 s)")
     ap.add_argument("--spin", action="store_true", help="leave OMP_WAIT_POLICY at OpenMP's default (spinning)")
+    ap.add_argument("--ranks", type=int, default=1, help="data-parallel CPU ranks per run (default 1)")
     a = ap.parse_args()
+    if a.ranks < 1:
+        ap.error("--ranks must be 1 or more")
     spb = a.steps_per_block or (3 if a.quick else 5)
     rounds = a.rounds or (1 if a.quick else 3)
     wait_s = a.wait_s if a.wait_s is not None else (10.0 if a.quick else 120.0)
@@ -173,6 +239,10 @@ def main() -> int:
     base = make_plan(cfg, hw, Request(seq_len=SEQ, batch=BATCH, micro_batch=BATCH // 2, steps_per_block=spb,
                                       vram_gib=min(hw.gpu.vram_gib, 4.0), reserve_gib=0.25, time_limit_s=2.0), prof)
     plans = variants(base, prof)
+    if a.ranks > 1:
+        link = gloo_link(a.ranks)
+        print(f"gloo all-reduce on {a.ranks} ranks: {link.gbps:.2f} GB/s, {link.latency_s * 1e6:.0f} us per ring step")
+        plans = {name: on_ranks(p, prof, a.ranks, link) for name, p in plans.items()}
     measured: dict[tuple[str, int], list[float]] = {}
     predicted: dict[tuple[str, int], list[float]] = {}
     for rnd in range(rounds):
@@ -183,7 +253,7 @@ def main() -> int:
             mt, ms = os.path.join(work, f"measured-{name}.json"), os.path.join(work, f"measured-summary-{name}.json")
             cmd = [sys.executable, "-m", "tools.cli", "train", "--plan", pp, "--data", data, "--quiet", "--cpu",
                    "--steps", str(spb * len(plan.blocks)), "--trace", mt, "--summary", ms,
-                   "--nvme-dir", nvme_dir]
+                   "--nvme-dir", nvme_dir] + (["--nproc-per-node", str(a.ranks)] if a.ranks > 1 else [])
             fresh = hw if a.hardware else calibrate(**measure)[0]
             best_run = None
             for _attempt in range(1 if a.quick else 3):   # a run disturbed by other work is run again

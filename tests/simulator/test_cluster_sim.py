@@ -259,3 +259,20 @@ def test_cheapest_winner_against_brute_force():
             assert c.usd >= w.usd
             assert c.usd == pytest.approx(cost[(c.gpu, c.method, c.gpus, c.nodes)], rel=1e-9)
     assert {(c.gpu, c.method, c.gpus, c.nodes) for c in res.candidates if c.meets} == set(ok)
+
+
+def test_compare_methods_on_a_cluster_prices_every_gpu(capsys):
+    assert run(["sweep", "--model", "tiny", "--gpu", "rtx4090", "--gpus", "2", "--seq", "64", "--workers", "1",
+                "--compare-methods", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"bcd", "full"} and all(r["gpus"] == 2 for r in rows.values())
+    for r in rows.values():   # $/B tokens: two GPU-hours an hour
+        assert r["usd_per_btok"] == pytest.approx(0.60 * 2 / 3600 / r["tokens_per_s"] * 1e9)
+    (pair,) = out["bcd_vs_full"]
+    assert pair["gpus"] == 2 and pair["ratio"] == pytest.approx(rows["full"]["tokens_per_s"]
+                                                                / rows["bcd"]["tokens_per_s"])
+    assert run(["sweep", "--model", "tiny", "--gpu", "rtx4090", "--gpus", "2", "--seq", "64", "--workers", "1",
+                "--compare-methods"]) == 0
+    text = capsys.readouterr().out
+    assert "GPUs" in text and "counts every GPU" in text
