@@ -74,6 +74,8 @@ def _train(e, *extra):
             "--steps", "2", *extra]
 
 
+CHEAPEST = ["cheapest", "--model", "tiny", "--seq", "64", "--gpus", "rtx4090", "--gpus-max", "2", "--json"]
+
 # number flags: (subcommand builder, flag, values that are fine and so skipped)
 NUMBER_FLAGS = {
     "plan": (lambda e: ["plan", "--model", "tiny", "--gpu", "rtx4090", "--seq", "64", "--batch", "4"],
@@ -87,10 +89,13 @@ NUMBER_FLAGS = {
                "--beta2": ("0",), "--eps": (), "--skip-nonfinite": ("0",)}),
     "simulate": (lambda e: ["simulate", "--plan", str(e / "plan.json"), "--json"],
                  {"--vram": (), "--pcie-gbps": (), "--nvme-gbps": (), "--host-ram": (), "--micro-batch": (),
-                  "--seq": ()}),
+                  "--seq": (), "--straggler": (), "--slow-link": ()}),
     "sweep": (lambda e: ["sweep", "--model", "tiny", "--gpu", "rtx4090", "--json", "--workers", "1"],
               {"--seq": (), "--batch": (), "--host-ram": (), "--blocks": (), "--cpu-adam": (), "--workers": (),
-               "--tokens": (), "--vram": ()}),
+               "--tokens": (), "--vram": (), "--gpus": (), "--nodes": ()}),
+    "cheapest": (lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h"],
+                 {"--tokens": (), "--gpus-max": (), "--per-node": (), "--seq": (), "--batch": (), "--host-ram": (),
+                  "--runner-ups": ("0",)}),
     "calibrate": (lambda e: ["calibrate", "--quick", "--quiet", "--out", str(e / "never.json")], {"--seq": ()}),
     "compare": (lambda e: ["compare", str(e / "plan-summary.json"), str(e / "plan-summary.json")], {"--top": ("0",)}),
 }
@@ -186,6 +191,20 @@ for cid, argv in {
     "sweep-csv-dir": lambda e: ["sweep", "--model", "tiny", "--gpu", "rtx4090", "--csv", str(e)],
     "sweep-plot-empty": lambda e: ["sweep", "--model", "tiny", "--gpu", "rtx4090", "--plot", ""],
     "sweep-blocks-exact": lambda e: ["sweep", "--model", "tiny", "--gpu", "rtx4090", "--blocks", "2", "--exact"],
+    "sweep-gpus-over-nodes": lambda e: ["sweep", "--model", "tiny", "--gpu", "rtx4090", "--gpus", "3", "--nodes", "2"],
+    "sweep-interconnect": lambda e: ["sweep", "--model", "tiny", "--gpu", "rtx4090", "--gpus", "2", "--nodes", "2",
+                                     "--interconnect", "pigeon"],
+    "cheapest-deadline-word": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "soon"],
+    "cheapest-deadline-zero": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "0h"],
+    "cheapest-deadline-empty": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", ""],
+    "cheapest-deadline-nan": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "nanh"],
+    "cheapest-gpu-unknown": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h", "--gpus", "gtx480"],
+    "cheapest-gpu-empty": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h", "--gpus", ","],
+    "cheapest-gpu-unpriced": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h", "--gpus", "a100-40g"],
+    "cheapest-method": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h", "--method", "lora"],
+    "cheapest-interconnect": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h", "--interconnect", "x"],
+    "cheapest-model-unknown": lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h", "--model", "9b"],
+    "cheapest-none-meets": lambda e: CHEAPEST + ["--tokens", "1e16", "--deadline", "1s"],
     "calibrate-out-dir": lambda e: ["calibrate", "--out", str(e)],
     "calibrate-out-empty": lambda e: ["calibrate", "--out", ""],
     "calibrate-out-under-file": lambda e: ["calibrate", "--out", str(e / "file" / "hw.json")],
@@ -611,6 +630,7 @@ def test_no_hang_in_a_subprocess(env, tmp_path, which):
 def test_the_case_count_and_kinds():
     """Every subcommand and every kind of file is in the suite."""
     ids = [c[0] for c in CASES]
-    for prefix in ("plan-", "train-", "simulate-", "sweep-", "calibrate-", "compare-", "config-", "plan-simulate-",
+    for prefix in ("plan-", "train-", "simulate-", "sweep-", "calibrate-", "compare-", "cheapest-", "config-",
+                   "plan-simulate-",
                    "plan-train-", "hw-", "ckpt-", "data-", "compare-trace-", "compare-summary-"):
         assert sum(i.startswith(prefix) for i in ids) >= 5, prefix
