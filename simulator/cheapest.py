@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from planner.cluster import make_cluster
@@ -117,8 +118,10 @@ def parse_deadline(s: str) -> float:
 
 def search(model: str, tokens: float, deadline_seconds: float, *, gpus: list[str] | None = None,
            gpus_max: int = 64, per_node_max: int = 8, methods: tuple[str, ...] = METHODS, seq_len: int = 2048,
-           batch_per_gpu: int = 8, host_ram_gib: float | None = None, interconnect: str | None = None) -> Result:
-    """Every configuration, evaluated; the winner is the cheapest that meets the deadline (ties: fewer GPUs)."""
+           batch_per_gpu: int = 8, host_ram_gib: float | None = None, interconnect: str | None = None,
+           workers: int = 1) -> Result:
+    """Every configuration, evaluated; the winner is the cheapest that meets the deadline (ties: fewer GPUs).
+    `workers` processes share the (GPU, method) pairs."""
     started = time.perf_counter()
     if not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and 0 < tokens <= 1e16):
         raise UserError(f"--tokens must be a positive number of tokens up to 1e16, not {tokens!r}.")
@@ -143,14 +146,17 @@ def search(model: str, tokens: float, deadline_seconds: float, *, gpus: list[str
     skipped = tuple(g for g in (gpus or known) if g not in priced)
     if not priced:
         raise UserError(f"no GPU among {', '.join(gpus or known)} has a price in the catalog; nothing to compare.")
-    out: list[Candidate] = []
-    stats = {"plans": 0, "simulated": 0}
-    for g in priced:
-        hw = make_hardware(gpu=g, host_ram_gib=host_ram_gib)
-        per_hour = hourly_price(g).per_hour
-        for method in methods:
-            out += _gpu_method(prof, hw, g, per_hour, method, tokens, deadline_seconds, seq, batch_per_gpu,
-                               gpus_max, per_node_max, interconnect, stats)
+    jobs = [(cfg.name, g, method, host_ram_gib, tokens, deadline_seconds, seq, batch_per_gpu, gpus_max, per_node_max,
+             interconnect) for g in priced for method in methods]
+    if workers <= 1 or len(jobs) == 1:
+        sweep._init_worker({cfg.name: prof})
+        done = [_job(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=sweep._init_worker,
+                                 initargs=({cfg.name: prof},)) as ex:
+            done = list(ex.map(_job, jobs))
+    out = [c for cs, _ in done for c in cs]
+    stats = {k: sum(st[k] for _, st in done) for k in ("plans", "simulated")}
     out.sort(key=_rank)
     winner = out[0] if out and out[0].meets else None
     return Result(model=cfg.name, tokens=tokens, deadline_seconds=deadline_seconds, winner=winner,
@@ -161,6 +167,17 @@ def search(model: str, tokens: float, deadline_seconds: float, *, gpus: list[str
 def _rank(c: Candidate) -> tuple:
     """Meeting the deadline first, then by cost and GPU count; the rest by time."""
     return (not c.meets, c.usd if c.meets else 0.0, c.seconds, c.gpus, c.nodes, c.gpu, c.method)
+
+
+def _job(job) -> tuple[list[Candidate], dict]:
+    """One GPU kind and method, in a worker (the model's profile comes from sweep._init_worker)."""
+    name, g, method, host_ram_gib, tokens, deadline, seq, batch, gpus_max, per_node_max, interconnect = job
+    prof = sweep._PROFILES[name]
+    hw = make_hardware(gpu=g, host_ram_gib=host_ram_gib)
+    stats = {"plans": 0, "simulated": 0}
+    out = _gpu_method(prof, hw, g, hourly_price(g).per_hour, method, tokens, deadline, seq, batch, gpus_max,
+                      per_node_max, interconnect, stats)
+    return out, stats
 
 
 def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpus_max, per_node_max,

@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq", type=int, default=2048, help="sequence length (capped at the model's maximum)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step of each GPU (default 8)")
     p.add_argument("--host-ram", help=f"host RAM ({SIZE_HELP}; default 64)")
+    p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     p.add_argument("--runner-ups", type=int, default=5, help="other GPU-and-method choices to print, of those that "
                                                              "meet the deadline and of those that miss it (default 5)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -51,11 +52,13 @@ def run(a) -> int:
     from simulator.report import console
 
     check_positive("--runner-ups", a.runner_ups + 1, integer=True, upper=1001)
+    check_positive("--workers", a.workers, integer=True, upper=256)
     deadline = cheapest.parse_deadline(a.deadline)
     host_ram = size_gib("--host-ram", a.host_ram, upper_gib=65536)
     r = cheapest.search(a.model, a.tokens, deadline, gpus=_names(a.gpus, "--gpus") if a.gpus else None,
                         gpus_max=a.gpus_max, per_node_max=a.per_node, methods=tuple(_names(a.method, "--method")),
-                        seq_len=a.seq, batch_per_gpu=a.batch, host_ram_gib=host_ram, interconnect=a.interconnect)
+                        seq_len=a.seq, batch_per_gpu=a.batch, host_ram_gib=host_ram, interconnect=a.interconnect,
+                        workers=a.workers)
     if r.winner is None:
         raise cheapest.none_meets(r)
     if a.json:

@@ -202,7 +202,7 @@ def test_sweep_over_gpus_and_nodes(capsys):
 
 
 def test_cheapest_cli_exit_codes(capsys):
-    args = ["cheapest", "--model", "tiny", "--seq", "64", "--gpus", "rtx4090,l40s", "--gpus-max", "4"]
+    args = ["cheapest", "--model", "tiny", "--seq", "64", "--gpus", "rtx4090,l40s", "--gpus-max", "4", "--workers", "1"]
     assert run(args + ["--tokens", "1e8", "--deadline", "10h"]) == 0
     out = capsys.readouterr().out
     assert "Cheapest" in out and "why it loses" in out and "planner calls" in out
@@ -215,7 +215,7 @@ def test_cheapest_cli_exit_codes(capsys):
                 ["--tokens", "1e8", "--deadline", "0h"], ["--tokens", "1e8", "--deadline", "1h", "--gpus", "gtx480"],
                 ["--tokens", "1e8", "--deadline", "1h", "--method", "lora"],
                 ["--tokens", "1e8", "--deadline", "1h", "--gpus-max", "0"]):
-        assert run(args[:4] + bad) == 2, bad
+        assert run(args[:4] + ["--workers", "1"] + bad) == 2, bad
 
 
 def test_cheapest_winner_against_brute_force():
@@ -248,7 +248,7 @@ def test_cheapest_winner_against_brute_force():
     ok = {(g, m, n, k): cost[(g, m, n, k)] for g, m, n, k, r in configs if tokens / r <= deadline}
     assert 0 < len(ok) < len(configs)
     res = cheapest.search("tiny", tokens, deadline, gpus=gpus, gpus_max=gmax, per_node_max=per_node, seq_len=seq,
-                          batch_per_gpu=batch)
+                          batch_per_gpu=batch, workers=2)
     w = res.winner
     assert w is not None and len(res.candidates) == len(configs)
     best = min(ok.values())

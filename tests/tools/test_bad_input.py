@@ -74,7 +74,8 @@ def _train(e, *extra):
             "--steps", "2", *extra]
 
 
-CHEAPEST = ["cheapest", "--model", "tiny", "--seq", "64", "--gpus", "rtx4090", "--gpus-max", "2", "--json"]
+CHEAPEST = ["cheapest", "--model", "tiny", "--seq", "64", "--gpus", "rtx4090", "--gpus-max", "2", "--json",
+            "--workers", "1"]
 
 # number flags: (subcommand builder, flag, values that are fine and so skipped)
 NUMBER_FLAGS = {
@@ -95,7 +96,7 @@ NUMBER_FLAGS = {
                "--tokens": (), "--vram": (), "--gpus": (), "--nodes": ()}),
     "cheapest": (lambda e: CHEAPEST + ["--tokens", "1e8", "--deadline", "1h"],
                  {"--tokens": (), "--gpus-max": (), "--per-node": (), "--seq": (), "--batch": (), "--host-ram": (),
-                  "--runner-ups": ("0",)}),
+                  "--runner-ups": ("0",), "--workers": ()}),
     "calibrate": (lambda e: ["calibrate", "--quick", "--quiet", "--out", str(e / "never.json")], {"--seq": ()}),
     "compare": (lambda e: ["compare", str(e / "plan-summary.json"), str(e / "plan-summary.json")], {"--top": ("0",)}),
 }
