@@ -7,17 +7,19 @@ each GPU keeps `batch_per_gpu` sequences per optimizer step (simulator/sweep.py)
 cluster runs the one-GPU plan and only the collectives differ.
 
 Keeping it fast (a search touches some 400 configurations; the ILP takes seconds a plan):
-  - plans come from the fast planner (planner.fastplan through simulator.sweep.fast_plan, milliseconds to a
-    second); BCD is planned once per GPU, at one GPU, and put on each cluster (`on_cluster`): the per-rank plan
-    under weak scaling. Full-parameter training is planned per GPU count (sharded over N ranks it is another
-    plan), for the densest layout of that count (the most ranks sharing a node's host), and re-timed on the
-    sparser ones;
+  - BCD is planned by the fast planner (planner.fastplan through simulator.sweep.fast_plan, under a second)
+    once per GPU kind, at one GPU, and that plan is put on each cluster (`on_cluster`): the per-rank plan under
+    weak scaling, checked against the node's host RAM (its ranks' buffers; the frozen weights they share,
+    once) and simulated on one rank's share of the node. It does not shard optimizer state; `plan --gpus N`
+    (the ILP) may do a few percent better. Full-parameter training on N GPUs is FSDP, which only the ILP's
+    memory model knows, so it is planned by the ILP (one block: a fraction of a second) per GPU count, for the
+    densest layout of that count (the most ranks sharing a node's host), and re-timed on the sparser ones;
   - a BCD schedule without sharded state holds the same ops for every world size above one (each reduce
     carries the layer's whole gradient; only its price depends on the cluster), so it is built once per GPU
     kind and only re-timed per layout (tests/simulator/test_cluster_sim.py checks the op lists are equal);
-  - a BCD cluster of N GPUs runs at most N times the one-GPU rate (collectives only add time: the same test
-    file checks it), so a count whose perfect scaling misses the deadline is ruled out without simulating it,
-    and reported as such.
+  - a BCD cluster of N GPUs runs at most N times the one-GPU rate (the same plan on every rank, a rank's share of
+    a node is at most the whole host, and collectives only add time: the same test file checks it), so a count
+    whose perfect scaling misses the deadline is ruled out without simulating it, and reported as such.
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from planner import memory
 from planner.cluster import make_cluster
+from planner.costs import layer_sizes
 from planner.errors import UserError, closest
-from planner.hardware import gpu_names, make_hardware
+from planner.hardware import GIB, gpu_names, make_hardware
+from planner.memory import window_layers
 from planner.models import load_model_config
 from planner.plan import METHODS, Plan
 from planner.planning import Request
@@ -96,6 +101,16 @@ def on_cluster(plan: Plan, gpus: int, nodes: int, interconnect: str | None = Non
     cl = make_cluster(plan.hardware.gpu, gpus=gpus, nodes=nodes, interconnect_name=interconnect if nodes > 1 else None)
     shard = plan.shard_state and gpus == plan.world
     return dataclasses.replace(plan, cluster=cl, shard_state=shard, shape=dataclasses.replace(plan.shape, gpus=gpus))
+
+
+def node_host_overflow(plan: Plan, prof) -> str:
+    """Why a plan put on a cluster does not fit its nodes' host RAM ("" when it does): the planner's own count
+    (planner.memory.host_bytes: per node, every rank's buffers and the frozen weights they share once)."""
+    sizes = tuple(layer_sizes(lp, plan.shape.micro_batch, plan.shape.seq_len) for lp in prof.layers)
+    need = memory.host_bytes(plan, sizes, window=window_layers(plan, sizes))
+    have = memory.host_usable_bytes(plan.hardware)
+    return "" if need <= have else (f"host RAM: a node needs {need / GIB:,.1f} GiB, "
+                                    f"{have / GIB:,.1f} GiB usable")
 
 
 def parse_deadline(s: str) -> float:
@@ -195,8 +210,9 @@ def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpu
             if planned_at not in plans:
                 stats["plans"] += 1
                 dense = 1 if method == "bcd" else gpus // min(per_node_max, gpus)
-                plan, why = sweep.fast_plan(prof, hw, _request(hw, method, seq, batch, planned_at, dense,
-                                                               interconnect))
+                req = _request(hw, method, seq, batch, planned_at, dense, interconnect)
+                plan, why = (sweep.exact_plan if sweep.uses_ilp(method, planned_at) else sweep.fast_plan)(
+                    prof, hw, req)
                 rate = sweep.outcome_of(prof, hw, plan).tokens_per_s if plan is not None else 0.0
                 plans[planned_at] = (plan, why, rate)
             plan, why, rate = plans[planned_at]
@@ -211,6 +227,10 @@ def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpu
                                                usd=_usd(per_hour, gpus, secs)))
                 continue
             plan = on_cluster(plan, gpus, nodes, interconnect)
+            over = node_host_overflow(plan, prof)
+            if over:
+                out.append(dataclasses.replace(c, fits=False, reason=over))
+                continue
             key = gpus > 1 if method == "bcd" and not plan.shard_state else gpus
             if key not in scheds:
                 scheds[key] = short_schedule(plan, prof)

@@ -31,7 +31,7 @@ from planner.memory import plan_cap_bytes
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, Schedule, build_schedule
-from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, phase_wire_bytes
+from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, phase_wire_bytes, rank_hardware
 
 MEM_CLASSES = ("weights", "master", "moments", "grads", "prefetch", "activations", "workspace")
 _STREAM_INDEX = {s: k for k, s in enumerate(STREAMS)}
@@ -83,7 +83,7 @@ class PhaseResult:
 class Simulation:
     """A whole plan: one step of every phase, and the cycle that trains every block steps_per_block steps."""
     plan: Plan
-    hardware: Hardware
+    hardware: Hardware                 # what one rank has: its share of its node (simulator/network.py)
     schedule: Schedule
     phases: tuple[PhaseResult, ...]
     cycle_seconds: float
@@ -268,8 +268,9 @@ def simulate(plan: Plan, hw: Hardware | None = None, *, profile: ModelProfile | 
              schedule: Schedule | None = None, keep_timeline: bool = True, skew: Skew = NOMINAL) -> Simulation:
     """Simulate one step of every phase of `plan` on `hw` (default: the plan's own hardware) and its cluster, and
     the cycle: every block trained steps_per_block steps, each phase preceded by its switch. Tokens per second
-    count every rank's tokens (plan.shape.tokens_per_step)."""
-    hw = hw or plan.hardware
+    count every rank's tokens (plan.shape.tokens_per_step). `hw` describes a node (its GPU model and its host);
+    the simulated rank gets its share of the node."""
+    hw = rank_hardware(hw or plan.hardware, plan.cluster)
     if schedule is None:
         schedule = build_schedule(plan, profile or profile_model(plan.model))
     memo: dict = {}

@@ -23,6 +23,9 @@ A slow link: `slow_link` = s divides every link's bandwidth by s (collective_sec
 stay. Host links (PCIe to host memory, NVMe) are the hardware's and are changed with `--pcie-gbps` instead.
 
 Bytes on the wire: what one rank sends per step, `planner.cluster.wire_bytes` of every collective of the step.
+
+Shared resources: the ranks of a node share its host (PCIe root and memory bandwidth, NVMe, CPU optimizer
+throughput); the simulated rank gets its share, the planner's own rule (`planner.cluster.rank_hardware`).
 """
 from __future__ import annotations
 
@@ -52,6 +55,12 @@ class Skew:
 
 
 NOMINAL = Skew()
+
+try:  # one rank's share of its node, the planner's rule
+    from planner.cluster import rank_hardware
+except ImportError:  # a planner without per-node sharing: every rank has the whole host
+    def rank_hardware(hw, cluster):
+        return hw
 
 
 def net_seconds(op, cluster: Cluster, skew: Skew = NOMINAL) -> float:

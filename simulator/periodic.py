@@ -31,7 +31,7 @@ from simulator.engine import (
     simulate,
     simulate_phase,
 )
-from simulator.network import NOMINAL, Skew
+from simulator.network import NOMINAL, Skew, rank_hardware
 
 PLAYED = 3
 
@@ -81,11 +81,12 @@ def simulate_repeating(plan: Plan, hw: Hardware | None = None, *, profile: Model
     The result's schedule is the one played; its phases carry no per-op times or memory timeline. `schedule`:
     the played schedule when the caller has it (short_schedule; it does not depend on the cluster's layout or
     links, only on the world size, so a search over layouts builds it once)."""
-    hw = hw or plan.hardware
+    node = hw or plan.hardware
+    hw = rank_hardware(node, plan.cluster)    # simulate() takes the node's and shares it itself
     prof = profile or profile_model(plan.model)
     g = plan.shape.grad_accum
     if g <= PLAYED:
-        return simulate(plan, hw, profile=prof, schedule=schedule, keep_timeline=False, skew=skew)
+        return simulate(plan, node, profile=prof, schedule=schedule, keep_timeline=False, skew=skew)
     sched = schedule or short_schedule(plan, prof)
     memo: dict = {}
     net = dict(cluster=plan.cluster, skew=skew)
@@ -93,7 +94,7 @@ def simulate_repeating(plan: Plan, hw: Hardware | None = None, *, profile: Model
     for ph in sched.phases:
         r = _extend(ph, simulate_phase(ph, hw, memo=memo, keep_timeline=False, **net), g - PLAYED, hw, memo, **net)
         if r is None:
-            return simulate(plan, hw, profile=prof, keep_timeline=False, skew=skew)
+            return simulate(plan, node, profile=prof, keep_timeline=False, skew=skew)
         phases.append(r)
     cycle, rate = cycle_rate(phases, steps_per_block=plan.steps_per_block, tokens_per_step=plan.shape.tokens_per_step)
     return Simulation(plan=plan, hardware=hw, schedule=sched, phases=tuple(phases), cycle_seconds=cycle,

@@ -13,7 +13,8 @@ configurations must finish in 30 s on 2 cores (60 ms each), so by default a conf
 what remains (a 7B step of 8 micro-batches is ~5,000 ops), so `simulator.periodic` plays three micro-batches and
 extends the exactly repeating pattern to the step's g (same numbers, checked op by op). A simulated peak above
 the budget tightens the cap and plans again, as the planner does.
-`exact=True` runs the real planner (planner.planning.make_plan) instead: optimal plans, seconds each.
+`exact=True` runs the real planner (planner.planning.make_plan) instead: optimal plans, seconds each; so
+does full-parameter training on several GPUs (FSDP: `uses_ilp`).
 
 Work is spread over processes (concurrent.futures.ProcessPoolExecutor) in chunks of configurations that share
 a model and a GPU, so a worker's caches hit: profiles are measured once in the parent (and cached on disk by
@@ -162,8 +163,9 @@ def evaluate(c: Config) -> Row:
     hw = _hardware(c)
     vram = hw.gpu.vram_gib if c.vram_gib is None else c.vram_gib
     price = hourly_price(c.gpu)
+    exact = c.exact or uses_ilp(c.method, c.gpus)
     row = dict(model=c.model, gpu=c.gpu, vram_gib=vram, method=c.method, price_per_hour=price.per_hour,
-               price_note=price.note, planner="ilp" if c.exact else "fast", gpus=c.gpus, nodes=c.nodes)
+               price_note=price.note, planner="ilp" if exact else "fast", gpus=c.gpus, nodes=c.nodes)
     if vram > hw.gpu.vram_gib + 1e-9:
         return Row(fits=False, reason=f"budget above the card's {hw.gpu.vram_gib:g} GiB", **row)
     prof = _PROFILES.get(c.model) or profile_model(load_model_config(c.model))
@@ -172,7 +174,7 @@ def evaluate(c: Config) -> Row:
                   interconnect=c.interconnect if c.nodes > 1 else None)
     if req.reserve_gib * GIB >= vram * GIB:
         return Row(fits=False, reason="budget below the reserve", **row)
-    out, why = _exact(prof, hw, req) if c.exact else _fast(prof, hw, req, c.blocks)
+    out, why = _exact(prof, hw, req) if exact else _fast(prof, hw, req, c.blocks)
     if out is None:
         return Row(fits=False, reason=why, **row)
     return Row(fits=True, micro_batch=out.micro_batch, blocks=out.plan_blocks, streamed_layers=out.streamed,
@@ -257,12 +259,28 @@ def fast_plan(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None
     return None, "the simulated peak stays above the budget"
 
 
+def uses_ilp(method: str, gpus: int) -> bool:
+    """Full-parameter training on several GPUs is planned by the ILP even in a fast sweep: it is FSDP, whose
+    sharded weights, gradients and state only the ILP's memory model knows (the fast planner would price every
+    rank holding all of them); with one block its solve takes a fraction of a second."""
+    return method == "full" and gpus > 1
+
+
 def _exact(prof: ModelProfile, hw: Hardware, req: Request):
+    plan, why = exact_plan(prof, hw, req)
+    return (None, why) if plan is None else (outcome_of(prof, hw, plan), "")
+
+
+def exact_plan(prof: ModelProfile, hw: Hardware, req: Request):
+    """(plan, "") from the ILP (planner.planning.make_plan), simulated and cached, or (None, why not)."""
     try:
         plan = make_plan(prof.model, hw, req, prof)
     except UserError as e:
         return None, str(e).split(". ")[0]
-    return _outcome(simulate_repeating(plan, hw, profile=prof)), ""
+    key = _sim_key(prof, hw, plan)
+    if key not in _SIMS:
+        _SIMS[key] = _outcome(simulate_repeating(plan, hw, profile=prof))
+    return plan, ""
 
 
 def _run_chunk(chunk: list[Config]) -> list[Row]:

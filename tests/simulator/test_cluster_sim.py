@@ -220,7 +220,7 @@ def test_cheapest_cli_exit_codes(capsys):
 
 def test_cheapest_winner_against_brute_force():
     """Every configuration of a small space planned the way the search says it plans (BCD at one GPU on every
-    rank; full per count at its densest layout), simulated in full (no periodic shortcut, no schedule cache, no
+    rank; full per count at its densest layout, by the ILP on 2+ GPUs), simulated in full (no periodic shortcut, no schedule cache, no
     pruning) and priced by hand: the search's winner is the cheapest that meets the deadline."""
     cfg = CATALOG["tiny"]
     prof = profile_model(cfg)
@@ -234,7 +234,10 @@ def test_cheapest_winner_against_brute_force():
                 at = 1 if method == "bcd" else n
                 req = Request(method=method, vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=batch * at, gpus=at,
                               nodes=1 if at == 1 else dense, time_limit_s=5.0)
-                plan, _ = sweep.fast_plan(prof, hw, req)
+                if method == "full" and n > 1:   # FSDP: the ILP's (one block, its sharded memory)
+                    plan = make_plan(cfg, hw, req, prof)
+                else:
+                    plan, _ = sweep.fast_plan(prof, hw, req)
                 for nodes in {1: [1], 2: [1, 2], 4: [2, 4]}[n]:
                     c = make_cluster(hw.gpu, gpus=n, nodes=nodes)
                     p = dataclasses.replace(plan, cluster=c, shape=dataclasses.replace(plan.shape, gpus=n))
