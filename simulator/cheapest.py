@@ -27,6 +27,7 @@ import dataclasses
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from planner import memory
@@ -53,9 +54,11 @@ class Candidate:
     nodes: int
     method: str
     fits: bool = True
-    reason: str = ""                  # why it does not fit or was not simulated
+    reason: str = ""                  # why it does not fit
+    bound: str = ""                   # not simulated: ruled out by its group's rate bound ("deadline" or "cost");
+                                      # seconds and usd are then the bound's (at least that long, that dear)
     tokens_per_s: float = 0.0         # simulated, all ranks; 0 when not simulated
-    bound_tokens_per_s: float = 0.0   # perfect scaling of one GPU (BCD), when it was ruled out by it
+    bound_tokens_per_s: float = 0.0   # the most tokens/s the bound allows, when it ruled the layout out
     seconds: float = math.inf         # to train the token budget
     usd: float = math.inf
     per_hour: float = 0.0             # dollars per GPU-hour
@@ -161,17 +164,28 @@ def search(model: str, tokens: float, deadline_seconds: float, *, gpus: list[str
     skipped = tuple(g for g in (gpus or known) if g not in priced)
     if not priced:
         raise UserError(f"no GPU among {', '.join(gpus or known)} has a price in the catalog; nothing to compare.")
-    jobs = [(cfg.name, g, method, host_ram_gib, tokens, deadline_seconds, seq, batch_per_gpu, gpus_max, per_node_max,
-             interconnect) for g in priced for method in methods]
-    if workers <= 1 or len(jobs) == 1:
-        sweep._init_worker({cfg.name: prof})
-        done = [_job(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=sweep._init_worker,
-                                 initargs=({cfg.name: prof},)) as ex:
-            done = list(ex.map(_job, jobs))
-    out = [c for cs, _ in done for c in cs]
-    stats = {k: sum(st[k] for _, st in done) for k in ("plans", "simulated")}
+    ctx = (cfg.name, host_ram_gib, tokens, deadline_seconds, seq, batch_per_gpu, gpus_max, per_node_max,
+           interconnect)
+    out: list[Candidate] = []
+    stats = {"plans": 0, "simulated": 0}
+    best = math.inf
+    with _runner(workers, cfg.name, prof) as run:
+        # a rate bound per GPU and method; groups taken cheapest bound first, skipped once dearer than the best
+        bases = run(_base, [(ctx, g, m) for g in priced for m in methods])
+        order = sorted(bases, key=lambda b: b["bound_usd"])
+        while order:
+            todo = []
+            while order and len(todo) < max(1, workers):
+                b = order.pop(0)
+                if b["bound_usd"] > best * (1 + 1e-12):
+                    out += _pruned(b, ctx)
+                else:
+                    todo.append(b)
+            for cs, st in run(_group, [(ctx, b) for b in todo]):
+                out += cs
+                stats = {k: stats[k] + st[k] for k in stats}
+                best = min([best] + [c.usd for c in cs if c.meets])
+    stats["plans"] += sum(b["plans"] for b in bases)
     out.sort(key=_rank)
     winner = out[0] if out and out[0].meets else None
     return Result(model=cfg.name, tokens=tokens, deadline_seconds=deadline_seconds, winner=winner,
@@ -184,24 +198,70 @@ def _rank(c: Candidate) -> tuple:
     return (not c.meets, c.usd if c.meets else 0.0, c.seconds, c.gpus, c.nodes, c.gpu, c.method)
 
 
-def _job(job) -> tuple[list[Candidate], dict]:
-    """One GPU kind and method, in a worker (the model's profile comes from sweep._init_worker)."""
-    name, g, method, host_ram_gib, tokens, deadline, seq, batch, gpus_max, per_node_max, interconnect = job
+@contextmanager
+def _runner(workers: int, name: str, prof):
+    """run(fn, jobs) -> results, in this process or in `workers` processes holding the model's profile."""
+    if workers <= 1:
+        sweep._init_worker({name: prof})
+        yield lambda fn, jobs: [fn(j) for j in jobs]
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=sweep._init_worker, initargs=({name: prof},)) as ex:
+        yield lambda fn, jobs: list(ex.map(fn, jobs))
+
+
+def full_rate_bound(prof, hw, seq: int) -> float:
+    """Tokens/s one GPU can at most train full-parameter: each token's forward and trained backward matmuls
+    through every layer at the GEMM efficiency's ceiling (Efficiency.matmul_max), at the micro-batch with the
+    fewest FLOPs per token. The simulator charges every compute op at least its matmuls at that ceiling
+    (Hardware.matmul_seconds), and a plan runs every one of them (recomputation and FSDP only add work), so
+    N ranks train at most N times this."""
+    per_token = min(sum(sz.fwd_flops + sz.bwd_flops for sz in (layer_sizes(lp, mb, seq) for lp in prof.layers))
+                    / (mb * seq) for mb in (1, 2, 4, 8, 16, 32))
+    return hw.gpu.bf16_tflops * 1e12 * hw.eff.matmul_max / per_token
+
+
+def _base(job) -> dict:
+    """A GPU kind and method's bound on tokens/s per GPU and the cost it implies (whatever the count: N GPUs
+    at most N times as fast cost at least as much); for BCD, also the one-GPU plan every rank will run."""
+    (name, host_ram_gib, tokens, deadline, seq, batch, *_), g, method = job
     prof = sweep._PROFILES[name]
     hw = make_hardware(gpu=g, host_ram_gib=host_ram_gib)
-    stats = {"plans": 0, "simulated": 0}
-    out = _gpu_method(prof, hw, g, hourly_price(g).per_hour, method, tokens, deadline, seq, batch, gpus_max,
-                      per_node_max, interconnect, stats)
-    return out, stats
+    base = {"gpu": g, "method": method, "plan": None, "why": "", "rate": 0.0, "plans": 0}
+    if method == "bcd":
+        plan, why = sweep.fast_plan(prof, hw, _request(hw, method, seq, batch, 1, 1, None))
+        rate = sweep.outcome_of(prof, hw, plan).tokens_per_s if plan is not None else 0.0
+        base.update(plan=plan, why=why, rate=rate, plans=1)
+    else:
+        base.update(rate=full_rate_bound(prof, hw, seq))
+    base["bound_usd"] = _usd(hourly_price(g).per_hour, 1, tokens / base["rate"]) if base["rate"] > 0 else 0.0
+    return base
 
 
-def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpus_max, per_node_max,
-                interconnect, stats) -> list[Candidate]:
-    """Every layout of one GPU kind and method. A plan is made once per GPU count (BCD: once, at one GPU), for
-    its densest layout (the most GPUs a node share a node's host), and re-timed on the other layouts; the
-    schedule is built once per count (BCD: once for every count above one)."""
+def _pruned(b: dict, ctx) -> list[Candidate]:
+    """Every layout of a group its bound already rules out: dearer than the best found, or over the deadline."""
+    _, _, tokens, deadline, _, _, gpus_max, per_node_max, _ = ctx
     out = []
-    plans: dict[int, tuple] = {}    # GPU count (BCD: 1) -> (plan or None, why not, one-GPU rate)
+    for n in counts(gpus_max):
+        secs = tokens / (n * b["rate"])
+        why = "deadline" if secs > deadline else "cost"
+        out += [Candidate(gpu=b["gpu"], gpus=gpus, nodes=nodes, method=b["method"], bound=why,
+                          per_hour=hourly_price(b["gpu"]).per_hour, bound_tokens_per_s=n * b["rate"], seconds=secs,
+                          usd=b["bound_usd"]) for gpus, nodes in layouts(n, per_node_max)]
+    return out
+
+
+def _group(job) -> tuple[list[Candidate], dict]:
+    """Every layout of one GPU kind and method, in a worker. A plan is made once per GPU count (BCD: the
+    base's one-GPU plan), for its densest layout (the most GPUs a node share a node's host), and re-timed on
+    the other layouts; the schedule is built once per count (BCD: once for every count above one)."""
+    (name, host_ram_gib, tokens, deadline, seq, batch, gpus_max, per_node_max, interconnect), b = job
+    prof = sweep._PROFILES[name]
+    g, method = b["gpu"], b["method"]
+    hw = make_hardware(gpu=g, host_ram_gib=host_ram_gib)
+    per_hour = hourly_price(g).per_hour
+    stats = {"plans": 0, "simulated": 0}
+    out = []
+    plans: dict[int, tuple] = {1: (b["plan"], b["why"])} if method == "bcd" else {}
     scheds: dict = {}
     for n in counts(gpus_max):
         for gpus, nodes in layouts(n, per_node_max):
@@ -209,22 +269,16 @@ def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpu
             planned_at = 1 if method == "bcd" else gpus
             if planned_at not in plans:
                 stats["plans"] += 1
-                dense = 1 if method == "bcd" else gpus // min(per_node_max, gpus)
-                req = _request(hw, method, seq, batch, planned_at, dense, interconnect)
-                plan, why = (sweep.exact_plan if sweep.uses_ilp(method, planned_at) else sweep.fast_plan)(
-                    prof, hw, req)
-                rate = sweep.outcome_of(prof, hw, plan).tokens_per_s if plan is not None else 0.0
-                plans[planned_at] = (plan, why, rate)
-            plan, why, rate = plans[planned_at]
+                req = _request(hw, method, seq, batch, gpus, gpus // min(per_node_max, gpus), interconnect)
+                plans[gpus] = (sweep.exact_plan if sweep.uses_ilp(method, gpus) else sweep.fast_plan)(prof, hw, req)
+            plan, why = plans[planned_at]
             if plan is None:
                 out.append(dataclasses.replace(c, fits=False, reason=why))
                 continue
-            if method == "bcd" and tokens / (gpus * rate) > deadline:
-                # collectives only add time: N GPUs run at most N times one GPU's rate
-                secs = tokens / (gpus * rate)
-                out.append(dataclasses.replace(c, reason="over the deadline even at perfect scaling",
-                                               bound_tokens_per_s=gpus * rate, seconds=secs,
-                                               usd=_usd(per_hour, gpus, secs)))
+            if method == "bcd" and tokens / (gpus * b["rate"]) > deadline:
+                secs = tokens / (gpus * b["rate"])
+                out.append(dataclasses.replace(c, bound="deadline", bound_tokens_per_s=gpus * b["rate"],
+                                               seconds=secs, usd=_usd(per_hour, gpus, secs)))
                 continue
             plan = on_cluster(plan, gpus, nodes, interconnect)
             over = node_host_overflow(plan, prof)
@@ -235,11 +289,11 @@ def _gpu_method(prof, hw, g, per_hour, method, tokens, deadline, seq, batch, gpu
             if key not in scheds:
                 scheds[key] = short_schedule(plan, prof)
             stats["simulated"] += 1
-            rate_n = simulate_repeating(plan, hw, profile=prof, schedule=scheds[key]).tokens_per_s
-            secs = tokens / rate_n if rate_n > 0 else math.inf
-            out.append(dataclasses.replace(c, tokens_per_s=rate_n, seconds=secs, usd=_usd(per_hour, gpus, secs),
+            rate = simulate_repeating(plan, hw, profile=prof, schedule=scheds[key]).tokens_per_s
+            secs = tokens / rate if rate > 0 else math.inf
+            out.append(dataclasses.replace(c, tokens_per_s=rate, seconds=secs, usd=_usd(per_hour, gpus, secs),
                                            blocks=len(plan.blocks), meets=secs <= deadline))
-    return out
+    return out, stats
 
 
 def _usd(per_hour: float, gpus: int, seconds: float) -> float:
@@ -255,10 +309,14 @@ def why_it_loses(c: Candidate, winner: Candidate | None, deadline_seconds: float
     """One phrase: does not fit, over the deadline (by how much), or dearer than the winner (by how much)."""
     if not c.fits:
         return f"does not fit: {c.reason}"
+    what = "perfect scaling" if c.method == "bcd" else "the matmuls' peak"
+    if c.bound == "deadline":
+        return (f"over the deadline even at {what} ({c.bound_tokens_per_s:,.0f} tokens/s: "
+                f"{human_seconds(c.seconds)} or more)")
+    if c.bound == "cost":
+        return f"dearer even at {what}: ${c.usd:,.0f} or more" + (
+            "" if winner is None else f" (+{c.usd / winner.usd - 1:.0%} or more)")
     if not c.meets:
-        if c.bound_tokens_per_s:
-            return (f"over the deadline even at perfect scaling ({c.bound_tokens_per_s:,.0f} tokens/s: "
-                    f"{human_seconds(c.seconds)} or more)")
         return f"over the deadline: {human_seconds(c.seconds)} ({c.seconds / deadline_seconds:.2f}x the deadline)"
     if winner is None or c is winner:
         return ""
@@ -270,8 +328,8 @@ def why_it_loses(c: Candidate, winner: Candidate | None, deadline_seconds: float
 def runner_ups(r: Result, k: int = 5) -> list[tuple[Candidate, str]]:
     """Why the rest lose, one line a choice: within the winner's GPU and method, the next cheapest layout that
     meets the deadline and the largest count that misses it (why not fewer GPUs); then the best of every other
-    GPU and method (the cheapest that meets the deadline, else the fastest, else why nothing fits), up to k of
-    those that meet it and k of those that miss it, and every one that fits nowhere."""
+    GPU and method (the cheapest that meets the deadline, else its bound's cost where that ruled it out, else
+    the fastest, else why nothing fits), up to k of each kind, and every one that fits nowhere."""
     w = r.winner
     groups: dict[tuple[str, str], list[Candidate]] = {}
     for c in r.candidates:
@@ -281,16 +339,19 @@ def runner_ups(r: Result, k: int = 5) -> list[tuple[Candidate, str]]:
         own = groups.pop((w.gpu, w.method))
         lines += [c for c in own if c.meets and c is not w][:1]
         lines += sorted((c for c in own if c.fits and not c.meets and c.gpus < w.gpus), key=lambda c: -c.gpus)[:1]
-    meets, misses, nofit = [], [], []
+    meets, dearer, misses, nofit = [], [], [], []
     for cs in groups.values():
         fit = [c for c in cs if c.fits]
         if any(c.meets for c in fit):
             meets.append(min((c for c in fit if c.meets), key=_rank))
+        elif any(c.bound == "cost" for c in fit):
+            dearer.append(min((c for c in fit if c.bound == "cost"), key=lambda c: c.usd))
         elif fit:
             misses.append(min(fit, key=lambda c: (c.seconds, c.gpus)))
         else:
             nofit.append(cs[0])
-    lines += sorted(meets, key=_rank)[:k] + sorted(misses, key=lambda c: c.seconds)[:k] + nofit
+    lines += (sorted(meets, key=_rank)[:k] + sorted(dearer, key=lambda c: c.usd)[:k]
+              + sorted(misses, key=lambda c: c.seconds)[:k] + nofit)
     return [(c, why_it_loses(c, w, r.deadline_seconds)) for c in lines]
 
 

@@ -220,8 +220,9 @@ def test_cheapest_cli_exit_codes(capsys):
 
 def test_cheapest_winner_against_brute_force():
     """Every configuration of a small space planned the way the search says it plans (BCD at one GPU on every
-    rank; full per count at its densest layout, by the ILP on 2+ GPUs), simulated in full (no periodic shortcut, no schedule cache, no
-    pruning) and priced by hand: the search's winner is the cheapest that meets the deadline."""
+    rank; full per count at its densest layout, by the ILP on 2+ GPUs), simulated in full (no periodic shortcut,
+    no schedule cache, no pruning) and priced by hand: the search's winner is the cheapest that meets the
+    deadline, and whatever it ruled out unsimulated was ruled out by a true bound."""
     cfg = CATALOG["tiny"]
     prof = profile_model(cfg)
     gpus, per_node, gmax, seq, batch = ["rtx4090", "a100-80g"], 2, 4, 64, 8
@@ -254,14 +255,32 @@ def test_cheapest_winner_against_brute_force():
                           batch_per_gpu=batch, workers=2)
     w = res.winner
     assert w is not None and len(res.candidates) == len(configs)
-    best = min(ok.values())
-    assert w.usd == pytest.approx(best, rel=1e-9)
-    assert w.usd <= min(v for v in ok.values()) * (1 + 1e-9)
+    assert w.usd == pytest.approx(min(ok.values()), rel=1e-9)
+    true_s = {(g, m, n, k): tokens / r for g, m, n, k, r in configs}
     for c in res.candidates:
+        key = (c.gpu, c.method, c.gpus, c.nodes)
         if c.meets:
-            assert c.usd >= w.usd
-            assert c.usd == pytest.approx(cost[(c.gpu, c.method, c.gpus, c.nodes)], rel=1e-9)
-    assert {(c.gpu, c.method, c.gpus, c.nodes) for c in res.candidates if c.meets} == set(ok)
+            assert c.usd >= w.usd and c.usd == pytest.approx(cost[key], rel=1e-9)
+        elif c.bound:   # ruled out unsimulated: its bound must be a true bound, and must rule it out
+            assert c.seconds <= true_s[key] * (1 + 1e-9) and c.usd <= cost[key] * (1 + 1e-9)
+            assert c.seconds > deadline if c.bound == "deadline" else c.usd > w.usd
+        else:
+            assert key not in ok
+    assert {(c.gpu, c.method, c.gpus, c.nodes) for c in res.candidates if c.meets} <= set(ok)
+
+
+def test_full_parameter_rate_bound_holds():
+    """No full-parameter plan beats the matmul bound cheapest prunes with (one GPU and FSDP on four)."""
+    cfg = CATALOG["1b"]
+    prof = profile_model(cfg)
+    for gpu in ("rtx4090", "a100-80g"):
+        hw = make_hardware(gpu=gpu, host_ram_gib=256)
+        bound = cheapest.full_rate_bound(prof, hw, 1024)
+        for n in (1, 4):
+            plan = make_plan(cfg, hw, Request(method="full", seq_len=1024, batch=4 * n, gpus=n, time_limit_s=5.0),
+                             prof)
+            rate = simulate(plan, profile=prof, keep_timeline=False).tokens_per_s
+            assert 0 < rate <= n * bound
 
 
 def test_compare_methods_on_a_cluster_prices_every_gpu(capsys):
