@@ -69,6 +69,9 @@ def cost_table(a) -> None:
             rat = "" if r.method == "full" or ratio is None else f"{ratio:.1%}"
             print(f"| {where} | {net} | {r.method} | {r.tokens_per_s:,.0f} | {r.tokens_per_s_per_gpu:,.0f} | {eff} | "
                   f"{r.wire_bytes_per_step / 1e6:,.1f} | {per_h} | {usd} | {rat} | {r.limited_by} |")
+    print("\nscaling: tokens/s per GPU over one GPU's at the same shape. Full-parameter training on one GPU keeps "
+          "its optimizer state in host RAM and steps it on the CPU; sharded over N GPUs (FSDP) it need not, hence "
+          "figures above 100%. BCD/full: BCD's cost per token as a share of full-parameter training's.")
 
 
 def scale(a) -> None:

@@ -321,6 +321,8 @@ def why_it_loses(c: Candidate, winner: Candidate | None, deadline_seconds: float
     if winner is None or c is winner:
         return ""
     more = c.usd - winner.usd
+    if more < 0.01:
+        return "as cheap, to the cent (the winner is ranked first: sooner, or fewer GPUs or nodes)"
     money = f"${more:,.2f}" if more < 100 else f"${more:,.0f}"
     return f"dearer: {money} more (+{more / winner.usd:.1%})" if winner.usd > 0 else "dearer"
 
