@@ -325,3 +325,40 @@ def test_three_micro_batches_extended_equal_the_whole_step_on_a_cluster(shard):
             assert b.busy_seconds["net"] == pytest.approx(a.busy_seconds["net"], rel=1e-9) and a.busy_seconds["net"]
             assert b.wire_bytes == a.wire_bytes > 0
         assert fast.tokens_per_s == pytest.approx(full.tokens_per_s, rel=1e-9)
+
+
+needs_shares = pytest.mark.skipif(not hasattr(__import__("planner.cluster").cluster, "rank_hardware"),
+                                  reason="the planner has no per-node sharing (planner.cluster.rank_hardware) yet")
+
+
+@needs_shares
+def test_a_rank_gets_its_share_of_the_node(tiny):
+    """Eight ranks on a node: each steps its CPU AdamW at an eighth of the node's rate."""
+    plan, prof = tiny
+    cpu = tuple(dataclasses.replace(p, master="cpu", moments="cpu", grads="cpu") for p in plan.placements)
+    p = on(dataclasses.replace(plan, placements=cpu), make_cluster(plan.hardware.gpu, gpus=8))
+    sim = simulate(p, profile=prof)
+    rate = plan.hardware.host.cpu_adam_params_per_s / 8
+    steps = [(op, r) for ph, r in zip(sim.schedule.phases, sim.phases) for op in ph.ops if op.stream == "cpu_opt"]
+    assert steps
+    for op, r in steps:
+        assert r.finish[op.id] - r.start[op.id] == pytest.approx(op.params / rate, rel=1e-12)
+
+
+@needs_shares
+@pytest.mark.parametrize("method,gpu,gpus,nodes", [("bcd", "rtx4090", 8, 1), ("bcd", "a100-80g", 16, 2),
+                                                   ("full", "rtx4090", 8, 1), ("full", "a100-80g", 16, 2)])
+def test_planner_and_simulator_agree_on_clusters(method, gpu, gpus, nodes):
+    """As tests/simulator/test_consistency.py on one GPU: the ILP's estimate (exposed reductions and FSDP
+    gathers included) and the simulator's step within 5% on cluster plans the ILP chooses."""
+    cfg = CATALOG["1b"]
+    prof = profile_model(cfg)
+    plan = make_plan(cfg, make_hardware(gpu=gpu), Request(method=method, seq_len=2048, batch=4 * gpus, gpus=gpus,
+                                                          nodes=nodes, interconnect="ib-hdr" if nodes > 1 else None,
+                                                          time_limit_s=5.0), prof)
+    sim = simulate(plan, profile=prof, keep_timeline=False)
+    for pred, res in zip(plan.predicted.phases, sim.phases):
+        err = res.step_seconds / pred.step_seconds - 1
+        assert abs(err) <= 0.05, (f"phase {res.block}: planner {pred.step_seconds:.4g} s, simulator "
+                                  f"{res.step_seconds:.4g} s ({err:+.1%}); {res.bottleneck}")
+    assert sim.wire_bytes_per_step == pytest.approx(plan.predicted.wire_bytes_per_step, abs=len(plan.blocks))
