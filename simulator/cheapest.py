@@ -3,23 +3,26 @@ node layouts x method (BCD or full-parameter), each planned, simulated and price
 
 Cost is what the GPUs are rented for: price per GPU-hour x GPUs x hours, hours = tokens / tokens per second
 (simulator/cost.py); a configuration meets the deadline when those hours fit in it. Clusters scale weakly:
-each GPU keeps `batch_per_gpu` sequences per optimizer step (simulator/sweep.py), so every rank of a BCD
-cluster runs the one-GPU plan and only the collectives differ.
+each GPU keeps `batch_per_gpu` sequences per optimizer step (simulator/sweep.py).
 
 Keeping it fast (a search touches some 400 configurations; the ILP takes seconds a plan):
   - BCD is planned by the fast planner (planner.fastplan through simulator.sweep.fast_plan, under a second)
-    once per GPU kind, at one GPU, and that plan is put on each cluster (`on_cluster`): the per-rank plan under
-    weak scaling, checked against the node's host RAM (its ranks' buffers; the frozen weights they share,
-    once) and simulated on one rank's share of the node. It does not shard optimizer state; `plan --gpus N`
-    (the ILP) may do a few percent better. Full-parameter training on N GPUs is FSDP, which only the ILP's
-    memory model knows, so it is planned by the ILP (one block: a fraction of a second) per GPU count, for the
-    densest layout of that count (the most ranks sharing a node's host), and re-timed on the sparser ones;
+    once per GPU kind and number of GPUs a node g, for one rank of a node of g (its share of the node's host:
+    simulator.network.rank_view), and that plan runs on every rank of every layout with g GPUs a node
+    (`on_cluster`; weak scaling), checked against the node's host RAM (its ranks' buffers; the frozen weights
+    they share, once). It does not shard optimizer state; `plan --gpus N` (the ILP) may do better.
+    Full-parameter training on N GPUs is FSDP, which only the ILP's memory model knows, so it is planned by the
+    ILP (one block: a fraction of a second) per GPU count, for the densest layout of that count, and re-timed
+    on the sparser ones;
   - a BCD schedule without sharded state holds the same ops for every world size above one (each reduce
-    carries the layer's whole gradient; only its price depends on the cluster), so it is built once per GPU
-    kind and only re-timed per layout (tests/simulator/test_cluster_sim.py checks the op lists are equal);
-  - a BCD cluster of N GPUs runs at most N times the one-GPU rate (the same plan on every rank, a rank's share of
-    a node is at most the whole host, and collectives only add time: the same test file checks it), so a count
-    whose perfect scaling misses the deadline is ruled out without simulating it, and reported as such.
+    carries the layer's whole gradient; only its price depends on the cluster), so it is built once per plan
+    and only re-timed per layout (tests/simulator/test_cluster_sim.py checks the op lists are equal);
+  - bounds rule out what cannot win, unsimulated and reported as such: N GPUs with g a node run one node's
+    plan on every rank, and more nodes only add an inter-node level to each collective, so they train at most
+    N/g times one node's simulated rate; full-parameter training at most the matmuls' peak (full_rate_bound).
+    A layout whose bound misses the deadline is over it; a GPU kind and method whose best bound costs more than
+    the best configuration found so far (taken cheapest bound first) is dearer. The tests check every bound
+    against a brute-force search.
 """
 from __future__ import annotations
 
@@ -99,8 +102,8 @@ def layouts(n: int, per_node_max: int = 8) -> list[tuple[int, int]]:
 
 
 def on_cluster(plan: Plan, gpus: int, nodes: int, interconnect: str | None = None) -> Plan:
-    """`plan` with its per-rank shape and placements on another cluster: a one-GPU plan run by every rank
-    (weak scaling), or a plan re-laid over other nodes (its world size kept, and so its sharding)."""
+    """`plan` with its per-rank shape and placements on another cluster: one rank's plan run by every rank of a
+    larger cluster (weak scaling), or a plan re-laid over other nodes (its world size kept, and its sharding)."""
     cl = make_cluster(plan.hardware.gpu, gpus=gpus, nodes=nodes, interconnect_name=interconnect if nodes > 1 else None)
     shard = plan.shard_state and gpus == plan.world
     return dataclasses.replace(plan, cluster=cl, shard_state=shard, shape=dataclasses.replace(plan.shape, gpus=gpus))
@@ -185,7 +188,7 @@ def search(model: str, tokens: float, deadline_seconds: float, *, gpus: list[str
                 out += cs
                 stats = {k: stats[k] + st[k] for k in stats}
                 best = min([best] + [c.usd for c in cs if c.meets])
-    stats["plans"] += sum(b["plans"] for b in bases)
+    stats["plans"] += sum(b["planned"] for b in bases)
     out.sort(key=_rank)
     winner = out[0] if out and out[0].meets else None
     return Result(model=cfg.name, tokens=tokens, deadline_seconds=deadline_seconds, winner=winner,
@@ -221,19 +224,27 @@ def full_rate_bound(prof, hw, seq: int) -> float:
 
 
 def _base(job) -> dict:
-    """A GPU kind and method's bound on tokens/s per GPU and the cost it implies (whatever the count: N GPUs
-    at most N times as fast cost at least as much); for BCD, also the one-GPU plan every rank will run."""
-    (name, host_ram_gib, tokens, deadline, seq, batch, *_), g, method = job
+    """A GPU kind and method's bound on tokens/s per GPU, by GPUs a node (`per_gpu`), and the cheapest cost it
+    allows whatever the count (`bound_usd`). BCD: the fast plan of one rank of a node of g GPUs, simulated on
+    that node (`plans`); every layout with g GPUs a node runs it on every rank, and more nodes only add an
+    inter-node level to each collective, so N GPUs run at most N/g times that node's rate. Full: the matmul
+    bound (full_rate_bound)."""
+    (name, host_ram_gib, tokens, deadline, seq, batch, gpus_max, per_node_max, _), g, method = job
     prof = sweep._PROFILES[name]
     hw = make_hardware(gpu=g, host_ram_gib=host_ram_gib)
-    base = {"gpu": g, "method": method, "plan": None, "why": "", "rate": 0.0, "plans": 0}
+    base = {"gpu": g, "method": method, "plans": {}, "per_gpu": {}, "planned": 0}
+    per_node = [k for k in PER_NODE if k <= min(per_node_max, gpus_max)]
     if method == "bcd":
-        plan, why = sweep.fast_plan(prof, hw, _request(hw, method, seq, batch, 1, 1, None))
-        rate = sweep.outcome_of(prof, hw, plan).tokens_per_s if plan is not None else 0.0
-        base.update(plan=plan, why=why, rate=rate, plans=1)
+        for k in per_node:
+            plan, why = sweep.fast_plan(prof, hw, _request(hw, method, seq, batch, k, 1, None))
+            rate = sweep.outcome_of(prof, hw, plan).tokens_per_s if plan is not None else 0.0
+            base["plans"][k] = (plan, why)
+            base["per_gpu"][k] = rate / k
+            base["planned"] += 1
     else:
-        base.update(rate=full_rate_bound(prof, hw, seq))
-    base["bound_usd"] = _usd(hourly_price(g).per_hour, 1, tokens / base["rate"]) if base["rate"] > 0 else 0.0
+        base["per_gpu"] = dict.fromkeys(per_node, full_rate_bound(prof, hw, seq))
+    best = max(base["per_gpu"].values(), default=0.0)
+    base["bound_usd"] = _usd(hourly_price(g).per_hour, 1, tokens / best) if best > 0 else 0.0
     return base
 
 
@@ -242,18 +253,21 @@ def _pruned(b: dict, ctx) -> list[Candidate]:
     _, _, tokens, deadline, _, _, gpus_max, per_node_max, _ = ctx
     out = []
     for n in counts(gpus_max):
-        secs = tokens / (n * b["rate"])
-        why = "deadline" if secs > deadline else "cost"
-        out += [Candidate(gpu=b["gpu"], gpus=gpus, nodes=nodes, method=b["method"], bound=why,
-                          per_hour=hourly_price(b["gpu"]).per_hour, bound_tokens_per_s=n * b["rate"], seconds=secs,
-                          usd=b["bound_usd"]) for gpus, nodes in layouts(n, per_node_max)]
+        for gpus, nodes in layouts(n, per_node_max):
+            rate = gpus * b["per_gpu"][gpus // nodes]
+            secs = tokens / rate if rate > 0 else math.inf
+            out.append(Candidate(gpu=b["gpu"], gpus=gpus, nodes=nodes, method=b["method"],
+                                 bound="deadline" if secs > deadline else "cost",
+                                 per_hour=hourly_price(b["gpu"]).per_hour, bound_tokens_per_s=rate, seconds=secs,
+                                 usd=_usd(hourly_price(b["gpu"]).per_hour, gpus, secs)))
     return out
 
 
 def _group(job) -> tuple[list[Candidate], dict]:
-    """Every layout of one GPU kind and method, in a worker. A plan is made once per GPU count (BCD: the
-    base's one-GPU plan), for its densest layout (the most GPUs a node share a node's host), and re-timed on
-    the other layouts; the schedule is built once per count (BCD: once for every count above one)."""
+    """Every layout of one GPU kind and method, in a worker. BCD runs the base's plan for its GPUs a node on
+    every rank; full-parameter training is planned once per GPU count, for its densest layout (the most GPUs a
+    node share a node's host), and re-timed on the other layouts. A schedule is built once per plan and world
+    size (BCD without sharded state: once for every world above one)."""
     (name, host_ram_gib, tokens, deadline, seq, batch, gpus_max, per_node_max, interconnect), b = job
     prof = sweep._PROFILES[name]
     g, method = b["gpu"], b["method"]
@@ -261,12 +275,12 @@ def _group(job) -> tuple[list[Candidate], dict]:
     per_hour = hourly_price(g).per_hour
     stats = {"plans": 0, "simulated": 0}
     out = []
-    plans: dict[int, tuple] = {1: (b["plan"], b["why"])} if method == "bcd" else {}
+    plans = dict(b["plans"])        # BCD: by GPUs a node; full: by GPU count
     scheds: dict = {}
     for n in counts(gpus_max):
         for gpus, nodes in layouts(n, per_node_max):
             c = Candidate(gpu=g, gpus=gpus, nodes=nodes, method=method, per_hour=per_hour)
-            planned_at = 1 if method == "bcd" else gpus
+            planned_at = gpus // nodes if method == "bcd" else gpus
             if planned_at not in plans:
                 stats["plans"] += 1
                 req = _request(hw, method, seq, batch, gpus, gpus // min(per_node_max, gpus), interconnect)
@@ -275,17 +289,18 @@ def _group(job) -> tuple[list[Candidate], dict]:
             if plan is None:
                 out.append(dataclasses.replace(c, fits=False, reason=why))
                 continue
-            if method == "bcd" and tokens / (gpus * b["rate"]) > deadline:
-                secs = tokens / (gpus * b["rate"])
-                out.append(dataclasses.replace(c, bound="deadline", bound_tokens_per_s=gpus * b["rate"],
-                                               seconds=secs, usd=_usd(per_hour, gpus, secs)))
+            bound = gpus * b["per_gpu"][gpus // nodes]
+            if method == "bcd" and tokens / bound > deadline:
+                secs = tokens / bound
+                out.append(dataclasses.replace(c, bound="deadline", bound_tokens_per_s=bound, seconds=secs,
+                                               usd=_usd(per_hour, gpus, secs)))
                 continue
             plan = on_cluster(plan, gpus, nodes, interconnect)
             over = node_host_overflow(plan, prof)
             if over:
                 out.append(dataclasses.replace(c, fits=False, reason=over))
                 continue
-            key = gpus > 1 if method == "bcd" and not plan.shard_state else gpus
+            key = (planned_at, gpus > 1) if method == "bcd" and not plan.shard_state else (planned_at, gpus)
             if key not in scheds:
                 scheds[key] = short_schedule(plan, prof)
             stats["simulated"] += 1
@@ -309,7 +324,7 @@ def why_it_loses(c: Candidate, winner: Candidate | None, deadline_seconds: float
     """One phrase: does not fit, over the deadline (by how much), or dearer than the winner (by how much)."""
     if not c.fits:
         return f"does not fit: {c.reason}"
-    what = "perfect scaling" if c.method == "bcd" else "the matmuls' peak"
+    what = "perfect scaling over nodes" if c.method == "bcd" else "the matmuls' peak"
     if c.bound == "deadline":
         return (f"over the deadline even at {what} ({c.bound_tokens_per_s:,.0f} tokens/s: "
                 f"{human_seconds(c.seconds)} or more)")

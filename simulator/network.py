@@ -29,6 +29,7 @@ throughput); the simulated rank gets its share, the planner's own rule (`planner
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,9 +59,24 @@ NOMINAL = Skew()
 
 try:  # one rank's share of its node, the planner's rule
     from planner.cluster import rank_hardware
+    SHARED_NODES = True
 except ImportError:  # a planner without per-node sharing: every rank has the whole host
+    SHARED_NODES = False
+
     def rank_hardware(hw, cluster):
         return hw
+
+
+def rank_view(hw, cluster: Cluster):
+    """What a planner that knows one GPU should plan one rank with: its share of the node's bandwidths and CPU
+    optimizer (rank_hardware) and an equal share of the node's host RAM and NVMe (conservative: the frozen
+    weights the ranks share are counted by each). `hw` itself on one GPU a node."""
+    if not SHARED_NODES or cluster.gpus_per_node <= 1:
+        return hw
+    g = cluster.gpus_per_node
+    r = rank_hardware(hw, cluster)
+    return dataclasses.replace(r, host=dataclasses.replace(r.host, ram_gib=r.host.ram_gib / g,
+                                                           nvme_gib=r.host.nvme_gib / g))
 
 
 def net_seconds(op, cluster: Cluster, skew: Skew = NOMINAL) -> float:

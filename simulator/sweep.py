@@ -36,10 +36,11 @@ from planner.fastplan import ACTS, quick_plan
 from planner.hardware import GIB, Hardware, gpu_names, make_hardware
 from planner.models import load_model_config
 from planner.plan import METHODS, write_atomic
-from planner.planning import Request, make_plan
+from planner.planning import Request, cluster_of, make_plan
 from planner.profile import ModelProfile, profile_model
 from simulator.cost import hourly_price, usd_per_billion_tokens
 from simulator.engine import STREAM_WORDS
+from simulator.network import rank_view
 from simulator.periodic import simulate_repeating
 
 
@@ -235,14 +236,22 @@ def fast_plan(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None
 
     The ILP's accounting (which quick_plan shares) counts offloaded activations as gone once their layer's
     forward ends; on the simulated clock they stay until the device-to-host copy finishes, and when the link
-    is slower than the forward they pile up. So after a first overflow the search also drops offloading."""
+    is slower than the forward they pile up. So after a first overflow the search also drops offloading.
+
+    On a cluster the fast planner, which knows one GPU, plans on one rank's view of its node (network.rank_view:
+    its share of the host's bandwidths and CPU optimizer, and of its RAM and NVMe); the plan then names the
+    node's hardware and the request's cluster, as the planner's own plans do."""
     budget = int(req.vram_gib * GIB)
     cap = memory.device_cap_bytes(budget, int(req.reserve_gib * GIB))
     acts = ACTS
+    cluster = cluster_of(req, hw)
+    view = rank_view(hw, cluster)
     for _attempt in range(5):
-        plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
+        plan = quick_plan(prof, view, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
         if plan is None:
             return None, "nothing fits: not even with every layer streamed and activations recomputed"
+        if view is not hw:
+            plan = dataclasses.replace(plan, hardware=hw, cluster=cluster)
         key = _sim_key(prof, hw, plan)
         out = _SIMS.get(key)
         if out is None:

@@ -219,9 +219,9 @@ def test_cheapest_cli_exit_codes(capsys):
 
 
 def test_cheapest_winner_against_brute_force():
-    """Every configuration of a small space planned the way the search says it plans (BCD at one GPU on every
-    rank; full per count at its densest layout, by the ILP on 2+ GPUs), simulated in full (no periodic shortcut,
-    no schedule cache, no pruning) and priced by hand: the search's winner is the cheapest that meets the
+    """Every configuration of a small space planned the way the search says it plans (BCD: one node's rank plan
+    on every rank; full per count at its densest layout, by the ILP on 2+ GPUs), simulated in full (no periodic
+    shortcut, no schedule cache, no pruning) and priced by hand: the search's winner is the cheapest that meets the
     deadline, and whatever it ruled out unsimulated was ruled out by a true bound."""
     cfg = CATALOG["tiny"]
     prof = profile_model(cfg)
@@ -231,15 +231,16 @@ def test_cheapest_winner_against_brute_force():
         hw = make_hardware(gpu=g)
         for method in ("bcd", "full"):
             for n in (1, 2, 4):
-                dense = max(1, n // per_node)
-                at = 1 if method == "bcd" else n
-                req = Request(method=method, vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=batch * at, gpus=at,
-                              nodes=1 if at == 1 else dense, time_limit_s=5.0)
-                if method == "full" and n > 1:   # FSDP: the ILP's (one block, its sharded memory)
-                    plan = make_plan(cfg, hw, req, prof)
-                else:
-                    plan, _ = sweep.fast_plan(prof, hw, req)
                 for nodes in {1: [1], 2: [1, 2], 4: [2, 4]}[n]:
+                    if method == "bcd":    # one rank's plan of a node of n / nodes GPUs, fast planner
+                        k = n // nodes
+                        req = Request(vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=batch * k, gpus=k,
+                                      time_limit_s=5.0)
+                        plan, _ = sweep.fast_plan(prof, hw, req)
+                    else:                  # per count at its densest layout; FSDP (2+ GPUs) by the ILP
+                        req = Request(method="full", vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=batch * n, gpus=n,
+                                      nodes=max(1, n // per_node), time_limit_s=5.0)
+                        plan = make_plan(cfg, hw, req, prof) if n > 1 else sweep.fast_plan(prof, hw, req)[0]
                     c = make_cluster(hw.gpu, gpus=n, nodes=nodes)
                     p = dataclasses.replace(plan, cluster=c, shape=dataclasses.replace(plan.shape, gpus=n))
                     rate = simulate(p, hw, profile=prof, keep_timeline=False).tokens_per_s
