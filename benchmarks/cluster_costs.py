@@ -32,7 +32,7 @@ from planner.models import CATALOG  # noqa: E402
 from planner.planning import Request  # noqa: E402
 from planner.profile import profile_model  # noqa: E402
 from planner.schedule import build_schedule  # noqa: E402
-from simulator import cheapest, sweep  # noqa: E402
+from simulator import cheapest, runner_ups, sweep  # noqa: E402
 from simulator.cost import human_seconds  # noqa: E402
 from simulator.engine import simulate  # noqa: E402
 from simulator.periodic import simulate_repeating  # noqa: E402
@@ -109,7 +109,7 @@ def cheapest_example(a) -> None:
              f"{w.layout} {w.method}: {w.tokens_per_s:,.0f} tokens/s, {human_seconds(w.seconds)}, ${w.usd:,.0f}")
           + f" ({len(r.candidates)} configurations, {r.simulated} simulated, {r.plans} planner calls, "
             f"{r.wall_seconds:.1f} s)")
-    for c, why in cheapest.runner_ups(r, 3):
+    for c, why in runner_ups.runner_ups(r, 3):
         print(f"  {c.layout if c.fits else c.gpu} {c.method}: {why}")
 
 

@@ -47,7 +47,7 @@ def _names(s: str, flag: str) -> list[str]:
 
 
 def run(a) -> int:
-    from simulator import cheapest
+    from simulator import cheapest, runner_ups
     from simulator.cost import human_seconds
     from simulator.report import console
 
@@ -60,9 +60,9 @@ def run(a) -> int:
                         seq_len=a.seq, batch_per_gpu=a.batch, host_ram_gib=host_ram, interconnect=a.interconnect,
                         workers=a.workers)
     if r.winner is None:
-        raise cheapest.none_meets(r)
+        raise runner_ups.none_meets(r)
     if a.json:
-        print(json.dumps(cheapest.to_dict(r), indent=1))
+        print(json.dumps(runner_ups.to_dict(r), indent=1))
         return 0
     from rich.table import Table
     con = console()
@@ -75,7 +75,7 @@ def run(a) -> int:
     for c, j in (("GPUs", "left"), ("method", "left"), ("tokens/s", "right"), ("time", "right"),
                  ("cost", "right"), ("why it loses", "left")):
         t.add_column(c, justify=j)
-    for c, why in cheapest.runner_ups(r, a.runner_ups):
+    for c, why in runner_ups.runner_ups(r, a.runner_ups):
         sim = c.fits and c.tokens_per_s > 0
         t.add_row(c.layout if c.fits else f"{c.gpu} (any count)", _method(c.method),
                   f"{c.tokens_per_s:,.0f}" if sim else "-", human_seconds(c.seconds) if sim else "-",
