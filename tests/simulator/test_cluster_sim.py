@@ -306,21 +306,24 @@ def test_compare_methods_on_a_cluster_prices_every_gpu(capsys):
     assert "GPUs" in text and "counts every GPU" in text
 
 
-@pytest.mark.parametrize("shard", [False, True])
-def test_three_micro_batches_extended_equal_the_whole_step_on_a_cluster(shard):
-    """simulator/periodic.py with collectives, a straggler and a slow link: the same as playing every
-    micro-batch (sweeps and cheapest use the shortcut)."""
+@pytest.mark.parametrize("model,method,shard", [("1b", "bcd", False), ("1b", "bcd", True), ("tiny", "full", True)])
+def test_three_micro_batches_extended_equal_the_whole_step_on_a_cluster(model, method, shard):
+    """simulator/periodic.py with collectives (a reduce per trained layer; full-parameter training on 8 GPUs,
+    FSDP where the planner makes it so, gathers and reduce-scatters in every micro-batch), a straggler and a
+    slow link: the same as playing every micro-batch (sweeps and cheapest use the shortcut)."""
     from planner.fastplan import quick_plan
     from simulator.periodic import simulate_repeating
-    prof = profile_model(CATALOG["1b"])
+    prof = profile_model(CATALOG[model])
     hw = make_hardware(gpu="rtx4090")
-    plan = quick_plan(prof, hw, Request(vram_gib=12, seq_len=1024, batch=8, micro_batch=1))
+    plan = quick_plan(prof, hw, Request(method=method, vram_gib=12, seq_len=1024 if model == "1b" else 64, batch=8,
+                                        micro_batch=1))
     assert plan.shape.grad_accum >= 5
     p = on(plan, make_cluster(hw.gpu, gpus=8, nodes=2, interconnect_name="eth25"), shard=shard)
     for skew in (Skew(), Skew(straggler=1.5, slow_link=2.0)):
         full = simulate(p, profile=prof, keep_timeline=False, skew=skew)
         fast = simulate_repeating(p, profile=prof, skew=skew)
-        assert max(len(ph.ops) for ph in fast.schedule.phases) < max(len(ph.ops) for ph in full.schedule.phases)
+        if method == "bcd":   # (an FSDP step's last played micro-batch is not yet periodic: played in full)
+            assert max(len(ph.ops) for ph in fast.schedule.phases) < max(len(ph.ops) for ph in full.schedule.phases)
         for a, b in zip(full.phases, fast.phases):
             assert b.step_seconds == pytest.approx(a.step_seconds, rel=1e-9)
             assert b.busy_seconds["net"] == pytest.approx(a.busy_seconds["net"], rel=1e-9) and a.busy_seconds["net"]
