@@ -88,7 +88,9 @@ def cluster_line(sim) -> str:
     out = (f"{plan.world} GPU(s) on {c.nodes} node(s)" + (f" ({', '.join(links)})" if links else "")
            + f", data parallel{' with sharded optimizer state' if plan.shard_state else ''}; "
            f"{sim.wire_bytes_per_step / 1e6:,.1f} MB sent per rank per step")
-    if sim.skew.straggler != 1.0:
+    if sim.skew.straggler != 1.0 and plan.world == 1:
+        out += f"; its compute {sim.skew.straggler:g}x slower (one GPU: no collective to wait at)"
+    elif sim.skew.straggler != 1.0:
         out += f"; one straggler at {sim.skew.straggler:g}x compute (every rank waits for it at each collective)"
     if sim.skew.slow_link != 1.0:
         out += f"; network links {sim.skew.slow_link:g}x slower"
