@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cluster import SINGLE, Cluster
+from planner.cluster import SINGLE, Cluster, rank_hardware
 from planner.costs import op_seconds, overlapped_seconds
 from planner.hardware import Hardware
 from planner.memory import plan_cap_bytes
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, Schedule, build_schedule
-from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, phase_wire_bytes, rank_hardware
+from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, phase_wire_bytes
 
 MEM_CLASSES = ("weights", "master", "moments", "grads", "prefetch", "activations", "workspace")
 _STREAM_INDEX = {s: k for k, s in enumerate(STREAMS)}

@@ -33,7 +33,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from planner.cluster import Cluster, collective_seconds, wire_bytes
+from planner.cluster import Cluster, collective_seconds, rank_hardware, wire_bytes
 from planner.costs import STREAMS as PLAN_STREAMS
 from planner.errors import UserError
 
@@ -57,21 +57,11 @@ class Skew:
 
 NOMINAL = Skew()
 
-try:  # one rank's share of its node, the planner's rule
-    from planner.cluster import rank_hardware
-    SHARED_NODES = True
-except ImportError:  # a planner without per-node sharing: every rank has the whole host
-    SHARED_NODES = False
-
-    def rank_hardware(hw, cluster):
-        return hw
-
-
 def rank_view(hw, cluster: Cluster):
     """What a planner that knows one GPU should plan one rank with: its share of the node's bandwidths and CPU
     optimizer (rank_hardware) and an equal share of the node's host RAM and NVMe (conservative: the frozen
     weights the ranks share are counted by each). `hw` itself on one GPU a node."""
-    if not SHARED_NODES or cluster.gpus_per_node <= 1:
+    if cluster.gpus_per_node <= 1:
         return hw
     g = cluster.gpus_per_node
     r = rank_hardware(hw, cluster)

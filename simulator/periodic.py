@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from planner.cluster import rank_hardware
 from planner.hardware import Hardware
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
@@ -31,7 +32,7 @@ from simulator.engine import (
     simulate,
     simulate_phase,
 )
-from simulator.network import NOMINAL, Skew, rank_hardware
+from simulator.network import NOMINAL, Skew
 
 PLAYED = 3
 

@@ -335,11 +335,6 @@ def test_three_micro_batches_extended_equal_the_whole_step_on_a_cluster(model, m
         assert fast.tokens_per_s == pytest.approx(full.tokens_per_s, rel=1e-9)
 
 
-needs_shares = pytest.mark.skipif(not hasattr(__import__("planner.cluster").cluster, "rank_hardware"),
-                                  reason="the planner has no per-node sharing (planner.cluster.rank_hardware) yet")
-
-
-@needs_shares
 def test_a_rank_gets_its_share_of_the_node(tiny):
     """Eight ranks on a node: each steps its CPU AdamW at an eighth of the node's rate."""
     plan, prof = tiny
@@ -353,7 +348,6 @@ def test_a_rank_gets_its_share_of_the_node(tiny):
         assert r.finish[op.id] - r.start[op.id] == pytest.approx(op.params / rate, rel=1e-12)
 
 
-@needs_shares
 @pytest.mark.parametrize("method,gpu,gpus,nodes", [("bcd", "rtx4090", 8, 1), ("bcd", "a100-80g", 16, 2),
                                                    ("full", "rtx4090", 8, 1), ("full", "a100-80g", 16, 2)])
 def test_planner_and_simulator_agree_on_clusters(method, gpu, gpus, nodes):
