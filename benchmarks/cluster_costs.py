@@ -5,7 +5,8 @@ simulator times a 512-GPU plan; and the cheapest configuration for a token budge
     .venv/bin/python benchmarks/cluster_costs.py --skip-cheapest --host-ram 512
 
 The table: Llama-2-7B, sequence 2048, 8 sequences per GPU per step (every rank keeps the one-GPU shape), each
-configuration planned by the fast planner and simulated (simulator/sweep.py), on
+configuration planned by the ILP (`plan --gpus N`; --fast: the fast planner, which does not shard BCD's state
+and on 8 RTX 4090s sharing a host leaves about a fifth of the tokens/s) and simulated (simulator/sweep.py), on
   8 x RTX 4090 in one node (PCIe, no peer-to-peer: NCCL through host memory, planner/cluster.py's intra_link),
   8 x A100 80GB and 8 x A800 80GB in one node (NVLink 300 / 200 GB/s per direction),
   2 nodes of each (16 GPUs) over --interconnect-4090 and --interconnect-a100.
@@ -43,12 +44,13 @@ def cost_table(a) -> None:
                ("rtx4090", 16, 2, a.interconnect_4090), ("a100-80g", 16, 2, a.interconnect_a100)]
     configs = [sweep.Config(model=a.model, gpu=g, vram_gib=None, method=m, seq_len=2048, batch=8,
                             host_ram_gib=a.host_ram, cpu_adam_params_per_s=a.cpu_adam, gpus=n, nodes=k,
-                            interconnect=link)
+                            interconnect=link, exact=not a.fast)
                for g, n, k, link in layouts for m in ("bcd", "full")]
     t0 = time.perf_counter()
     rows = sweep.run(configs, workers=a.workers)
     took = time.perf_counter() - t0
-    print(f"\n{a.model}, sequence 2048, 8 sequences per GPU per step, host RAM {a.host_ram:g} GiB"
+    print(f"\n{a.model}, sequence 2048, 8 sequences per GPU per step, host RAM {a.host_ram:g} GiB, "
+          f"{'fast planner' if a.fast else 'the ILP (plan --gpus N)'}"
           f"{'' if a.cpu_adam is None else f', CPU AdamW {a.cpu_adam:g} params/s'} ({took:.1f} s)\n")
     print("| GPUs | link | method | tok/s | tok/s/GPU | scaling | wire MB/step | $/h | $/B tok | BCD/full | "
           "limited by |")
@@ -121,6 +123,8 @@ def main() -> int:
     ap.add_argument("--interconnect-4090", default="eth100", help="between RTX 4090 nodes (default eth100)")
     ap.add_argument("--interconnect-a100", default="ib-hdr", help="between A100/A800 nodes (default ib-hdr)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--fast", action="store_true", help="plan the table with the fast planner (default: the ILP, "
+                                                        "which shards state and knows each rank's share of a node)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
