@@ -73,7 +73,8 @@ def cost_table(a) -> None:
                   f"{r.wire_bytes_per_step / 1e6:,.1f} | {per_h} | {usd} | {rat} | {r.limited_by} |")
     print("\nscaling: tokens/s per GPU over one GPU's at the same shape. Full-parameter training on one GPU keeps "
           "its optimizer state in host RAM and steps it on the CPU; sharded over N GPUs (FSDP) it need not, hence "
-          "figures above 100%. BCD/full: BCD's cost per token as a share of full-parameter training's.")
+          "figures far above 100%; BCD's sharded optimizer state frees device memory for resident weights, hence "
+          "a few percent above. BCD/full: BCD's cost per token as a share of full-parameter training's.")
 
 
 def scale(a) -> None:
