@@ -1,4 +1,4 @@
-"""Checkpoints that survive a crash at any instant.
+"""Checkpoints that survive a crash at any instant, written by one rank or by all the ranks of a world.
 
 Layout: ckpt_dir/step-000123/{model.safetensors, optimizer.safetensors, meta.json} plus ckpt_dir/latest, a one-line
 file naming the newest step directory. A save writes everything into a hidden temporary directory, fsyncs each
@@ -11,6 +11,17 @@ meta.json records the size and sha256 of every tensor file; a load verifies them
 block on the disk is refused (naming the file, and the older checkpoint that is intact) instead of resuming into
 NaNs or other weights. A save that fails (a full disk) removes its temporary directory and leaves the previous
 checkpoint as it was.
+
+A world of N ranks (runtime.dist.World) saves together, in three stages each ended by every rank's agreement
+that it succeeded (an all-reduce when torch.distributed is up): rank 0 makes the temporary directory; every rank
+writes its files there and fsyncs them; rank 0 writes meta.json, renames and moves `latest`. The weights, the
+same on every rank after the gradient all-reduce (or the all-gather of sharded updates), are written once, by
+rank 0, under Hugging Face names. The optimizer state is written once too when it is not sharded (every rank's is
+the same); under the plan's shard_state each rank writes its own shard (optimizer-rankRRRRR-of-NNNNN.safetensors)
+and meta.json records each state's flat length. meta.json holds the world size and every rank's data position
+and RNG states, and lists every file's digest (each rank digests its own and hands it to rank 0 in a small file).
+A rank of the same world size resumes exactly what it saved; on another world size the optimizer state is
+re-cut (runtime.reshard) and the data continue from the global position.
 """
 from __future__ import annotations
 
@@ -32,8 +43,12 @@ from safetensors.torch import load_file, save_file
 
 from planner.errors import UserError
 from planner.models import ModelConfig
+from runtime.ckpt_world import Stage, rank_file, rank_view, saved_world, shard_file
+from runtime.dist import SINGLE, World
+from runtime.reshard import PARTS, reshard
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_SHARD_FILE = re.compile(r"^optimizer-rank\d+-of-\d+\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 _FORMAT = "blockfit-checkpoint/1"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
@@ -45,8 +60,10 @@ class Checkpoint:
     step: int
     path: str                          # the step directory
     weights: dict[str, torch.Tensor]   # CPU tensors, as saved
-    optimizer: dict[str, torch.Tensor]
-    meta: dict                         # what the trainer passed to save_checkpoint
+    optimizer: dict[str, torch.Tensor]  # this rank's optimizer state, in the shards it asked for
+    meta: dict                         # what the trainer passed to save_checkpoint, with this rank's data and RNG
+    world_size: int = 1                # ranks that saved it
+    note: str = ""                     # what a resume on another world size changed, for stderr
 
 
 def step_dir_name(step: int) -> str:
@@ -54,52 +71,76 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, *, weights: dict[str, torch.Tensor],
-                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = KEEP) -> str:
+                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = KEEP, world: World = SINGLE,
+                    shards: int = 1, rank_meta: dict | None = None, flat_numel: dict[str, int] | None = None) -> str:
     """Write one checkpoint atomically, point `latest` at it, keep the newest `keep`; returns its directory.
 
-    meta must be JSON-serialisable (data position, capture_rng(), schedule position, plan fingerprint, ...)."""
+    meta must be JSON-serialisable (schedule position, plan fingerprint, ...); rank_meta is this rank's own part
+    (its data position and RNG states), merged into meta (rank 0's) and, with several ranks, listed per rank
+    in meta.json's 'world' record. With world.size > 1 every rank calls this together (see the module docstring):
+    `weights` are written by rank 0 only (the others may pass {}); `optimizer` is this rank's shard when
+    shards == world.size (the plan's shard_state; flat_numel names each state tensor's unpadded flat length,
+    recorded so another world size can re-cut it), or, with shards == 1, the whole state, the same on every rank
+    and written by rank 0."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep!r}")
+    if shards not in (1, world.size) or (shards > 1 and flat_numel is None):
+        raise ValueError(f"optimizer state in {shards} shards on {world.size} ranks (1 or the world size, and "
+                         f"sharded state needs flat_numel)")
+    meta = {**meta, **(rank_meta or {})}
     try:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta is not JSON-serialisable: {e}") from None
-    tmp = None
-    try:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        _remove_leftovers(ckpt_dir)
-        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step_dir_name(step)}-", dir=ckpt_dir)
-        files = {}
-        for name, tensors in zip(TENSOR_FILES, (weights, optimizer)):
-            _write_tensors(os.path.join(tmp, name), tensors)
-            files[name] = file_digest(os.path.join(tmp, name))
-        meta_text = json.dumps({"format": _FORMAT, "step": step, "saved_unix_s": time.time(), "files": files,
-                                "meta": meta}, indent=1, sort_keys=True, allow_nan=False)
-        _write_text(os.path.join(tmp, "meta.json"), meta_text)
-        _fsync_dir(tmp)
-        final = os.path.join(ckpt_dir, step_dir_name(step))
-        replaced = None
-        if os.path.exists(final):  # saving a step again (a resumed run): move the old one out of the way first
-            replaced = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=ckpt_dir)
-            os.rename(final, os.path.join(replaced, "old"))
-        os.rename(tmp, final)
-        tmp = None
-        _fsync_dir(ckpt_dir)
-        if replaced:
-            shutil.rmtree(replaced, ignore_errors=True)
-        latest_tmp = os.path.join(ckpt_dir, f"{_TMP_PREFIX}latest")
-        _write_text(latest_tmp, step_dir_name(step) + "\n")
-        os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
-        _fsync_dir(ckpt_dir)
-        _prune(ckpt_dir, keep, protect=step)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-        why = getattr(e, "strerror", None) or " ".join(str(e).split())
-        raise UserError(f"could not write checkpoint {step} under '{ckpt_dir}' ({why}); {_previous(ckpt_dir)} "
-                        f"Check the directory's permissions and free space.") from None
+    lead = world.rank == 0
+    tmp = os.path.join(ckpt_dir, f"{_TMP_PREFIX}{step_dir_name(step)}-of-{world.size}")  # one name all ranks know
+    final = os.path.join(ckpt_dir, step_dir_name(step))
+    with Stage(ckpt_dir, step, world, tmp, _previous) as saving:   # 1. rank 0 makes the temporary directory
+        if lead:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            _remove_leftovers(ckpt_dir)
+            os.mkdir(tmp)
+    with Stage(ckpt_dir, step, world, tmp, _previous) as saving:   # 2. every rank writes and syncs its files
+        mine = {}
+        if lead:
+            mine["model.safetensors"] = _write_tensors(os.path.join(tmp, "model.safetensors"), weights)
+        if shards > 1 or lead:
+            name = shard_file(world.rank, shards)
+            mine[name] = _write_tensors(os.path.join(tmp, name), optimizer)
+        if not lead:
+            _write_text(os.path.join(tmp, rank_file(world.rank)), json.dumps(
+                {"files": mine, "meta": rank_meta or {}}, sort_keys=True, allow_nan=False))
+    with Stage(ckpt_dir, step, world, tmp, _previous) as saving:   # 3. rank 0 commits: meta.json, rename, `latest`
+        if lead:
+            files, ranks = dict(mine), [rank_meta or {}]
+            for r in range(1, world.size):
+                with open(os.path.join(tmp, rank_file(r)), encoding="utf-8") as f:
+                    theirs = json.load(f)
+                files.update(theirs["files"])
+                ranks.append(theirs["meta"])
+                os.remove(os.path.join(tmp, rank_file(r)))
+            manifest = {"size": world.size, "optimizer_shards": shards, "optimizer_numel": flat_numel or {},
+                        **({"ranks": ranks} if world.size > 1 else {})}
+            meta_text = json.dumps({"format": _FORMAT, "step": step, "saved_unix_s": time.time(), "files": files,
+                                    "world": manifest, "meta": meta}, indent=1, sort_keys=True, allow_nan=False)
+            _write_text(os.path.join(tmp, "meta.json"), meta_text)
+            _fsync_dir(tmp)
+            replaced = None
+            if os.path.exists(final):  # saving a step again (a resumed run): move the old one out of the way
+                replaced = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=ckpt_dir)
+                os.rename(final, os.path.join(replaced, "old"))
+            os.rename(tmp, final)
+            saving.committed = True
+            _fsync_dir(ckpt_dir)
+            if replaced:
+                shutil.rmtree(replaced, ignore_errors=True)
+            latest_tmp = os.path.join(ckpt_dir, f"{_TMP_PREFIX}latest")
+            _write_text(latest_tmp, step_dir_name(step) + "\n")
+            os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
+            _fsync_dir(ckpt_dir)
+            _prune(ckpt_dir, keep, protect=step)
     return final
 
 
@@ -119,10 +160,11 @@ def file_digest(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
-def damaged_files(step_dir: str, files: dict) -> list[str]:
-    """The tensor files of a step directory whose size or sha256 differs from what its meta.json recorded."""
+def damaged_files(step_dir: str, files: dict, names=None) -> list[str]:
+    """The tensor files of a step directory (`names`, default: every one its meta.json must list) whose size or
+    sha256 differs from what its meta.json recorded."""
     bad = []
-    for name in TENSOR_FILES:
+    for name in names if names is not None else tensor_files(files):
         want, path = files.get(name), os.path.join(step_dir, name)
         if not isinstance(want, dict):
             bad.append(name)
@@ -133,6 +175,12 @@ def damaged_files(step_dir: str, files: dict) -> list[str]:
         except OSError:
             bad.append(name)
     return bad
+
+
+def tensor_files(files: dict) -> list[str]:
+    """The tensor files a checkpoint holds: the weights, and the optimizer file or its per-rank shards."""
+    shards = sorted(n for n in files if _SHARD_FILE.match(n))
+    return ["model.safetensors", *(shards or ["optimizer.safetensors"])]
 
 
 def _intact_older(step_dir: str, step: int) -> str:
@@ -154,8 +202,11 @@ def _intact_older(step_dir: str, step: int) -> str:
             f"many yet)")
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """Load a step directory, or the checkpoint a checkpoint directory's `latest` names (else its newest)."""
+def load_checkpoint(path: str, *, world: World = SINGLE, shards: int = 1) -> Checkpoint:
+    """Load a step directory, or the checkpoint a checkpoint directory's `latest` names (else its newest), as
+    rank world.rank sees it: its optimizer state in `shards` pieces (1, or world.size under the plan's
+    shard_state), its own data position and RNG states in meta['data'] and meta['rng']. A checkpoint saved in
+    another number of shards is re-cut (runtime.reshard) and says so in Checkpoint.note."""
     step_dir = resolve_step_dir(path)
     meta_path = os.path.join(step_dir, "meta.json")
     try:
@@ -170,17 +221,34 @@ def load_checkpoint(path: str) -> Checkpoint:
             or isinstance(raw.get("step"), bool) or raw["step"] < 0 or not isinstance(raw.get("meta", {}), dict):
         raise UserError(f"checkpoint '{step_dir}': meta.json is not a {_FORMAT} file (or its step is not a "
                         f"non-negative integer).")
+    saved = saved_world(step_dir, raw)
+    k = saved["optimizer_shards"]
+    mine = [world.rank if k > 1 else 0] if k == shards else list(range(k))  # the optimizer shards to read
+    names = ["model.safetensors", *(shard_file(r, k) for r in mine)]
     if "files" in raw:  # checkpoints written before checksums were recorded have none to verify
         files = raw["files"] if isinstance(raw["files"], dict) else {}
-        bad = damaged_files(step_dir, files)
+        bad = damaged_files(step_dir, files, names)
         if bad:
             raise UserError(f"checkpoint '{step_dir}': {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
                             f"unreadable or corrupt: the size or sha256 no longer matches what was recorded when it "
                             f"was saved (a flipped bit, a zeroed block, a truncated or replaced file); "
                             f"{_intact_older(step_dir, raw['step'])}.")
-    return Checkpoint(step=raw["step"], path=step_dir, meta=raw.get("meta") or {},
-                      weights=_read_tensors(step_dir, "model.safetensors"),
-                      optimizer=_read_tensors(step_dir, "optimizer.safetensors"))
+    pieces = [_read_tensors(step_dir, name) for name in names[1:]]
+    note = ""
+    if k == shards:
+        optimizer = pieces[0]
+    else:
+        numel = saved["optimizer_numel"] if k > 1 else {n: t.numel() // PARTS for n, t in pieces[0].items()}
+        try:
+            optimizer = reshard(pieces, numel, shards)[world.rank if shards > 1 else 0]
+        except (KeyError, ValueError) as e:
+            raise UserError(f"checkpoint '{step_dir}': its optimizer shards do not fit together ({e}).") from None
+        note = f"optimizer state re-cut from {k} shard{'s' if k > 1 else ''} to {shards} (concatenated, padding " \
+               f"dropped, cut again)"
+    meta = dict(raw.get("meta") or {})
+    note = rank_view(step_dir, meta, saved, world, note)
+    return Checkpoint(step=raw["step"], path=step_dir, meta=meta, optimizer=optimizer, world_size=saved["size"],
+                      weights=_read_tensors(step_dir, "model.safetensors"), note=note)
 
 
 def resolve_step_dir(path: str) -> str:
@@ -250,7 +318,7 @@ def write_hf_config(step_dir: str, cfg: ModelConfig, *, dtype: str = "float32") 
 
 # -- files -------------------------------------------------------------------------------------------------------
 
-def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict:
     plain, seen = {}, set()
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
@@ -261,6 +329,7 @@ def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     save_file(plain, path, metadata={"format": "pt"})
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+    return file_digest(path)
 
 
 def _write_text(path: str, text: str) -> None:

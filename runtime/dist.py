@@ -144,3 +144,52 @@ def peer_lost(world: World, what: str, err: BaseException) -> PeerLost:
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:240]}"
+
+
+def failed_ranks(world: World, ok: bool) -> list[int]:
+    """The ranks for which `ok` is False, known to every rank: an all-reduce, so every rank must call it (it is
+    also a barrier). Lets a rank that failed tell the others, which then stop too instead of waiting for it."""
+    if world.size == 1:
+        return [] if ok else [world.rank]
+    import torch
+    import torch.distributed as tdist
+    if not tdist.is_initialized():
+        raise RuntimeError(f"rank {world.rank} of {world.size} needs the process group to agree with the others")
+    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(world.size, dtype=torch.int32, device=dev)
+    flags[world.rank] = 0 if ok else 1
+    _all_reduce(world, flags, tdist.ReduceOp.SUM, "agreeing with the other ranks")
+    return [r for r, bad in enumerate(flags.tolist()) if bad]
+
+
+def max_over_ranks(world: World, value: int) -> int:
+    """The largest of every rank's `value` (a collective, like failed_ranks)."""
+    if world.size == 1:
+        return value
+    import torch
+    import torch.distributed as tdist
+    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=dev)
+    _all_reduce(world, t, tdist.ReduceOp.MAX, "agreeing with the other ranks")
+    return int(t.item())
+
+
+def _all_reduce(world: World, t, op, what: str) -> None:
+    """An all-reduce whose failure (a rank died, or hung past the group's timeout: torch raises a RuntimeError)
+    is PeerLost's one paragraph (exit 4), not a traceback."""
+    import torch.distributed as tdist
+    try:
+        tdist.all_reduce(t, op=op)
+    except RuntimeError as e:
+        raise peer_lost(world, what, e) from None
+
+
+def run_id(world: World) -> str:
+    """A name this run's ranks share and no other run has: rank 0's pid and a random suffix, broadcast (names the
+    node's shared host memory and NVMe directory, so two runs on one node never collide)."""
+    import secrets
+    ident = [f"{os.getpid()}-{secrets.token_hex(4)}"]
+    if world.size > 1:
+        import torch.distributed as tdist
+        tdist.broadcast_object_list(ident, src=0)
+    return ident[0]

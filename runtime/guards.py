@@ -12,6 +12,7 @@ import fcntl
 import math
 import os
 import stat
+import sys
 
 import psutil
 
@@ -24,6 +25,8 @@ from planner.profile import profile_model
 from planner.units import fmt_bytes
 from runtime.checkpoint import KEEP, Checkpoint, capture_rng, load_checkpoint, restore_rng
 from runtime.data import TokenData
+from runtime.dist import SINGLE, World
+from runtime.reshard import state_shards
 
 GIB = 1 << 30
 
@@ -124,9 +127,10 @@ def resume_signature(plan: Plan) -> dict:
 RESUME_KEYS = ("plan", "position", "active_block", "optimizer", "data", "rng")
 
 
-def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkpoint | None:
-    """The checkpoint to resume from, read and checked; or None. A checkpoint directory that already holds a
-    run is refused without --resume: a new run would prune its checkpoints."""
+def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None, world: World = SINGLE) -> Checkpoint | None:
+    """The checkpoint to resume from, read and checked, as rank world.rank resumes it (its optimizer shard, re-cut
+    when the checkpoint was saved by another number of ranks, which rank 0 says on stderr); or None. A checkpoint
+    directory that already holds a run is refused without --resume: a new run would prune its checkpoints."""
     if resume is None:
         if ckpt_dir and os.path.isdir(ckpt_dir) and any(n.startswith("step-") for n in os.listdir(ckpt_dir)):
             raise UserError(f"checkpoint directory '{ckpt_dir}' already holds checkpoints; pass --resume to continue "
@@ -135,25 +139,45 @@ def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None) -> Checkp
     path = resume or ckpt_dir
     if not path:
         raise UserError("--resume needs a checkpoint: give its path, or --ckpt-dir holding one.")
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, world=world, shards=state_shards(plan.shard_state, world))
     missing = [k for k in RESUME_KEYS if k not in ck.meta]
     if missing:
         raise UserError(f"checkpoint '{ck.path}' was not written by `blockfit train` (its meta.json lacks "
                         f"{', '.join(missing)}); start from its weights with --init-from instead.")
-    check_same_plan(plan, ck)
+    check_same_plan(plan, ck, world.size)
     check_checkpoint_meta(plan, ck)
+    if ck.note and world.leader:
+        print(f"resuming: {ck.note}.", file=sys.stderr)
     return ck
 
 
-def check_same_plan(plan: Plan, ck: Checkpoint) -> None:
+def check_same_plan(plan: Plan, ck: Checkpoint, world_size: int | None = None) -> None:
+    """The checkpoint was trained under this plan (placements may differ). On another world size (world_size,
+    default the plan's) the batch per rank may differ, not the sequences per optimizer step over all ranks."""
     saved, want = ck.meta.get("plan") or {}, resume_signature(plan)
+    world_size = world_size or plan.world
     if saved.get("fingerprint") != plan.fingerprint:
         raise UserError(f"checkpoint '{ck.path}' is of another model (fingerprint {saved.get('fingerprint')}, the "
                         f"plan's is {plan.fingerprint}).")
-    diff = [k for k in want if saved.get(k) != want[k]]
+    keys = list(want)
+    if ck.world_size != world_size:  # another world size: its batch per rank differs, the global batch may not
+        keys = [k for k in keys if k not in ("micro_batch", "grad_accum")]
+    diff = [k for k in keys if saved.get(k) != want[k]]
+    if ck.world_size != world_size and \
+            _sequences(saved, ck.world_size) != _sequences(want, world_size):
+        diff.append(f"global batch ({_sequences(saved, ck.world_size)} sequences per step on {ck.world_size} "
+                    f"rank{'s' if ck.world_size > 1 else ''}, {_sequences(want, world_size)} on {world_size})")
     if diff:
         raise UserError(f"checkpoint '{ck.path}' was trained under another plan ({', '.join(diff)} differ); resume "
                         f"with the plan it was made with (placements may differ, these may not).")
+
+
+def _sequences(signature: dict, world: int):
+    """Sequences per optimizer step over all ranks, from a resume signature."""
+    try:
+        return signature["micro_batch"] * signature["grad_accum"] * world
+    except (KeyError, TypeError):
+        return None
 
 
 def check_outputs(*paths: str | None) -> None:

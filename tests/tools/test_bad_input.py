@@ -428,6 +428,11 @@ CKPT_EDITS = {
     "files-str": _m("files", "x"),
     "files-sha": lambda raw: raw["files"].update({"model.safetensors": {"bytes": 1, "sha256": "0"}}),
     "not-json": lambda raw: "{", "deep": lambda raw: "[" * 100000 + "]" * 100000, "list": lambda raw: "[]",
+    # the world that saved it (runtime/ckpt_world.py)
+    "world-str": _m("world", "x"), "world-size-0": _m("world.size", 0),
+    "world-shards-3": _m("world.optimizer_shards", 3), "world-size-2-no-ranks": _m("world.size", 2),
+    "world-numel-neg": _m("world.optimizer_numel", {"L1.state": -1}),
+    "world-ranks-short": lambda raw: (_set(raw, "world.size", 2), _set(raw, "world.ranks", [{}]))[0],
 }
 for cid, edit in CKPT_EDITS.items():
     case(f"ckpt-{cid}", _ckpt_case(edit))
