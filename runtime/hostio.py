@@ -10,6 +10,17 @@ NvmeFiles is the NVMe tier: one file per layer under --nvme-dir, read with O_DIR
 (where the filesystem refuses O_DIRECT, posix_fadvise DONTNEED first), so each read reaches the drive, as it does
 when host RAM is short, which is why the plan chose NVMe; writes are made durable, then dropped from the cache.
 StagingPool holds the pinned staging buffers those reads and writes go through.
+
+The ranks of a node share what is the same on each of them: runtime.nodeshare.SharedHostBuffer is one host buffer
+for the node's copy of the weights streamed from host memory, and NvmeFiles(shared=...) one directory for its NVMe
+weight files,
+so a node holds them once, not once per rank. After the first placement, which local rank 0 alone writes, every
+rank writes its updates there itself, and they are the same bytes on every rank (the gradients are reduced, or the
+sharded updates all-gathered, before anything is written). That is safe without a lock because of the reduction:
+a rank writes step t's update of layer L only once L's gradients of step t are reduced, which every rank joins
+only after its last use of L's weights in step t; its next read of L (step t+1) follows its own write of the
+same bytes. (Ranks that never synchronise, replicas, would race: a fast one would overwrite what a slow one has
+yet to read.)
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import errno
 import fcntl
 import os
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
@@ -26,18 +38,19 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.errors import UserError
+from runtime.dist import World, failed_ranks
 from runtime.scratch import reclaim_scratch, scratch_prefix
 
 BLOCK = 4096   # O_DIRECT alignment of buffers, offsets and lengths
 
 
-def _round_up(n: int, to: int = BLOCK) -> int:
+def round_up(n: int, to: int = BLOCK) -> int:
     return -(-n // to) * to
 
 
 def aligned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A host tensor starting on a 4 KiB boundary and owning whole 4 KiB blocks (for O_DIRECT reads)."""
-    nbytes = _round_up(max(1, numel * dtype.itemsize))
+    nbytes = round_up(max(1, numel * dtype.itemsize))
     raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8)
     start = (-raw.data_ptr()) % BLOCK
     return raw[start:start + nbytes].view(dtype)[:numel]
@@ -87,6 +100,23 @@ class HostMemory:
             self._settle()
             return self.live_bytes
 
+    def adopt(self, t: torch.Tensor, *, count: bool) -> torch.Tensor:
+        """A buffer made elsewhere (a node's shared mapping, page-aligned): pinned like the others when there is
+        a GPU, and counted in this ledger only if `count` (the node's bytes once, on its local rank 0)."""
+        if self.pin:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(),
+                                                                        0))
+            with self._lock:
+                self._pinned[t.data_ptr()] = t
+        if count:
+            storage = t.untyped_storage()
+            with self._lock:
+                self._settle()
+                self._live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                self.live_bytes += storage.nbytes()
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return t
+
     def release(self, t: torch.Tensor) -> None:
         with self._lock:
             kept = self._pinned.pop(t.data_ptr(), None)
@@ -110,23 +140,64 @@ class NvmeFiles:
     Reads bypass the page cache: with O_DIRECT into a 4 KiB-aligned buffer, split into a few requests in flight at
     once (one request at a time leaves an NVMe drive mostly idle), or, where O_DIRECT is refused (tmpfs, an
     unaligned buffer), with posix_fadvise(DONTNEED) first so the read still reaches the drive. Writes go through
-    the page cache, are made durable (fdatasync) and then dropped from it (DONTNEED)."""
+    the page cache, are made durable (fdatasync) and then dropped from it (DONTNEED).
 
-    def __init__(self, nvme_dir: str, *, requests: int = 4):
+    shared=(world, run): the node's directory for the weight files its ranks share, made by local rank 0 under its
+    --nvme-dir and used by every local rank whose --nvme-dir is the same directory (a rank given another one, a
+    second drive, finds no node directory there and keeps private files: self.shared is then False); each rank
+    holds a shared flock on it while it lives, and the last to close removes it (a later run reclaims it once
+    every rank is dead). A shared file is rewritten in place, never truncated, since another rank may read it
+    meanwhile (the same bytes: see the module docstring)."""
+
+    def __init__(self, nvme_dir: str, *, requests: int = 4, shared: tuple[World, str] | None = None):
+        self._owner, self.shared = None, shared is not None
+        err = None
         try:
             os.makedirs(nvme_dir, exist_ok=True)
-            reclaim_scratch(nvme_dir)
-            self.root = tempfile.mkdtemp(prefix=scratch_prefix(), dir=nvme_dir)
-            # Held while this process lives: a later run knows the directory is in use; once the process dies
-            # (even by kill -9) the kernel drops the lock and the next run reclaims the directory.
-            self._owner = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if shared is None:
+                reclaim_scratch(nvme_dir)
+                self.root = self._locked(nvme_dir, f"{scratch_prefix()}{secrets.token_hex(4)}", fcntl.LOCK_EX)
+            else:
+                world, run = shared
+                self.root = os.path.join(nvme_dir, f"blockfit-{run}-node{world.node}")
+                if world.local_rank == 0:
+                    self._locked(nvme_dir, os.path.basename(self.root), fcntl.LOCK_SH)
         except OSError as e:
-            raise UserError(f"cannot use NVMe directory '{nvme_dir}' ({e.strerror or e}).") from None
+            err = e
+        if shared is not None:
+            failed = failed_ranks(world, err is None)   # local rank 0 made it, or every rank learns why not
+            if not failed and self._owner is None:
+                try:
+                    if os.path.isdir(self.root):
+                        self._owner = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                        fcntl.flock(self._owner, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    else:   # another directory than local rank 0's: this rank's own files
+                        self.shared = False
+                        reclaim_scratch(nvme_dir)
+                        self.root = self._locked(nvme_dir, f"{scratch_prefix()}{secrets.token_hex(4)}",
+                                                 fcntl.LOCK_EX)
+                except OSError as e:
+                    err = e
+            if failed and err is None:
+                err = OSError(errno.EIO, f"rank {failed[0]} could not make it")
+        if err is not None:
+            raise UserError(f"cannot use NVMe directory '{nvme_dir}' ({err.strerror or err}).") from None
         self.nvme_dir = nvme_dir
         self.direct = hasattr(os, "O_DIRECT")
         self._io = ThreadPoolExecutor(max_workers=requests, thread_name_prefix="blockfit-nvme-io")
         self.requests = requests
+
+    def _locked(self, parent: str, name: str, lock: int) -> str:
+        """A new directory `name` under parent, locked before it gets its name: made under a name no reclaim
+        looks at, locked, then renamed, so another rank's reclaim_scratch never takes it for a dead run's."""
+        tmp = tempfile.mkdtemp(prefix=".new-", dir=parent)
+        # Held while this process lives: a later run knows the directory is in use; once the process dies
+        # (even by kill -9) the kernel drops the lock and the next run reclaims the directory.
+        self._owner = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._owner, lock | fcntl.LOCK_NB)
+        final = os.path.join(parent, name)
+        os.rename(tmp, final)
+        return final
 
     def path(self, key: str) -> str:
         return os.path.join(self.root, f"{key}.bin")
@@ -162,7 +233,7 @@ class NvmeFiles:
 
     def _write(self, key: str, src: torch.Tensor) -> None:
         view = memoryview(src.contiguous().view(torch.uint8).numpy())
-        fd = os.open(self.path(key), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.path(key), os.O_WRONLY | os.O_CREAT | (0 if self.shared else os.O_TRUNC), 0o600)
         try:
             done = 0
             while done < len(view):
@@ -174,7 +245,7 @@ class NvmeFiles:
 
     def _read(self, key: str, out: torch.Tensor) -> torch.Tensor:
         nbytes = out.numel() * out.element_size()
-        aligned = out.data_ptr() % BLOCK == 0 and _capacity(out) >= _round_up(nbytes)
+        aligned = out.data_ptr() % BLOCK == 0 and _capacity(out) >= round_up(nbytes)
         if self.direct and aligned and nbytes:
             try:
                 fd = os.open(self.path(key), os.O_RDONLY | os.O_DIRECT)
@@ -186,9 +257,9 @@ class NvmeFiles:
                 try:
                     raw = memoryview(torch.empty(0, dtype=torch.uint8).set_(
                         out.untyped_storage(), out.data_ptr() - out.untyped_storage().data_ptr(),
-                        (_round_up(nbytes),)).numpy())
-                    step = _round_up(max(1 << 20, -(-nbytes // self.requests)))
-                    parts = [(o, min(o + step, _round_up(nbytes))) for o in range(0, nbytes, step)]
+                        (round_up(nbytes),)).numpy())
+                    step = round_up(max(1 << 20, -(-nbytes // self.requests)))
+                    parts = [(o, min(o + step, round_up(nbytes))) for o in range(0, nbytes, step)]
                     for f in [self._io.submit(_pread, fd, raw, a, b, nbytes, key) for a, b in parts]:
                         f.result()
                     return out
@@ -210,10 +281,19 @@ class NvmeFiles:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        if self._owner is None:
+            return
+        if self.shared:  # the last rank out removes the node's directory: nobody else holds its lock then
+            fcntl.flock(self._owner, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self._owner)
+                self._owner = None
+                return
         shutil.rmtree(self.root, ignore_errors=True)
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
+        os.close(self._owner)
+        self._owner = None
 
 
 class _ShortRead(OSError):

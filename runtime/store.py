@@ -8,6 +8,11 @@ Three tiers, as the plan names them:
 
 Every parameter of a layer is a view into its flat buffer, so a layer moves in one copy. Without CUDA the CPU
 stands in for the device: "device" buffers are separate CPU tensors, and the same ledger (DeviceMeter) counts them.
+
+With several ranks on a node (World.local_size > 1) the cpu tier is one buffer in host shared memory for the whole
+node (runtime.nodeshare.SharedHostBuffer) and the nvme tier one directory of files for the node
+(runtime.hostio.NvmeFiles(shared=)): local rank 0 writes the initial weights there alone, the others wait for it
+at placed(). The optimizer's NVMe state stays in each rank's own scratch directory (a rank's shard is its own).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ from torch import nn
 
 from planner.errors import UserError
 from planner.memory import Tier
-from runtime.hostio import HostMemory, NvmeFiles, StagingPool
+from runtime.dist import SINGLE, World, failed_ranks, run_id
+from runtime.hostio import HostMemory, NvmeFiles, StagingPool, round_up
+from runtime.nodeshare import SharedHostBuffer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,10 +154,12 @@ class TieredStore:
     """Each layer's weights on its tier; the device copies of streamed layers are made by the copy engine."""
 
     def __init__(self, *, target: Target, layouts: list[FlatLayout], tiers: list[str], nvme_dir: str | None,
-                 window_layers: int):
+                 window_layers: int, world: World = SINGLE):
         self.target = target
         self.layouts = layouts
         self.tiers = tiers
+        self.world = world
+        self._placing = world.local_size > 1   # until placed(): only local rank 0 writes the node's shared tiers
         self.host = HostMemory(pin=target.cuda)
         self.meter = DeviceMeter()
         self.buffers = DeviceBuffers(target)
@@ -158,7 +167,20 @@ class TieredStore:
         self._resident: dict[int, torch.Tensor] = {}   # tier gpu
         self._pinned: dict[int, torch.Tensor] = {}     # tier cpu
         nvme_layers = [i for i, t in enumerate(tiers) if t == Tier.NVME]
+        cpu_layers = [i for i, t in enumerate(tiers) if t == Tier.CPU]
+        shares = world.local_size > 1
+        run = run_id(world) if shares else None
+        self.shared = None
+        if shares and cpu_layers:
+            offsets, at = {}, 0
+            for i in cpu_layers:   # page-aligned layers in one mapping
+                offsets[i], at = at, at + round_up(self.weight_bytes(i))
+            self.shared = SharedHostBuffer(self.host, at, world=world, run=run)
+            for i in cpu_layers:
+                self._pinned[i] = self.shared.view(offsets[i], layouts[i].numel, target.weight_dtype)
         self.files = NvmeFiles(nvme_dir) if nvme_dir else None
+        self.weight_files = NvmeFiles(nvme_dir, shared=(world, run)) if nvme_dir and shares and nvme_layers \
+            else self.files
         self.staging = None
         if nvme_layers:
             if self.files is None:
@@ -182,9 +204,22 @@ class TieredStore:
         elif tier == Tier.CPU:
             if layer not in self._pinned:
                 self._pinned[layer] = self.host.empty(n, dt)
-            self._pinned[layer].copy_(flat)
-        else:
-            self.files.write(f"weights-L{layer}", flat.to(dt))
+            if self._writes(self.shared is not None):
+                self._pinned[layer].copy_(flat)
+        elif self._writes(self.weight_files.shared):
+            self.weight_files.write(f"weights-L{layer}", flat.to(dt))
+
+    def _writes(self, shared: bool) -> bool:
+        """Whether this rank writes a tier now: always, except local ranks > 0 to the node's shared copy during
+        the first placement (local rank 0 writes it once)."""
+        return not (self._placing and shared and self.world.local_rank > 0)
+
+    def placed(self) -> None:
+        """The initial weights are placed: the ranks of a node wait here until local rank 0 has written the
+        node's shared copy, and from now on every rank writes its (identical) updates itself."""
+        if self._placing and failed_ranks(self.world, True):
+            raise UserError("another rank failed while placing the initial weights.")
+        self._placing = False
 
     def get(self, layer: int) -> torch.Tensor:
         """A CPU copy of a layer's flat weights, from whichever tier holds them (checkpoints, state init)."""
@@ -193,8 +228,8 @@ class TieredStore:
             return self._resident[layer].to("cpu", copy=True)
         if tier == Tier.CPU:
             return self._pinned[layer].clone()
-        return self.files.read(f"weights-L{layer}", self.host.empty(self.layouts[layer].numel,
-                                                                    self.target.weight_dtype, pin=False))
+        return self.weight_files.read(f"weights-L{layer}", self.host.empty(self.layouts[layer].numel,
+                                                                           self.target.weight_dtype, pin=False))
 
     def source(self, layer: int) -> torch.Tensor:
         """The layer's flat weights where they live (device or pinned), or a host copy read from NVMe."""
@@ -217,19 +252,22 @@ class TieredStore:
     def read_weights(self, layer: int) -> torch.Tensor:
         """NVMe -> a pinned staging buffer (blocks while all are in use); give it back with release_staging."""
         buf = self.staging.acquire()
-        self.files.read(f"weights-L{layer}", buf[:self.layouts[layer].numel])
+        self.weight_files.read(f"weights-L{layer}", buf[:self.layouts[layer].numel])
         return buf
 
     def release_staging(self, buf: torch.Tensor, event=None) -> None:
         self.staging.release(buf, event)
 
     def write_weights(self, layer: int, flat: torch.Tensor) -> None:
-        self.files.write(f"weights-L{layer}", flat)
+        self.weight_files.write(f"weights-L{layer}", flat)
 
     def close(self) -> None:
         self._resident.clear()
         self._pinned.clear()
         self.staging = None
         self.host.close()
+        self.shared = None
         if self.files is not None:
             self.files.close()
+        if self.weight_files is not None and self.weight_files is not self.files:
+            self.weight_files.close()
