@@ -40,11 +40,12 @@ from runtime.activations import HostBuffers
 from runtime.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint, write_hf_config
 from runtime.data import TokenData
 from runtime.device import hold_budget
-from runtime.dist import SINGLE, World, check_plan_world
+from runtime.dist import SINGLE, World, check_plan_world, failed_ranks, max_over_ranks
 from runtime.engine import Executor, PhaseOps, Streams
 from runtime.guards import check_same_plan, host_need_bytes, resume_signature
 from runtime.optim import AdamWConfig, BlockOptimizer
 from runtime.reducer import Reducer
+from runtime.reshard import state_shards
 from runtime.store import Target, TieredStore
 from runtime.trace import Tracer, write_json
 
@@ -109,7 +110,7 @@ class Trainer:
         self.layers = rmodel.meta_layers(plan.model)
         self.layouts = rmodel.layouts_of(self.layers, self.target.align_numel)
         self.store = TieredStore(target=self.target, layouts=self.layouts, tiers=[p.weights for p in plan.placements],
-                                 nvme_dir=cfg.nvme_dir, window_layers=self.schedule.window_layers)
+                                 nvme_dir=cfg.nvme_dir, window_layers=self.schedule.window_layers, world=self.world)
         self.optim = BlockOptimizer(cfg=cfg.adamw, store=self.store, layouts=self.layouts,
                                     master_tiers=[p.master for p in plan.placements],
                                     grad_tiers=[p.grads for p in plan.placements], switch_state=plan.switch_state,
@@ -141,6 +142,7 @@ class Trainer:
                 rmodel.init_from_hf(plan.model, self.layouts, self.store, cfg.init_from)
             else:
                 rmodel.init_random(plan.model, self.layouts, self.store, seed=cfg.seed)
+            self.store.placed()   # a node's ranks share one host copy: local rank 0 wrote it, the others wait
             rmodel.materialise(self.layers, self.layouts, self.store)
             head = plan.n_layers - 1
             trains_matrix = any(i in (0, head) for b in plan.blocks for i in b.layers)
@@ -261,44 +263,34 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        weights = rmodel.state_dict(self.model_cfg, self.layouts, self.store)
+        """A checkpoint of this step; with several ranks every rank calls it (runtime.checkpoint: weights once,
+        the optimizer state once or per rank's shard, each rank's data position and RNG states)."""
+        w = self.world
+        weights = rmodel.state_dict(self.model_cfg, self.layouts, self.store) if w.leader else {}
         opt_tensors, opt_meta = self.optim.state_dict()
         s = self.step_index
         bad = [name for tensors in (weights, opt_tensors) for name, t in tensors.items()
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            raise NonFiniteStop(f"at step {s} {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}"
-                                f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written, {self._last_good()}. "
+        where = failed_ranks(w, not bad)   # every rank learns whether any holds a NaN, so all stop alike
+        if where:
+            what = (f"{len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+                    if bad else f"rank{'s' if len(where) > 1 else ''} {', '.join(map(str, where))} hold NaN or inf")
+            raise NonFiniteStop(f"at step {s} {what}; no checkpoint was written, {self._last_good()}. "
                                 f"Lower --lr or --weight-decay and resume with --allow-changes.")
         meta = {"plan": resume_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
-                "optimizer": opt_meta, "data": self.data.state_dict(),
-                "rng": capture_rng(), "train": train_settings(self.cfg, self.data)}
-        path = self._save(s, weights, opt_tensors, meta)
-        if path is None:
-            return None
-        try:
-            dtype = "bfloat16" if self.target.weight_dtype == torch.bfloat16 else "float32"
-            write_hf_config(path, self.model_cfg, dtype=dtype)
-        except UserError:
-            pass  # an architecture without a Hugging Face twin still resumes; it only lacks config.json
+                "optimizer": opt_meta, "train": train_settings(self.cfg, self.data)}
+        shards = state_shards(self.plan.shard_state, w)
+        numel = {name: self.layouts[int(name[1:].split(".")[0])].numel for name in opt_tensors}  # "L{i}.state"
+        path = save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta, world=w,
+                               shards=shards, rank_meta={"data": self.data.state_dict(), "rng": capture_rng()},
+                               flat_numel=numel if shards > 1 else None)
+        if w.leader:
+            try:
+                dtype = "bfloat16" if self.target.weight_dtype == torch.bfloat16 else "float32"
+                write_hf_config(path, self.model_cfg, dtype=dtype)
+            except UserError:
+                pass  # an architecture without a Hugging Face twin still resumes; it only lacks config.json
         return path
-
-    def _save(self, s: int, weights, opt_tensors, meta):
-        """runtime/checkpoint.py's save, given the World. Until it takes one (per-rank optimizer shards), a
-        data-parallel run with unsharded state saves from the leader alone (every rank holds the same state), and
-        one with sharded state cannot save."""
-        import inspect
-        if not self.world.distributed:
-            return save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
-        if "world" in inspect.signature(save_checkpoint).parameters:
-            return save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta,
-                                   world=self.world)
-        if self.optim.shard:
-            raise UserError("checkpoints of sharded optimizer state over several ranks are not supported by this "
-                            "build; run without --ckpt-dir or with a plan without sharded state.")
-        if not self.world.leader:
-            return None
-        return save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta)
 
     def _last_good(self) -> str:
         """Where the last good state is, in words, for a message."""
@@ -330,7 +322,7 @@ class Trainer:
 
     def _restore(self, ck: Checkpoint) -> None:
         meta = ck.meta
-        check_same_plan(self.plan, ck)
+        check_same_plan(self.plan, ck, self.world.size)
         try:
             rmodel.load_state(self.model_cfg, self.layouts, self.store, ck.weights)
             self.optim.load_state_dict(ck.optimizer, meta["optimizer"])
@@ -364,8 +356,9 @@ class Trainer:
                 if progress:
                     progress.update(rec)
                 self._check_finite(rec)
-                if self._stop_signal is not None:
-                    code = 128 + self._stop_signal
+                stop = self._stopping()
+                if stop:
+                    code = 128 + stop
                     break
                 if cfg.ckpt_dir and cfg.ckpt_every and self.step_index % cfg.ckpt_every == 0 \
                         and self.step_index < end:
@@ -381,6 +374,12 @@ class Trainer:
                 signal.signal(sig, handler)
             self._write_reports()
         return code
+
+    def _stopping(self) -> int:
+        """The signal that ends the run after this step, or 0. With several ranks, one rank's signal stops every
+        rank at the same step (an all-reduce each step), so they all save the same checkpoint rather than one
+        waiting in its save while the others train on."""
+        return max_over_ranks(self.world, self._stop_signal or 0)
 
     def _catch_signals(self) -> dict:
         def stop(signum, frame):

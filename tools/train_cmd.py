@@ -179,7 +179,7 @@ def run(args) -> int:
         return fsdp.train(plan, data, cfg, world=world, resume=args.resume, allow_changes=args.allow_changes,
                           summary_path=args.summary, unsupported={"--trace": args.trace, "--nvme-dir": args.nvme_dir},
                           timeout_seconds=timeout_s)
-    resume = guards.check_resume(plan, args.resume, args.ckpt_dir)
+    resume = guards.check_resume(plan, args.resume, args.ckpt_dir, world)  # this rank's view, re-cut if need be
     if resume is not None:
         changed = guards.check_settings(resume, train_settings(cfg, data), steps=cfg.steps,
                                         allow_changes=args.allow_changes)
