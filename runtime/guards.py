@@ -26,7 +26,6 @@ from planner.units import fmt_bytes
 from runtime.checkpoint import KEEP, Checkpoint, capture_rng, load_checkpoint, restore_rng
 from runtime.data import TokenData
 from runtime.dist import SINGLE, World
-from runtime.reshard import state_shards
 
 GIB = 1 << 30
 
@@ -139,7 +138,7 @@ def check_resume(plan: Plan, resume: str | None, ckpt_dir: str | None, world: Wo
     path = resume or ckpt_dir
     if not path:
         raise UserError("--resume needs a checkpoint: give its path, or --ckpt-dir holding one.")
-    ck = load_checkpoint(path, world=world, shards=state_shards(plan.shard_state, world))
+    ck = load_checkpoint(path, world=world, shards=memory.state_shards(plan))
     missing = [k for k in RESUME_KEYS if k not in ck.meta]
     if missing:
         raise UserError(f"checkpoint '{ck.path}' was not written by `blockfit train` (its meta.json lacks "

@@ -68,9 +68,3 @@ def reshard(by_rank: list[dict[str, torch.Tensor]], numel: dict[str, int],
         for r, buf in enumerate(reshard_state([d[name] for d in by_rank], numel[name], shards)):
             out[r][name] = buf
     return out
-
-
-def state_shards(shard_state: bool, world) -> int:
-    """Pieces the optimizer state is cut in: the world size under the plan's shard_state, else 1 (every rank
-    holds the same whole state)."""
-    return world.size if shard_state and world.size > 1 else 1

@@ -45,7 +45,6 @@ from runtime.engine import Executor, PhaseOps, Streams
 from runtime.guards import check_same_plan, host_need_bytes, resume_signature
 from runtime.optim import AdamWConfig, BlockOptimizer
 from runtime.reducer import Reducer
-from runtime.reshard import state_shards
 from runtime.store import Target, TieredStore
 from runtime.trace import Tracer, write_json
 
@@ -279,7 +278,7 @@ class Trainer:
                                 f"Lower --lr or --weight-decay and resume with --allow-changes.")
         meta = {"plan": resume_signature(self.plan), "position": position(self.plan, s), "active_block": self.active,
                 "optimizer": opt_meta, "train": train_settings(self.cfg, self.data)}
-        shards = state_shards(self.plan.shard_state, w)
+        shards = memory.state_shards(self.plan)   # 1, or one shard per rank
         numel = {name: self.layouts[int(name[1:].split(".")[0])].numel for name in opt_tensors}  # "L{i}.state"
         path = save_checkpoint(self.cfg.ckpt_dir, s, weights=weights, optimizer=opt_tensors, meta=meta, world=w,
                                shards=shards, rank_meta={"data": self.data.state_dict(), "rng": capture_rng()},
