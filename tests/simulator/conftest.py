@@ -11,9 +11,9 @@ from planner.profile import profile_model
 
 
 def write_plan(tmp_path_factory, model: str, gpu: str, **request):
-    """Plan `model` on `gpu` (time limit 2 s) and write it; returns (plan, path)."""
+    """Plan `model` on `gpu` (0.5 deterministic seconds of search: the same plan under any load) and write it; returns (plan, path)."""
     cfg = CATALOG[model]
-    plan = make_plan(cfg, make_hardware(gpu=gpu), Request(time_limit_s=2.0, **request), profile_model(cfg))
+    plan = make_plan(cfg, make_hardware(gpu=gpu), Request(work_limit=0.5, **request), profile_model(cfg))
     path = tmp_path_factory.mktemp("plans") / f"{model}-{gpu}.json"
     write_atomic(str(path), plan.to_json())
     return plan, str(path)

@@ -31,7 +31,7 @@ def planned(request):
     cfg = CATALOG[model]
     prof = profile_model(cfg)
     plan = make_plan(cfg, make_hardware(gpu=gpu), Request(vram_gib=vram, seq_len=min(2048, cfg.max_seq), batch=8,
-                                                          time_limit_s=2.0), prof)
+                                                          work_limit=0.5), prof)   # deterministic
     return plan, simulate(plan, profile=prof)
 
 
