@@ -17,6 +17,11 @@ forward pass (see `tables`):
     activations compete for the same bytes, so both orders are priced: weights first (as many resident as fit,
     then as many kept activations as what is left allows) and activations first. The ILP mixes activation
     policies the same way (it keeps the top layers' activations and recomputes the rest when memory is short);
+  - blocks cut bottom-heavy (`_spans`: a bottom block of s layers, as many of s as fit above it, then single
+    layers), for each block count at three bottom sizes: the largest that keeps the fit of ceil(n/u), and two
+    larger ones, a quarter and three quarters of the way to the largest possible. A larger bottom block means
+    fewer phases that run backward through most of the model, paid for in memory (the ILP often puts two big
+    blocks at the bottom and single layers above them, as the tokens objective favours);
   - embedding and head resident or streamed, the head's activations kept or recomputed; micro-batch among the
     divisors of each rank's batch.
 Memory is checked in the phases that can be the worst (`_phase_bytes`): the bottom block's (the largest, with
@@ -416,21 +421,26 @@ def search(t: _Tables, req: Request, mb: int, cap: int, host_cap: int, best: tup
                             prev = fit
                             # the largest bottom block that keeps this fit: fewer backward passes, free
                             lo, hi = s0, s0 if req.method == "full" else n - u + 1
+                            hi_b = hi
                             while lo < hi:
                                 mid = (lo + hi + 1) // 2
                                 f = fit_of(mid, u)
                                 lo, hi = (mid, hi) if f is not None and f[:2] == fit[:2] else (lo, mid - 1)
-                            p = Policy(blocks=u, resident=fit[0], keep=fit[1], bottom=0 if lo == s0 else lo, **mk)
-                            win = fit_of(lo, u)[2]
-                            sc = score(_cycle(t, p, g, kk) / kk, u, req.objective) * kk
-                            # an exact fit holds no more, so it costs no less: checked only when it may win
-                            exact = None if best is not None and sc >= best[0] else \
-                                _fit(t, p, cap, host_cap, req.switch_state, ranks, order)
-                            if exact is not None and exact[:2] != (p.resident, p.keep):
-                                p = replace(p, resident=exact[0], keep=exact[1])
+                            # and two larger ones: fewer deep phases, fewer kept layers (module docstring)
+                            for bot in sorted({lo, lo + (hi_b - lo) // 4, lo + 3 * (hi_b - lo) // 4}):
+                                f = fit_of(bot, u)
+                                if f is None:
+                                    break
+                                p = Policy(blocks=u, resident=f[0], keep=f[1], bottom=0 if bot == s0 else bot, **mk)
                                 sc = score(_cycle(t, p, g, kk) / kk, u, req.objective) * kk
-                            if exact is not None and (best is None or sc < best[0]):
-                                best = (sc, mb, p, exact[2], t)
+                                # an exact fit holds no more, so it costs no less: checked only when it may win
+                                exact = None if best is not None and sc >= best[0] else \
+                                    _fit(t, p, cap, host_cap, req.switch_state, ranks, order)
+                                if exact is not None and exact[:2] != (p.resident, p.keep):
+                                    p = replace(p, resident=exact[0], keep=exact[1])
+                                    sc = score(_cycle(t, p, g, kk) / kk, u, req.objective) * kk
+                                if exact is not None and (best is None or sc < best[0]):
+                                    best = (sc, mb, p, exact[2], t)
                             if fit[0] == n and fit[1] == n and not tokens:
                                 break
     return best
