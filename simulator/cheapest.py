@@ -7,10 +7,11 @@ each GPU keeps `batch_per_gpu` sequences per optimizer step (simulator/sweep.py)
 
 Keeping it fast (a search touches some 400 configurations; the ILP takes seconds a plan):
   - BCD is planned by the fast planner (planner.fastplan through simulator.sweep.fast_plan, under a second)
-    once per GPU kind and number of GPUs a node g, for one rank of a node of g (its share of the node's host:
-    simulator.network.rank_view), and that plan runs on every rank of every layout with g GPUs a node
-    (`on_cluster`; weak scaling), checked against the node's host RAM (its ranks' buffers; the frozen weights
-    they share, once). It does not shard optimizer state; `plan --gpus N` (the ILP) may do better.
+    once per GPU kind and number of GPUs a node g, for a node of g (each rank on its share of the node's host,
+    the frozen weights held once, the gradient reductions priced: planner.fastplan), and that plan runs on every
+    rank of every layout with g GPUs a node (`on_cluster`; weak scaling), checked against the node's host RAM
+    (its ranks' buffers; the frozen weights they share, once). It does not shard optimizer state (a shard's
+    bytes and step depend on the world it was planned for); `plan --gpus N` (the ILP) may do better.
     Full-parameter training on N GPUs is FSDP, which only the ILP's memory model knows, so it is planned by the
     ILP (one block: a fraction of a second) per GPU count, for the densest layout of that count, and re-timed
     on the sparser ones;
@@ -316,5 +317,8 @@ def _usd(per_hour: float, gpus: int, seconds: float) -> float:
 
 
 def _request(hw, method, seq, batch, gpus, nodes, interconnect) -> Request:
+    """BCD's rank plan runs on other world sizes (on_cluster), so its state is not sharded: a shard's bytes and
+    step depend on the world it was planned for."""
     return Request(method=method, vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=sweep.request_batch(batch, gpus),
-                   time_limit_s=5.0, gpus=gpus, nodes=nodes, interconnect=interconnect if nodes > 1 else None)
+                   time_limit_s=5.0, gpus=gpus, nodes=nodes, interconnect=interconnect if nodes > 1 else None,
+                   shard_state=False if method == "bcd" and gpus > 1 else None)

@@ -29,11 +29,10 @@ throughput); the simulated rank gets its share, the planner's own rule (`planner
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
-from planner.cluster import Cluster, collective_seconds, rank_hardware, wire_bytes
+from planner.cluster import Cluster, collective_seconds, wire_bytes
 from planner.costs import STREAMS as PLAN_STREAMS
 from planner.errors import UserError
 
@@ -56,18 +55,6 @@ class Skew:
 
 
 NOMINAL = Skew()
-
-def rank_view(hw, cluster: Cluster):
-    """What a planner that knows one GPU should plan one rank with: its share of the node's bandwidths and CPU
-    optimizer (rank_hardware) and an equal share of the node's host RAM and NVMe (conservative: the frozen
-    weights the ranks share are counted by each). `hw` itself on one GPU a node."""
-    if cluster.gpus_per_node <= 1:
-        return hw
-    g = cluster.gpus_per_node
-    r = rank_hardware(hw, cluster)
-    return dataclasses.replace(r, host=dataclasses.replace(r.host, ram_gib=r.host.ram_gib / g,
-                                                           nvme_gib=r.host.nvme_gib / g))
-
 
 def net_seconds(op, cluster: Cluster, skew: Skew = NOMINAL) -> float:
     """Seconds of one collective op of the schedule on `cluster`."""

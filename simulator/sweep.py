@@ -8,8 +8,8 @@ efficiency: what the exposed communication costs (simulator/network.py); cost co
 
 What one configuration costs decides how a sweep works. A CP-SAT solve takes 0.1 to 10 s, and 1,000
 configurations must finish in 30 s on 2 cores (60 ms each), so by default a configuration is planned by
-`planner.fastplan.quick_plan` (an enumeration over uniform policies priced with the ILP's own tables, about
-5 ms) and that plan is then simulated by the engine like any other. Building the planner's schedule is most of
+`planner.fastplan.quick_plan` (an enumeration of simple policies, the top layers' weights resident and their
+activations kept as memory allows, priced with the ILP's own tables, tens of ms) and that plan is then simulated by the engine like any other. Building the planner's schedule is most of
 what remains (a 7B step of 8 micro-batches is ~5,000 ops), so `simulator.periodic` plays three micro-batches and
 extends the exactly repeating pattern to the step's g (same numbers, checked op by op). A simulated peak above
 the budget tightens the cap and plans again, as the planner does.
@@ -36,11 +36,10 @@ from planner.fastplan import ACTS, quick_plan
 from planner.hardware import GIB, Hardware, gpu_names, make_hardware
 from planner.models import load_model_config
 from planner.plan import METHODS, write_atomic
-from planner.planning import Request, cluster_of, make_plan
+from planner.planning import Request, make_plan
 from planner.profile import ModelProfile, profile_model
 from simulator.cost import hourly_price, usd_per_billion_tokens
 from simulator.engine import STREAM_WORDS
-from simulator.network import rank_view
 from simulator.periodic import simulate_repeating
 
 
@@ -238,20 +237,16 @@ def fast_plan(prof: ModelProfile, hw: Hardware, req: Request, blocks: int | None
     forward ends; on the simulated clock they stay until the device-to-host copy finishes, and when the link
     is slower than the forward they pile up. So after a first overflow the search also drops offloading.
 
-    On a cluster the fast planner, which knows one GPU, plans on one rank's view of its node (network.rank_view:
-    its share of the host's bandwidths and CPU optimizer, and of its RAM and NVMe); the plan then names the
-    node's hardware and the request's cluster, as the planner's own plans do."""
+    On a cluster the fast planner prices what the ILP prices (planner.fastplan: a rank's share of its node, the
+    gradient reductions, sharded state, the node's host RAM with the streamed weights held once); it takes the
+    node's hardware, as make_plan does."""
     budget = int(req.vram_gib * GIB)
     cap = memory.device_cap_bytes(budget, int(req.reserve_gib * GIB))
     acts = ACTS
-    cluster = cluster_of(req, hw)
-    view = rank_view(hw, cluster)
     for _attempt in range(5):
-        plan = quick_plan(prof, view, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
+        plan = quick_plan(prof, hw, req, cap_bytes=cap, cache=_TABLES, acts=acts, blocks=blocks)
         if plan is None:
             return None, "nothing fits: not even with every layer streamed and activations recomputed"
-        if view is not hw:
-            plan = dataclasses.replace(plan, hardware=hw, cluster=cluster)
         key = _sim_key(prof, hw, plan)
         out = _SIMS.get(key)
         if out is None:

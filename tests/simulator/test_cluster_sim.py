@@ -236,7 +236,7 @@ def test_cheapest_winner_against_brute_force():
                     if method == "bcd":    # one rank's plan of a node of n / nodes GPUs, fast planner
                         k = n // nodes
                         req = Request(vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=batch * k, gpus=k,
-                                      time_limit_s=5.0)
+                                      time_limit_s=5.0, shard_state=False if k > 1 else None)
                         plan, _ = sweep.fast_plan(prof, hw, req)
                     else:                  # per count at its densest layout; FSDP (2+ GPUs) by the ILP
                         req = Request(method="full", vram_gib=hw.gpu.vram_gib, seq_len=seq, batch=batch * n, gpus=n,
