@@ -9,9 +9,10 @@ efficiency: what the exposed communication costs (simulator/network.py); cost co
 What one configuration costs decides how a sweep works. A CP-SAT solve takes 0.1 to 10 s, and 1,000
 configurations must finish in 30 s on 2 cores (60 ms each), so by default a configuration is planned by
 `planner.fastplan.quick_plan` (an enumeration of simple policies, the top layers' weights resident and their
-activations kept as memory allows, priced with the ILP's own tables, tens of ms) and that plan is then simulated by the engine like any other. Building the planner's schedule is most of
-what remains (a 7B step of 8 micro-batches is ~5,000 ops), so `simulator.periodic` plays three micro-batches and
-extends the exactly repeating pattern to the step's g (same numbers, checked op by op). A simulated peak above
+activations kept as memory allows, priced with the ILP's own tables, tens of ms) and that plan is then simulated
+by the engine like any other. Building the planner's schedule is most of what remains (a 7B step of 8
+micro-batches is ~5,000 ops), so `simulator.periodic` plays three micro-batches and extends the exactly repeating
+pattern to the step's g (same numbers, checked op by op). A simulated peak above
 the budget tightens the cap and plans again, as the planner does.
 `exact=True` runs the real planner (planner.planning.make_plan) instead: optimal plans, seconds each; so
 does full-parameter training on several GPUs (FSDP: `uses_ilp`).
