@@ -1,4 +1,4 @@
-"""A fast stand-in for the ILP, for sweeps: a feasible plan in a few milliseconds instead of seconds.
+"""A fast stand-in for the ILP, for sweeps: a feasible plan in tens of milliseconds instead of seconds.
 
 A sweep of 1,000 configurations on 2 cores has about 60 ms per configuration, and a CP-SAT solve takes 0.1 to
 10 s, so the sweep cannot solve the ILP for each. This module searches a much smaller space by enumeration,
@@ -6,8 +6,8 @@ priced with exactly the ILP's own tables (planner.pricing: `layer_cost`, `step_c
 gradient reductions) and checked with the ILP's memory accounting (`act_bytes`, `transient_bytes`, the
 host-RAM rules) plus one thing the ILP leaves out and the simulator shows, activation offloads lagging a
 forward pass (see `tables`):
-  - equal blocks (1 for `full`, 1..n for `bcd`), one optimizer-state choice for all (gpu or cpu tier; on a
-    cluster sharded over the ranks or not);
+  - 1 block for `full`, 1..n for `bcd`; one optimizer-state choice for all (gpu or cpu tier; on a cluster
+    sharded over the ranks or not);
   - as many decoder layers' bf16 weights resident as memory allows, the top ones, and as many decoder layers
     keeping their activations on the device as memory allows, the top ones too; the other layers stream their
     weights from CPU and recompute (or offload) their activations. Top first for both because a layer in
@@ -19,13 +19,16 @@ forward pass (see `tables`):
     policies the same way (it keeps the top layers' activations and recomputes the rest when memory is short);
   - blocks cut bottom-heavy (`spans`: a bottom block of s layers, as many of s as fit above it, then single
     layers), for each block count at three bottom sizes: the largest that keeps the fit of ceil(n/u), and two
-    larger ones, a quarter and three quarters of the way to the largest possible. A larger bottom block means
+    larger ones, a quarter and three quarters of the way to the largest possible (when the first is within
+    LADDER_REACH of the best plan so far). A larger bottom block means
     fewer phases that run backward through most of the model, paid for in memory (the ILP often puts two big
     blocks at the bottom and single layers above them, as the tokens objective favours);
   - embedding and head resident or streamed, the head's activations kept or recomputed; micro-batch among the
     divisors of each rank's batch.
-Memory is checked by planner.fastfit (which phases can be the worst, in O(1) per fit); the cycle is priced in
-closed form.
+Memory is checked by planner.fastfit (which phases can be the worst, in O(1) per fit): first on the bottom
+block's phase alone, which depends only on that block's size (so one fit serves every block count), and in every
+phase that can be the worst only for a candidate that may beat the best plan (an exact fit holds no more, so it
+costs no less). The cycle is priced in closed form.
 
 Clusters (Request.gpus / nodes, planner.cluster). Each rank is priced on its share of its node
 (planner.cluster.rank_hardware, as the ILP does); a trained layer adds its gradient reduction beyond the backward
