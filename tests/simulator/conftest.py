@@ -11,7 +11,8 @@ from planner.profile import profile_model
 
 
 def write_plan(tmp_path_factory, model: str, gpu: str, **request):
-    """Plan `model` on `gpu` (0.5 deterministic seconds of search: the same plan under any load) and write it; returns (plan, path)."""
+    """Plan `model` on `gpu` and write it; returns (plan, path). The search is bounded by 0.5 deterministic
+    seconds of work, so the plan is the same under any load."""
     cfg = CATALOG[model]
     plan = make_plan(cfg, make_hardware(gpu=gpu), Request(work_limit=0.5, **request), profile_model(cfg))
     path = tmp_path_factory.mktemp("plans") / f"{model}-{gpu}.json"

@@ -63,6 +63,7 @@ def test_replan_fits_where_the_kept_plan_does_not(a100_plan):
     _, kept = what_if(plan, Overrides(gpu="rtx4090"))
     assert kept.overflows()
     from simulator.whatif import replan
-    new = replan(plan, Overrides(gpu="rtx4090"), time_limit_s=120.0)   # bounded by the deterministic work limit, not the clock
+    # bounded by the deterministic work limit, not the clock
+    new = replan(plan, Overrides(gpu="rtx4090"), time_limit_s=120.0)
     assert new.hardware.gpu.id == "rtx4090"
     assert any(p.weights != "gpu" for p in new.placements)   # 13.5 GB of bf16 weights cannot all stay
