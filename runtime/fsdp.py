@@ -47,7 +47,6 @@ Not supported here: --trace and --nvme-dir (exit 2).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -67,7 +66,7 @@ from runtime.dist import World
 from runtime.hf import load_layers_from_hf_state, read_safetensors_dir, source_name
 from runtime.store import Target
 from runtime.trace import write_json
-from runtime.trainer import NonFiniteStop, TrainConfig, lr_at, train_settings
+from runtime.trainer import NonFiniteStop, TrainConfig, lr_at, step_loop, train_settings
 
 METHOD = "full-fsdp2"   # the method a checkpoint, a summary and the metrics name
 
@@ -318,25 +317,12 @@ class FsdpTrainer:
                 old[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "_stop_signal", signum))
         metrics = open(cfg.metrics_path, "a" if self.step_index else "w", encoding="utf-8") \
             if cfg.metrics_path and self.world.leader else None
-        code = 0
+        def show(rec):
+            if not cfg.quiet and self.world.leader:
+                print(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  "
+                      f"{rec['tokens_per_s']:,.0f} tok/s", flush=True)
         try:
-            while self.step_index < end:
-                rec = self.step()
-                if metrics:
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                if not cfg.quiet and self.world.leader:
-                    print(f"step {rec['step']}/{cfg.steps}  loss {rec['loss']:.4f}  "
-                          f"{rec['tokens_per_s']:,.0f} tok/s", flush=True)
-                self._check_finite(rec)
-                stop = torch.tensor([float(self._stop_signal or 0)])
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                if stop.item():
-                    code = 128 + int(stop.item())
-                    break
-                if cfg.ckpt_dir and cfg.ckpt_every and self.step_index % cfg.ckpt_every == 0 \
-                        and self.step_index < end:
-                    self.save()
+            code = step_loop(self, end, metrics, show)
             if cfg.ckpt_dir:
                 self.save()
         finally:

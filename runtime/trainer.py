@@ -345,23 +345,8 @@ class Trainer:
         metrics = open(cfg.metrics_path, "a" if self.step_index else "w", encoding="utf-8") \
             if cfg.metrics_path else None
         progress = None if cfg.quiet else _Progress(total=cfg.steps, done=self.step_index)
-        code = 0
         try:
-            while self.step_index < end:
-                rec = self.step()
-                if metrics:
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                if progress:
-                    progress.update(rec)
-                self._check_finite(rec)
-                stop = self._stopping()
-                if stop:
-                    code = 128 + stop
-                    break
-                if cfg.ckpt_dir and cfg.ckpt_every and self.step_index % cfg.ckpt_every == 0 \
-                        and self.step_index < end:
-                    self.save()
+            code = step_loop(self, end, metrics, progress.update if progress else None)
             if cfg.ckpt_dir:
                 self.save()
         finally:
@@ -373,12 +358,6 @@ class Trainer:
                 signal.signal(sig, handler)
             self._write_reports()
         return code
-
-    def _stopping(self) -> int:
-        """The signal that ends the run after this step, or 0. With several ranks, one rank's signal stops every
-        rank at the same step (an all-reduce each step), so they all save the same checkpoint rather than one
-        waiting in its save while the others train on."""
-        return max_over_ranks(self.world, self._stop_signal or 0)
 
     def _catch_signals(self) -> dict:
         def stop(signum, frame):
@@ -437,6 +416,28 @@ class Trainer:
         if self.target.cuda:
             torch.cuda.synchronize()  # no copy may still read a host buffer about to be unpinned
         self.store.close()
+
+
+def step_loop(t, end: int, metrics, after_step=None) -> int:
+    """The step loop of both trainers (this one and runtime.fsdp's): step until `end`, log each record to
+    `metrics`, stop on a non-finite loss, checkpoint every cfg.ckpt_every steps; 0, or 128 + the signal that
+    ended it. With several ranks, one rank's signal stops every rank after the same step (an all-reduce each
+    step), so they all save the same checkpoint rather than one waiting in its save while the others train on."""
+    cfg = t.cfg
+    while t.step_index < end:
+        rec = t.step()
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        if after_step:
+            after_step(rec)
+        t._check_finite(rec)
+        stop = max_over_ranks(t.world, t._stop_signal or 0)
+        if stop:
+            return 128 + stop
+        if cfg.ckpt_dir and cfg.ckpt_every and t.step_index % cfg.ckpt_every == 0 and t.step_index < end:
+            t.save()
+    return 0
 
 
 def train_settings(cfg: TrainConfig, data: TokenData) -> dict:
