@@ -27,18 +27,23 @@ calibration keeps the best of its repeats, so on a quiet machine the two agree).
 CPU (/proc/pressure/cpu) before each measurement and prints the pressure it saw. `blockfit compare` prints
 per-op tables from the files this leaves behind with --keep.
 
-On a CPU standing in for the device, "transfers" are memcpys on threads that share the cores with compute, so
-the simulator's independent streams are an idealisation there; on a GPU the copy engines are independent.
+On a CPU standing in for the device, "transfers" are memcpys on threads that share the cores with compute; the
+calibration records how many threads compute runs on (gpu.shared_cores) and the simulator takes the copy,
+collective and CPU-optimizer threads' busy time from compute's (simulator.engine.shared_core_durations); on a
+GPU the copy engines are independent (shared_cores 0).
 
 --ranks N runs every plan data parallel on N CPU ranks (gloo, `blockfit train --nproc-per-node N`), each rank
 with the one-rank shape (weak scaling). The cores are split between the ranks (OMP_NUM_THREADS = cores / N for
-the calibration and the runs, as torchrun would), and the gloo all-reduce is measured here at two sizes
-(`gloo_link`: 2(N-1)/N x S / bandwidth + 2(N-1) x latency, the ring model planner.cluster prices with), so the
-plans' intra-node link is this machine's. The ranks' trace is rank 0's (the path given to --trace).
+the calibration and the runs, as torchrun would). The calibration runs while N - 1 processes do what the other
+ranks do (a decoder layer's forward and backward), and the gloo all-reduce is measured at two sizes while N such
+processes compute (`gloo_link`: 2(N-1)/N x S / bandwidth + 2(N-1) x latency, the ring model planner.cluster
+prices with), so the plans' intra-node link is this machine's as the ranks meet it. The ranks' trace is rank 0's
+(the path given to --trace).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -117,15 +122,17 @@ def _gloo_worker(rank: int, n: int, port: int, sizes: list[int], out) -> None:
             t0 = time.perf_counter()
             dist.all_reduce(buf)
             times.append(time.perf_counter() - t0)
-        best.append(min(times))
+        best.append(statistics.median(times))
     if rank == 0:
         out.put(best)
     dist.destroy_process_group()
 
 
 def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> Link:
-    """The ring model's link from gloo all-reduces of two sizes on n local processes: solve
-    t = 2(n-1)/n x S / bandwidth + 2(n-1) x latency for the bandwidth and the latency."""
+    """The ring model's link from gloo all-reduces of two sizes on n local processes (median of 5 each, as the
+    calibration takes medians): solve t = 2(n-1)/n x S / bandwidth + 2(n-1) x latency for the bandwidth and the
+    latency. main() measures it while n busy ranks compute, since the ranks reduce gradients while they compute
+    the layers below."""
     import socket
 
     import torch.multiprocessing as mp
@@ -145,23 +152,53 @@ def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> Link:
     return Link(name="gloo", gbps=1.0 / per_byte / 1e9, latency_s=latency)
 
 
-def _calibrate_one(measure: dict):
-    return calibrate(**measure)
+def _busy_rank(cfg_path: str, ready, stop) -> None:
+    """What another rank does for most of a step: a decoder layer of the validated model, forward and backward
+    at the plans' micro-batch, over and over, until told to stop."""
+    import torch
+
+    from planner.llama import DecoderLayer, init_weights
+    cfg = load_model_config(cfg_path)
+    layer = DecoderLayer(cfg)
+    init_weights(layer)
+    x = torch.randn(BATCH // 2, SEQ, cfg.hidden, requires_grad=True)
+    g = torch.randn_like(x)
+    layer(x).backward(g)
+    ready.set()
+    while not stop.is_set():
+        layer(x).backward(g)
 
 
-def calibrate_ranks(n: int, measure: dict):
-    """Calibrate the way the ranks run: with --ranks N, N calibrations at once in N processes, each with the
-    threads a rank gets (cores / N) and its own NVMe directory, so compute, memory bandwidth, copies and the CPU
-    AdamW are measured while the other ranks use the same cores and memory system; rank 0's figures are kept.
-    One rank measured alone on an idle machine is 15-25% faster than either of two running together."""
+@contextlib.contextmanager
+def busy_ranks(k: int, cfg_path: str):
+    """k processes doing what a rank does for most of a step (_busy_rank), for as long as the block runs."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = [ctx.Event() for _ in range(k)], ctx.Event()
+    procs = [ctx.Process(target=_busy_rank, args=(cfg_path, r, stop), daemon=True) for r in ready]
+    for p in procs:
+        p.start()
+    try:
+        for r in ready:
+            if not r.wait(timeout=300):
+                raise RuntimeError("a busy rank did not start within 300 s")
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=60)
+
+
+def calibrate_ranks(n: int, measure: dict, cfg_path: str):
+    """Calibrate the way the ranks run: with --ranks N, this process calibrates (with the threads a rank gets,
+    cores / N) while N - 1 processes do what the other ranks do for most of a step, a decoder layer's forward
+    and backward, so compute, memory bandwidth, copies and the CPU AdamW are measured under the contention the
+    ranks meet, at every repeat. (N calibrations at once were tried first: best-of-repeats then picks the moments
+    when the others happen to be idle.)"""
     if n == 1:
         return calibrate(**measure)
-    import multiprocessing
-    jobs = [dict(measure, directory=os.path.join(measure["directory"], f"calibrate-rank{r}")) for r in range(n)]
-    for j in jobs:
-        os.makedirs(j["directory"], exist_ok=True)
-    with multiprocessing.get_context("spawn").Pool(n) as pool:
-        return pool.map(_calibrate_one, jobs)[0]
+    with busy_ranks(n - 1, cfg_path):
+        return calibrate(**measure)
 
 
 def on_ranks(plan, prof, n: int, link: Link):
@@ -249,7 +286,7 @@ def main() -> int:
     else:
         wait_quiet(wait_s)
         t0 = time.perf_counter()
-        hw, meas = calibrate_ranks(a.ranks, measure)
+        hw, meas = calibrate_ranks(a.ranks, measure, cfg_path)
         write_profile(os.path.join(work, "hw.json"), hw, meas)
         print(f"calibrated in {time.perf_counter() - t0:.1f} s: matmul {hw.gpu.bf16_tflops * 1e3:.0f} GFLOPS "
               f"(half at {hw.eff.matmul_half_tokens:.0f} tokens), memory {hw.gpu.memory_gbps:.1f} GB/s, "
@@ -259,7 +296,8 @@ def main() -> int:
                                       vram_gib=min(hw.gpu.vram_gib, 4.0), reserve_gib=0.25, time_limit_s=2.0), prof)
     plans = variants(base, prof)
     if a.ranks > 1:
-        link = gloo_link(a.ranks)
+        with busy_ranks(a.ranks, cfg_path):
+            link = gloo_link(a.ranks)
         print(f"gloo all-reduce on {a.ranks} ranks: {link.gbps:.2f} GB/s, {link.latency_s * 1e6:.0f} us per ring step")
         plans = {name: on_ranks(p, prof, a.ranks, link) for name, p in plans.items()}
     measured: dict[tuple[str, int], list[float]] = {}
@@ -273,7 +311,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "tools.cli", "train", "--plan", pp, "--data", data, "--quiet", "--cpu",
                    "--steps", str(spb * len(plan.blocks)), "--trace", mt, "--summary", ms,
                    "--nvme-dir", nvme_dir] + (["--nproc-per-node", str(a.ranks)] if a.ranks > 1 else [])
-            fresh = hw if a.hardware else calibrate_ranks(a.ranks, measure)[0]
+            fresh = hw if a.hardware else calibrate_ranks(a.ranks, measure, cfg_path)[0]
             best_run = None
             for _attempt in range(1 if a.quick else 3):   # a run disturbed by other work is run again
                 before = wait_quiet(wait_s)

@@ -36,6 +36,10 @@ class GPU:
     price_per_hour: float | None = None
     spot_price_per_hour: float | None = None
     sources: dict = field(default_factory=dict)
+    # 0: copies, collectives and the host's optimizer run beside compute (copy engines, a NIC, the host's cores).
+    # k > 0: the "device" is k CPU cores that also run them (a CPU standing in for a GPU: `blockfit calibrate`
+    # without CUDA), so their busy time is taken from compute's (simulator.engine.shared_core_durations).
+    shared_cores: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +171,9 @@ def check_hardware(hw: Hardware, where: str = "hardware") -> None:
                 want = "positive" if names is _POSITIVE.get(part) else "non-negative"
                 raise UserError(f"{where}: {part}.{name} must be a finite {want} number"
                                 f"{f' of at most {_UPPER[name]}' if name in _UPPER else ''}, got {v!r}.")
+    k = hw.gpu.shared_cores
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 1 << 16:
+        raise UserError(f"{where}: gpu.shared_cores must be a whole number of cores, 0 for a GPU, got {k!r}.")
     for name in ("price_per_hour", "spot_price_per_hour"):
         v = getattr(hw.gpu, name)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)

@@ -19,6 +19,8 @@ CPU optimizer are timed through the runtime's primitives, not through stand-ins 
     matmul_half_tokens = half, so attention, norms and framework overhead are in the rate the simulator prices a
     layer with; the bare GEMM fit (fit="gemm") is the alternative, and both are recorded;
   - memory-bound GB/s of an elementwise add (memory_gbps, with efficiency 1.0);
+  - on the CPU, the threads compute runs on (gpu.shared_cores): the runtime's copy, collective and optimizer
+    threads share those cores, and the simulator takes their busy time from compute's;
   - under torchrun (2+ processes), the bus bandwidth of an all-reduce between them through torch.distributed (NCCL
     on CUDA, gloo on CPU): `measure_collective`, run by every rank before rank 0 measures the rest alone. On one
     node it becomes host.collective_gbps, which the planner uses for the link between the node's GPUs.
@@ -27,8 +29,8 @@ twice the bf16 bytes the schedule counts for them, so the link, NVMe and memory 
 price schedule bytes (the scale is recorded as schedule_bytes_scale; optimizer state is fp32 in both, so a
 stand-in's state transfers are priced at twice their time). On CUDA nothing is scaled. The profile is
 Hardware.to_dict() with calibrated=True plus a "measurements" section with every raw figure (Hardware.from_dict
-ignores it). `quick=True` uses small sizes: a few seconds, for tests. Only runtime/ touches CUDA: this module is
-the runtime's.
+ignores it). Every timed rate is the median of its repeats (`_time`). `quick=True` uses small sizes: a few seconds,
+for tests. Only runtime/ touches CUDA: this module is the runtime's.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import tempfile
 import time
 
@@ -57,18 +60,19 @@ def _now(cuda: bool) -> float:
 
 
 def _time(fn, cuda: bool, repeats: int, budget_s: float = 2.0) -> float:
-    """Best seconds of fn() over up to `repeats` calls after one warm-up call, fewer when they would take more
-    than `budget_s`: the rate the hardware can reach (a median would fold in whatever else the machine was
-    doing)."""
+    """Median seconds of fn() over up to `repeats` calls after one warm-up call, fewer when they would take more
+    than `budget_s`: the time a training step will see. (The best of the repeats was used first: on a quiet GPU
+    the two agree within a few percent, but on a shared CPU the best call is 10-20% faster than the typical one,
+    and every op of a step is a typical call: the simulator came out 20-30% fast against 2 CPU ranks.)"""
     t0 = _now(cuda)
     fn()
     warm = _now(cuda) - t0
-    best = float("inf")
+    times = []
     for _ in range(max(1, min(repeats, int(budget_s / max(warm, 1e-9))))):
         t0 = _now(cuda)
         fn()
-        best = min(best, _now(cuda) - t0)
-    return best
+        times.append(_now(cuda) - t0)
+    return statistics.median(times)
 
 
 def measure_links(target: Target, sizes: list[int], repeats: int) -> dict:
@@ -115,7 +119,8 @@ def measure_nvme(directory: str, nbytes: int, layer_bytes: int, target: Target, 
     fdatasync, dropped from the page cache), then read into a staging buffer from the runtime's HostMemory as
     read_weights does: O_DIRECT with several requests in flight, or, where the file system refuses O_DIRECT,
     after posix_fadvise(DONTNEED). Every write is made durable and every read reaches the drive, so each figure is
-    the best of `repeats` passes over all the files, as the other rates are best-of."""
+    the best of `repeats` passes over all the files (a pass of hundreds of MB is itself an average over many
+    requests; the other rates are medians of short calls)."""
     import torch
     if not os.path.isdir(directory):
         raise UserError(f"--dir '{directory}' is not a directory.")
@@ -291,7 +296,7 @@ def measure_collective(world, device: str, sizes: list[int], reps: int) -> dict 
     through torch.distributed: NCCL on CUDA, gloo on CPU. None with one process (nothing to measure).
 
     Every rank makes the same calls (a fixed number: a time budget could differ between ranks and leave one
-    waiting in a collective forever); each size's time is the best of `reps` after a barrier, the slowest rank's
+    waiting in a collective forever); each size's time is the median of `reps` after a barrier, the slowest rank's
     (a max-reduce), since a collective ends when its last rank does. The process group is the one torchrun's
     environment describes (MASTER_ADDR, MASTER_PORT); one made here is destroyed before returning."""
     if world.size < 2:
@@ -309,18 +314,18 @@ def measure_collective(world, device: str, sizes: list[int], reps: int) -> dict 
         n, out = world.size, {}
         for size in sizes:
             x = torch.zeros(size // 4, dtype=torch.float32, device=dev)   # zeros: sums stay finite
-            best = float("inf")
+            times = []
             for k in range(reps + 1):   # the first call warms up
                 dist.barrier()
                 t0 = _now(cuda)
                 dist.all_reduce(x)
-                t = _now(cuda) - t0
-                best = t if k and t < best else best
-            worst = torch.tensor([best], dtype=torch.float64, device=dev)
+                if k:
+                    times.append(_now(cuda) - t0)
+            worst = torch.tensor([statistics.median(times)], dtype=torch.float64, device=dev)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             out[str(size)] = size / float(worst.item()) * 2 * (n - 1) / n / GB
         return {"backend": dist.get_backend(), "world": n, "local_world": world.local_size, "bus_gbps": out,
-                "what": "torch.distributed.all_reduce of float32 buffers, best of "
+                "what": "torch.distributed.all_reduce of float32 buffers, median of "
                         f"{reps} per size, slowest rank; bus bandwidth = bytes / s x 2(N-1)/N"}
     finally:
         if made:
@@ -385,7 +390,8 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
         nvme_gib = st.f_bavail * st.f_frsize / GIB
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     gpu = GPU(id=f"calibrated-{dev}", name=name, vram_gib=round(vram, 2), memory_gbps=mem, bf16_tflops=peak,
-              h2d_gbps=h2d, d2h_gbps=d2h, pcie="", sources={
+              h2d_gbps=h2d, d2h_gbps=d2h, pcie="", shared_cores=0 if dev == "cuda" else torch.get_num_threads(),
+              sources={
                   "calibrated": f"blockfit calibrate on {socket.gethostname()} at {stamp}, device {dev}",
                   "bf16_tflops": f"fitted asymptote of {dtype} " + (f"{cfg.name} decoder layers" if fit == "layer"
                                                                     else f"matmul at {cfg.name}'s GEMM shape"),

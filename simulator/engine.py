@@ -161,6 +161,31 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
     n = len(ops)
     dur = durations(ops, hw, memo, cluster=cluster, skew=skew)
     sidx = [_STREAM_INDEX[op.stream] for op in ops]
+    start, finish, why, busy = _one_pass(ops, sidx, dur)
+    if hw.gpu.shared_cores and n:
+        dur = shared_core_durations(ops, dur, hw.gpu.shared_cores, lambda d: _one_pass(ops, sidx, d)[:2])
+        start, finish, why, busy = _one_pass(ops, sidx, dur)
+    step = max(finish) if n else 0.0
+    path = _critical_path(finish, why)
+    crit = [0.0] * len(STREAMS)
+    for i in path:
+        crit[sidx[i]] += dur[i]
+    util = {name: (busy[k] / step if step > 0 else 0.0) for k, name in enumerate(STREAMS)}
+    peak, peak_t, breakdown, mt, mb = _memory(phase, start, finish, dur)
+    return PhaseResult(
+        block=phase.block, step_seconds=step, busy_seconds=dict(zip(STREAMS, busy)), utilisation=util,
+        critical_path=tuple(path), critical_seconds=dict(zip(STREAMS, crit)),
+        bottleneck=describe_bottleneck(ops, path, dur, crit, util), peak_bytes=peak, peak_at_seconds=peak_t,
+        peak_breakdown=breakdown, switch_seconds=switch_seconds(phase, hw),
+        wire_bytes=phase_wire_bytes(phase, cluster.world), start=tuple(start),
+        finish=tuple(finish), memory_seconds=tuple(mt) if keep_timeline else (),
+        memory_bytes=tuple(mb) if keep_timeline else ())
+
+
+def _one_pass(ops, sidx, dur):
+    """The event loop (module docstring): per op its start, finish and the op it waited for; per stream its busy
+    seconds."""
+    n = len(ops)
     start = [0.0] * n
     finish = [0.0] * n
     why = [-1] * n                     # the op that made op i wait (-1: nothing did)
@@ -181,21 +206,38 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
         free_at[s] = f
         last_on[s] = i
         busy[s] += dur[i]
-    step = max(finish) if n else 0.0
-    path = _critical_path(finish, why)
-    crit = [0.0] * len(STREAMS)
-    for i in path:
-        crit[sidx[i]] += dur[i]
-    util = {name: (busy[k] / step if step > 0 else 0.0) for k, name in enumerate(STREAMS)}
-    peak, peak_t, breakdown, mt, mb = _memory(phase, start, finish, dur)
-    return PhaseResult(
-        block=phase.block, step_seconds=step, busy_seconds=dict(zip(STREAMS, busy)), utilisation=util,
-        critical_path=tuple(path), critical_seconds=dict(zip(STREAMS, crit)),
-        bottleneck=describe_bottleneck(ops, path, dur, crit, util), peak_bytes=peak, peak_at_seconds=peak_t,
-        peak_breakdown=breakdown, switch_seconds=switch_seconds(phase, hw),
-        wire_bytes=phase_wire_bytes(phase, cluster.world), start=tuple(start),
-        finish=tuple(finish), memory_seconds=tuple(mt) if keep_timeline else (),
-        memory_bytes=tuple(mb) if keep_timeline else ())
+    return start, finish, why, busy
+
+
+# Streams whose work runs on the compute cores when the device is a CPU (GPU.shared_cores): the runtime's copy
+# threads (memcpy), gloo's threads and the CPU AdamW thread. NVMe reads and writes are O_DIRECT requests the CPU
+# only waits for.
+SHARED_STREAMS = ("h2d", "d2h", "cpu_opt", "net")
+
+
+def shared_core_durations(ops, dur: list[float], cores: float, timeline, rounds: int = 8) -> list[float]:
+    """Durations of `ops` when compute runs on `cores` CPU cores that the SHARED_STREAMS' threads also use: each
+    compute op is longer by the work of the side ops it overlaps, over `cores` (a copy thread beside one compute
+    thread on one core takes the core for as long as it copies; beside two on two cores, half of it). The overlap
+    depends on the timeline it changes, so this iterates: `timeline(durations)` -> (start, finish), from the
+    priced durations, until no compute op moves by more than a microsecond."""
+    comp = np.array([i for i, op in enumerate(ops) if op.stream == "compute"], dtype=np.int64)
+    side = np.array([i for i, op in enumerate(ops) if op.stream in SHARED_STREAMS and dur[i] > 0], dtype=np.int64)
+    if not len(comp) or not len(side):
+        return dur
+    base = np.asarray(dur, dtype=np.float64)
+    out = list(dur)
+    for _ in range(rounds):
+        start, finish = (np.asarray(x) for x in timeline(out))
+        overlap = np.minimum.outer(finish[comp], finish[side]) - np.maximum.outer(start[comp], start[side])
+        stolen = np.clip(overlap, 0.0, None) @ np.ones(len(side)) / cores
+        new = base[comp] + stolen
+        moved = np.max(np.abs(new - np.asarray(out)[comp]))
+        for k, i in enumerate(comp):
+            out[i] = float(new[k])
+        if moved < 1e-6:
+            break
+    return out
 
 
 def switch_seconds(phase: PhaseSchedule, hw: Hardware) -> float:

@@ -97,3 +97,35 @@ def test_seven_b_simulates_fast():
     t0 = time.perf_counter()
     simulate(plan, schedule=sched, keep_timeline=False)
     assert time.perf_counter() - t0 < 0.25
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4])
+def test_a_cpu_device_takes_side_work_from_compute_by_its_cores(cores):
+    """A CPU standing in for the device (GPU.shared_cores = k): a copy of L seconds beside a forward of F seconds
+    on k cores. Processor sharing: the copy's thread holds one of the k cores while it copies, so the forward ends
+    at F + L / k (a GPU, shared_cores 0, overlaps them: F). A forward that waits for its copy overlaps nothing."""
+    from dataclasses import replace
+    cpu = replace(HW, gpu=replace(HW.gpu, shared_cores=cores))
+    beside = (_fwd(0, 4 * 10**13), _load(1, GB))
+    f, load = op_seconds(beside[0], HW), op_seconds(beside[1], HW)
+    assert load < f
+    assert simulate_phase(PhaseSchedule(block=0, layers=(1,), ops=beside), HW).step_seconds == pytest.approx(f)
+    r = simulate_phase(PhaseSchedule(block=0, layers=(1,), ops=beside), cpu)
+    assert r.step_seconds == pytest.approx(f + load / cores, rel=1e-6)
+    assert r.finish[1] == pytest.approx(load)          # the copy's own time is what it was priced at
+    after = (_load(0, GB), _fwd(1, 4 * 10**13, deps=(0,)))
+    r = simulate_phase(PhaseSchedule(block=0, layers=(1,), ops=after), cpu)
+    assert r.step_seconds == pytest.approx(load + f)
+
+
+def test_a_cpu_device_stretches_only_the_compute_ops_a_copy_overlaps():
+    """Two forwards of F, a copy of L issued after the first (it depends on it): the copy runs beside the second
+    forward only, which ends L later on one core: 2F + L, and the first forward keeps F."""
+    from dataclasses import replace
+    cpu = replace(HW, gpu=replace(HW.gpu, shared_cores=1))
+    ops = (_fwd(0, 10**13), _fwd(1, 10**13, deps=(0,)), _load(2, GB, deps=(0,)))
+    f, load = op_seconds(ops[0], HW), op_seconds(ops[2], HW)
+    r = simulate_phase(PhaseSchedule(block=0, layers=(1,), ops=ops), cpu)
+    assert r.finish[0] == pytest.approx(f)
+    assert r.step_seconds == pytest.approx(2 * f + load, rel=1e-6)
+    assert r.busy_seconds["compute"] == pytest.approx(2 * f + load, rel=1e-6)
