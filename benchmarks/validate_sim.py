@@ -22,8 +22,8 @@ simulated with its own calibration, so a machine whose speed drifts (shared core
 The plans take turns over --rounds rounds, each with a fresh calibration and a fresh runtime process: on a
 shared VM a whole process can run 10-20% slower or faster than the next. Measured step times come from the
 runtime's traces: per phase, the steps after the first (which pays warm-up) of all rounds, pooled; the target
-compares their median with the median of the rounds' predictions (the best step is printed too: the
-calibration keeps the best of its repeats, so on a quiet machine the two agree). The script waits for a quiet
+compares their median with the median of the rounds' predictions, as the calibration takes the median of its
+repeats (the best step is printed too). The script waits for a quiet
 CPU (/proc/pressure/cpu) before each measurement and prints the pressure it saw. `blockfit compare` prints
 per-op tables from the files this leaves behind with --keep.
 
