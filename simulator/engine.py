@@ -161,10 +161,9 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
     n = len(ops)
     dur = durations(ops, hw, memo, cluster=cluster, skew=skew)
     sidx = [_STREAM_INDEX[op.stream] for op in ops]
+    if hw.gpu.shared_cores:
+        dur = shared_core_durations(ops, sidx, dur, hw.gpu.shared_cores)
     start, finish, why, busy = _one_pass(ops, sidx, dur)
-    if hw.gpu.shared_cores and n:
-        dur = shared_core_durations(ops, dur, hw.gpu.shared_cores, lambda d: _one_pass(ops, sidx, d)[:2])
-        start, finish, why, busy = _one_pass(ops, sidx, dur)
     step = max(finish) if n else 0.0
     path = _critical_path(finish, why)
     crit = [0.0] * len(STREAMS)
@@ -215,12 +214,12 @@ def _one_pass(ops, sidx, dur):
 SHARED_STREAMS = ("h2d", "d2h", "cpu_opt", "net")
 
 
-def shared_core_durations(ops, dur: list[float], cores: float, timeline, rounds: int = 8) -> list[float]:
+def shared_core_durations(ops, sidx, dur: list[float], cores: int, rounds: int = 8) -> list[float]:
     """Durations of `ops` when compute runs on `cores` CPU cores that the SHARED_STREAMS' threads also use: each
     compute op is longer by the work of the side ops it overlaps, over `cores` (a copy thread beside one compute
     thread on one core takes the core for as long as it copies; beside two on two cores, half of it). The overlap
-    depends on the timeline it changes, so this iterates: `timeline(durations)` -> (start, finish), from the
-    priced durations, until no compute op moves by more than a microsecond."""
+    depends on the timeline it changes, so this iterates the event loop from the priced durations until no compute
+    op moves by more than a microsecond."""
     comp = np.array([i for i, op in enumerate(ops) if op.stream == "compute"], dtype=np.int64)
     side = np.array([i for i, op in enumerate(ops) if op.stream in SHARED_STREAMS and dur[i] > 0], dtype=np.int64)
     if not len(comp) or not len(side):
@@ -228,9 +227,9 @@ def shared_core_durations(ops, dur: list[float], cores: float, timeline, rounds:
     base = np.asarray(dur, dtype=np.float64)
     out = list(dur)
     for _ in range(rounds):
-        start, finish = (np.asarray(x) for x in timeline(out))
+        start, finish = (np.asarray(x) for x in _one_pass(ops, sidx, out)[:2])
         overlap = np.minimum.outer(finish[comp], finish[side]) - np.maximum.outer(start[comp], start[side])
-        stolen = np.clip(overlap, 0.0, None) @ np.ones(len(side)) / cores
+        stolen = np.clip(overlap, 0.0, None).sum(axis=1) / cores
         new = base[comp] + stolen
         moved = np.max(np.abs(new - np.asarray(out)[comp]))
         for k, i in enumerate(comp):
