@@ -14,9 +14,12 @@ two blocks of two layers. The plans, all BCD:
   nvme       decoder weights in files (read with O_DIRECT), streamed the same way;
   offloaded  optimizer state and gradients on the host (CPU AdamW), decoder activations recomputed.
 Calibration is the runtime's own (runtime/calibrate.py: its copy path, its NVMe reader and writer in the
-directory the runtime's files go to, its AdamW). Compute is calibrated on shapes other than those validated (a
-layer of width 640 at sequence 512, against width 512 at sequence 256 here), so the prediction is not fitted to
-itself. NVMe files are one validated layer's weights, the size the runtime reads and writes.
+directory the runtime's files go to, its AdamW). Compute is calibrated as `blockfit calibrate --model` does it for
+the model a user trains: the validated model's decoder layer, at shapes other than the validated one (batch 1 at
+sequences 16-512, against micro-batches of 2 x 256 here), so the prediction is an interpolation, not the
+measurement itself. --other-width calibrates a layer of width 640 instead (the stricter check of earlier stops):
+the fit over token counts does not carry across widths on a CPU (a width-512 layer ran 25% below the rate a
+width-640 fit gave it). NVMe files are one validated layer's weights, the size the runtime reads and writes.
 Unless --hardware is given, the machine is calibrated again right before each plan runs, and that plan is
 simulated with its own calibration, so a machine whose speed drifts (shared cores) is measured as it was.
 The plans take turns over --rounds rounds, each with a fresh calibration and a fresh runtime process: on a
@@ -37,8 +40,9 @@ with the one-rank shape (weak scaling). The cores are split between the ranks (O
 the calibration and the runs, as torchrun would). The calibration runs while N - 1 processes do what the other
 ranks do (a decoder layer's forward and backward), and the gloo all-reduce is measured at two sizes while N such
 processes compute (`gloo_link`: 2(N-1)/N x S / bandwidth + 2(N-1) x latency, the ring model planner.cluster
-prices with), so the plans' intra-node link is this machine's as the ranks meet it. The ranks' trace is rank 0's
-(the path given to --trace).
+prices with), so the plans' intra-node link is this machine's as the ranks meet it; its bandwidth is per
+schedule byte (the ranks reduce fp32 gradients, the schedule counts bf16: x 2/4, as `blockfit calibrate` does).
+The ranks' trace is rank 0's (the path given to --trace).
 """
 from __future__ import annotations
 
@@ -71,7 +75,8 @@ from planner.models import load_model_config  # noqa: E402
 from planner.plan import Block, Placement, validate, write_atomic  # noqa: E402
 from planner.planning import Request, make_plan, predict  # noqa: E402
 from planner.profile import profile_model  # noqa: E402
-from runtime.calibrate import calibrate, write_profile  # noqa: E402
+from runtime.calibrate import calibrate, schedule_bytes_scale, write_profile  # noqa: E402
+from runtime.store import Target  # noqa: E402
 from simulator.chrome_trace import write_trace  # noqa: E402
 from simulator.engine import simulate  # noqa: E402
 
@@ -79,8 +84,8 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "num_hidden
           "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1376, "vocab_size": 4096,
           "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 SEQ, BATCH = 256, 4
-# compute is calibrated on another layer width and sequence length than the validated ones
-CALIB_CONFIG = {**CONFIG, "hidden_size": 640, "num_attention_heads": 10, "num_key_value_heads": 10,
+# --other-width: compute calibrated on another layer width (and sequence length) than the validated ones
+OTHER_WIDTH_CONFIG = {**CONFIG, "hidden_size": 640, "num_attention_heads": 10, "num_key_value_heads": 10,
                 "intermediate_size": 1728, "num_hidden_layers": 2}
 CALIB_SEQ = 512
 
@@ -149,7 +154,10 @@ def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> Link:
         p.join(timeout=60)
     per_byte = (t_big - t_small) / (2 * (n - 1) / n * (sizes[1] - sizes[0]))
     latency = max(0.0, (t_small - 2 * (n - 1) / n * sizes[0] * per_byte) / (2 * (n - 1)))
-    return Link(name="gloo", gbps=1.0 / per_byte / 1e9, latency_s=latency)
+    # the ranks reduce fp32 gradients, as measured here; the schedule counts them in bf16 (as blockfit calibrate
+    # scales its collective figure)
+    scale = schedule_bytes_scale(Target.detect(force_cpu=True))
+    return Link(name="gloo", gbps=scale / per_byte / 1e9, latency_s=latency)
 
 
 def _busy_rank(cfg_path: str, ready, stop) -> None:
@@ -254,6 +262,8 @@ def main() -> int:
                     help="longest wait for a quiet CPU before each measurement (default 120 s, quick 10 s)")
     ap.add_argument("--spin", action="store_true", help="leave OMP_WAIT_POLICY at OpenMP's default (spinning)")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel CPU ranks per run (default 1)")
+    ap.add_argument("--other-width", action="store_true",
+                    help="calibrate compute on a layer of width 640, not the validated model's (see above)")
     a = ap.parse_args()
     if a.ranks < 1:
         ap.error("--ranks must be 1 or more")
@@ -270,8 +280,10 @@ def main() -> int:
     cfg_path = os.path.join(work, "config.json")
     write_atomic(cfg_path, json.dumps(CONFIG))
     cfg = load_model_config(cfg_path)
-    calib_path = os.path.join(work, "calibration-config.json")
-    write_atomic(calib_path, json.dumps(CALIB_CONFIG))
+    calib_path = cfg_path
+    if a.other_width:
+        calib_path = os.path.join(work, "calibration-config.json")
+        write_atomic(calib_path, json.dumps(OTHER_WIDTH_CONFIG))
     nvme_dir = os.path.join(work, "nvme")
     os.makedirs(nvme_dir, exist_ok=True)
     prof32 = profile_model(cfg, dtype="float32")
@@ -298,7 +310,8 @@ def main() -> int:
     if a.ranks > 1:
         with busy_ranks(a.ranks, cfg_path):
             link = gloo_link(a.ranks)
-        print(f"gloo all-reduce on {a.ranks} ranks: {link.gbps:.2f} GB/s, {link.latency_s * 1e6:.0f} us per ring step")
+        print(f"gloo all-reduce on {a.ranks} ranks: {link.gbps:.2f} GB/s per schedule byte, "
+              f"{link.latency_s * 1e6:.0f} us per ring step")
         plans = {name: on_ranks(p, prof, a.ranks, link) for name, p in plans.items()}
     measured: dict[tuple[str, int], list[float]] = {}
     predicted: dict[tuple[str, int], list[float]] = {}
@@ -311,7 +324,10 @@ def main() -> int:
             cmd = [sys.executable, "-m", "tools.cli", "train", "--plan", pp, "--data", data, "--quiet", "--cpu",
                    "--steps", str(spb * len(plan.blocks)), "--trace", mt, "--summary", ms,
                    "--nvme-dir", nvme_dir] + (["--nproc-per-node", str(a.ranks)] if a.ranks > 1 else [])
-            fresh = hw if a.hardware else calibrate_ranks(a.ranks, measure, cfg_path)[0]
+            fresh = hw
+            if not a.hardware:   # every round's calibration stays, to see what moved between them
+                fresh, meas = calibrate_ranks(a.ranks, measure, cfg_path)
+                write_profile(os.path.join(work, f"hw-{name}-round{rnd + 1}.json"), fresh, meas)
             best_run = None
             for _attempt in range(1 if a.quick else 3):   # a run disturbed by other work is run again
                 before = wait_quiet(wait_s)

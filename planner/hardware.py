@@ -17,6 +17,17 @@ from planner.units import GB, GIB, size_gib
 
 GPU_DIR = os.path.join(os.path.dirname(__file__), "catalog", "gpus")
 
+# Bytes of device memory traffic per parameter of one device-tier AdamW step as the runtime runs it
+# (runtime.optim.step_layer, then the engine's copy into the resident weights: fp32 master, moments and sqrt
+# workspace, bf16 gradient and weights, weight decay 0), each elementwise pass reading its operands and writing
+# its result once:
+#   gradient to fp32 2 + 4; exp_avg lerp 4 + 4 + 4; exp_avg_sq x beta2 4 + 4; addcmul 4 + 4 + 4; sqrt 4 + 4;
+#   / bias correction 4 + 4; + eps 4 + 4; addcdiv into the master 4 + 4 + 4 + 4; master to bf16 4 + 2;
+#   into the resident weights 2 + 2.
+# A single fused kernel would move about 30 (read 2 + 12 + 2, write 12 + 2); the runtime's foreach passes move
+# 88. A calibrated profile times the step instead (GPU.adam_params_per_s).
+DEVICE_ADAM_TRAFFIC_BYTES = 88
+
 
 def gpu_names() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(GPU_DIR) if f.endswith(".json"))
@@ -40,6 +51,9 @@ class GPU:
     # k > 0: the "device" is k CPU cores that also run them (a CPU standing in for a GPU: `blockfit calibrate`
     # without CUDA), so their busy time is taken from compute's (simulator.engine.shared_core_durations).
     shared_cores: int = 0
+    # The runtime's device-tier AdamW step, parameters per second, as `blockfit calibrate` measured it; 0: not
+    # measured, priced as memory traffic (DEVICE_ADAM_TRAFFIC_BYTES per parameter at memory_gbps).
+    adam_params_per_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,9 +124,13 @@ class Hardware:
         return 0.0 if nbytes <= 0 else nbytes / (self.gpu.memory_gbps * GB * self.eff.memory)
 
     def adam_seconds(self, params: float, tier: str) -> float:
-        """One AdamW step over `params`: on the GPU memory-bound (~16 B read + 14 B written), on CPU params/s."""
+        """One AdamW step over `params`: on the GPU at its calibrated params/s, else memory-bound at
+        DEVICE_ADAM_TRAFFIC_BYTES per parameter (the runtime's passes, derived there); on the CPU at the
+        calibrated or catalog params/s."""
         if tier == "gpu":
-            return self.memory_seconds(params * 30)
+            if self.gpu.adam_params_per_s > 0:
+                return params / self.gpu.adam_params_per_s
+            return self.memory_seconds(params * DEVICE_ADAM_TRAFFIC_BYTES)
         return params / self.host.cpu_adam_params_per_s
 
     def to_dict(self) -> dict:
@@ -153,7 +171,8 @@ _POSITIVE = {"gpu": ("vram_gib", "memory_gbps", "bf16_tflops", "h2d_gbps", "d2h_
              "host": ("ram_gib", "nvme_read_gbps", "nvme_write_gbps", "cpu_adam_params_per_s", "pageable_factor",
                       "nvme_tbw", "mem_gbps"),
              "eff": ("matmul_max", "memory", "link")}
-_NON_NEGATIVE = {"gpu": ("nvlink_gbps",), "host": ("nvme_gib", "collective_gbps"), "eff": ("matmul_half_tokens",)}
+_NON_NEGATIVE = {"gpu": ("nvlink_gbps", "adam_params_per_s"), "host": ("nvme_gib", "collective_gbps"),
+                 "eff": ("matmul_half_tokens",)}
 _UPPER = {"vram_gib": 1 << 16, "ram_gib": 1 << 22, "nvme_gib": 1 << 30, "matmul_max": 1.0, "memory": 1.0,
           "pageable_factor": 1.0}
 

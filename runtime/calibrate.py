@@ -9,8 +9,10 @@ CPU optimizer are timed through the runtime's primitives, not through stand-ins 
   - NVMe read and write GB/s with the runtime's NvmeFiles in --dir: layer-sized files written as the runtime
     writes them (pwrite, fdatasync, dropped from the page cache) and read into a staging buffer the way
     read_weights reads (O_DIRECT, several requests in flight; posix_fadvise(DONTNEED) where O_DIRECT is refused);
-  - CPU AdamW params/s: the runtime's BlockOptimizer.step_layer on a host-tier state (its vectorised adamw_),
-    with the copy of the new weights into registered host memory that the cpu_opt op makes;
+  - AdamW params/s: the runtime's BlockOptimizer.step_layer (its vectorised adamw_) on a host-tier state, with
+    the copy of the new weights into registered host memory that the cpu_opt op makes (cpu_adam_params_per_s),
+    and on a device-tier state, with the copy into the resident weights (gpu.adam_params_per_s: the step's
+    passes timed, where an uncalibrated profile prices them as traffic at memory_gbps);
   - matmul TFLOPS at the model's GEMM shapes (tokens x hidden @ hidden x ffn) for several token counts, fitted
     to the cost model's curve achieved(T) = A * T / (T + half);
   - a real decoder layer (planner.llama, the runtime's layer) forward and backward at several token counts: its
@@ -25,9 +27,10 @@ CPU optimizer are timed through the runtime's primitives, not through stand-ins 
     on CUDA, gloo on CPU): `measure_collective`, run by every rank before rank 0 measures the rest alone. On one
     node it becomes host.collective_gbps, which the planner uses for the link between the node's GPUs.
 When the CPU stands in for the device the runtime keeps weights, activations and gradients in fp32 (Target),
-twice the bf16 bytes the schedule counts for them, so the link, NVMe and memory rates are scaled by 2 / itemsize to
-price schedule bytes (the scale is recorded as schedule_bytes_scale; optimizer state is fp32 in both, so a
-stand-in's state transfers are priced at twice their time). On CUDA nothing is scaled. The profile is
+twice the bf16 bytes the schedule counts for them, so the link, NVMe, memory and collective rates are scaled by
+2 / itemsize to price schedule bytes (`schedule_bytes_scale`, recorded in the measurements; gradients reduced
+over gloo are fp32 too; optimizer state is fp32 in both, so a stand-in's state transfers are priced at twice
+their time). On CUDA nothing is scaled. The profile is
 Hardware.to_dict() with calibrated=True plus a "measurements" section with every raw figure (Hardware.from_dict
 ignores it). Every timed rate is the median of its repeats (`_time`). `quick=True` uses small sizes: a few seconds,
 for tests. Only runtime/ touches CUDA: this module is the runtime's.
@@ -50,6 +53,13 @@ from planner.plan import write_atomic
 from runtime.hostio import BLOCK, HostMemory, NvmeFiles, aligned_empty
 from runtime.optim import AdamWConfig, BlockOptimizer
 from runtime.store import DeviceBuffers, FlatLayout, Target, TieredStore
+
+
+def schedule_bytes_scale(target: Target) -> float:
+    """Schedule bytes per byte the runtime moves: the schedule counts weights, activations and gradients in bf16,
+    and a CPU standing in for the device holds them in fp32 (Target.weight_dtype), so a rate measured on the
+    runtime's bytes times this is a rate in schedule bytes. 1 on CUDA."""
+    return 1.0 if target.cuda else 2 / target.weight_dtype.itemsize
 
 
 def _now(cuda: bool) -> float:
@@ -158,32 +168,40 @@ def measure_nvme(directory: str, nbytes: int, layer_bytes: int, target: Target, 
             "file_bytes": numel * dt.itemsize, "files": count, "method": method, "dir": os.path.abspath(directory)}
 
 
-def measure_adam(params: int, repeats: int, target: Target) -> dict:
-    """CPU AdamW parameters per second of the runtime's own step: BlockOptimizer.step_layer on a host-tier state
-    (runtime.optim.adamw_, torch._foreach_* over views of one flat fp32 buffer), then the new weights copied into
-    the layer's registered host buffer, as the cpu_opt op does for host-resident weights."""
+def measure_adam(params: int, repeats: int, target: Target, tier: str = "cpu") -> dict:
+    """AdamW parameters per second of the runtime's own step on `tier`: BlockOptimizer.step_layer (runtime.optim
+    .adamw_, torch._foreach_* over views of one flat fp32 buffer), then the new weights copied where the engine puts
+    them (runtime.engine `_apply_new`): into the layer's registered host buffer for the host tier (the cpu_opt op
+    of host-resident weights), into its resident device weights for the device tier."""
     import torch
     mod = torch.nn.Module()
     with torch.device("meta"):   # a layer's worth of tensors of a few sizes, as a block's parameters are
         for name, n in (("a", params // 2), ("b", params // 4), ("c", params // 4)):
             mod.register_parameter(name, torch.nn.Parameter(torch.empty(n)))
     layout = FlatLayout.of(mod, target.align_numel)
-    store = TieredStore(target=target, layouts=[layout], tiers=["cpu"], nvme_dir=None, window_layers=0)
+    store = TieredStore(target=target, layouts=[layout], tiers=[tier], nvme_dir=None, window_layers=0)
     try:
         store.put(0, torch.randn(layout.numel))
-        opt = BlockOptimizer(cfg=AdamWConfig(), store=store, layouts=[layout], master_tiers=["cpu"],
-                             grad_tiers=["cpu"], switch_state="reset")
+        opt = BlockOptimizer(cfg=AdamWConfig(), store=store, layouts=[layout], master_tiers=[tier],
+                             grad_tiers=[tier], switch_state="reset")
         opt.states[0] = opt.fresh(0)
-        grads = layout.views(aligned_empty(layout.numel, torch.float32).normal_())
+        if tier == "cpu":
+            grads = layout.views(aligned_empty(layout.numel, torch.float32).normal_())
+            weights = store.pinned(0)
+        else:   # the device's gradients are in the weight dtype
+            grads = layout.views(torch.randn(layout.numel, device=target.device).to(target.weight_dtype))
+            weights = store.resident(0)
 
         def step() -> None:
             new, _ = opt.step_layer(0, grads, 1e-4)
-            store.pinned(0).copy_(new)
-        t = _time(step, False, repeats)
+            weights.copy_(new)
+        t = _time(step, target.cuda and tier != "cpu", repeats)
     finally:
         store.close()
+    where = "host tier) + copy into registered host memory" if tier == "cpu" else "device tier) + copy into " \
+        "the resident weights"
     return {"params_per_s": layout.params / t, "params": layout.params,
-            "what": "runtime.optim BlockOptimizer.step_layer (host tier) + copy into registered host memory"}
+            "what": f"runtime.optim BlockOptimizer.step_layer ({where}"}
 
 
 def _gemm_tokens(h: int, ffn: int, dev: str, quick: bool) -> list[int]:
@@ -363,6 +381,8 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
                         file_bytes, target)
     say("CPU AdamW, the runtime's ...")
     adam = measure_adam((4 << 20) if quick else (16 << 20), reps, target)
+    say("AdamW on the device, the runtime's ...")
+    dev_adam = measure_adam((4 << 20) if quick else (16 << 20), reps, target, tier="gpu")
     say(f"matmul at {cfg.name}'s GEMM shape ({cfg.hidden} x {cfg.ffn}), {dtype} ...")
     mm = measure_matmul(dev, dtype, cfg.hidden, cfg.ffn, quick)
     gemm_fit = fit_matmul(mm)
@@ -370,7 +390,7 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     mem = measure_memory(dev, (64 << 20) if quick else (256 << 20), reps)
     big = sizes[-1]
     # the CPU stand-in holds weights, activations and gradients in fp32: rates per schedule (bf16) byte
-    scale = 1.0 if target.cuda else 2 / target.weight_dtype.itemsize
+    scale = schedule_bytes_scale(target)
     h2d, d2h = links["h2d"]["registered"][big] * scale, links["d2h"]["registered"][big] * scale
     mem *= scale
     say(f"a {cfg.name} decoder layer, forward and backward ...")
@@ -391,6 +411,7 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     gpu = GPU(id=f"calibrated-{dev}", name=name, vram_gib=round(vram, 2), memory_gbps=mem, bf16_tflops=peak,
               h2d_gbps=h2d, d2h_gbps=d2h, pcie="", shared_cores=0 if dev == "cuda" else torch.get_num_threads(),
+              adam_params_per_s=dev_adam["params_per_s"],
               sources={
                   "calibrated": f"blockfit calibrate on {socket.gethostname()} at {stamp}, device {dev}",
                   "bf16_tflops": f"fitted asymptote of {dtype} " + (f"{cfg.name} decoder layers" if fit == "layer"
@@ -399,7 +420,7 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
                               f"the runtime's copies of {big >> 20} MiB from registered host memory"})
     coll = 0.0
     if collective and collective["world"] == collective["local_world"]:
-        coll = collective["bus_gbps"][max(collective["bus_gbps"], key=int)]
+        coll = collective["bus_gbps"][max(collective["bus_gbps"], key=int)] * scale   # fp32 gradients on a CPU
     host = Host(ram_gib=round(host_ram, 2), nvme_gib=round(nvme_gib, 2), nvme_read_gbps=nvme["read_gbps"] * scale,
                 nvme_write_gbps=nvme["write_gbps"] * scale, cpu_adam_params_per_s=adam["params_per_s"],
                 pageable_factor=min(1.0, pageable), collective_gbps=coll)
@@ -408,7 +429,8 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     meas = {"device": dev, "dtype": dtype, "model": cfg.name, "quick": quick, "seconds": 0.0,
             "links_gbps": {d: {k: {str(s): v for s, v in by.items()} for k, by in kinds.items()}
                            for d, kinds in links.items()},
-            "nvme": nvme, "cpu_adam": adam, "matmul_tflops": [{"tokens": t, "tflops": a} for t, a in mm],
+            "nvme": nvme, "cpu_adam": adam, "device_adam": dev_adam,
+            "matmul_tflops": [{"tokens": t, "tflops": a} for t, a in mm],
             "matmul_fit": {"tflops": gemm_fit[0], "half_tokens": gemm_fit[1]}, "layer": layer_pts,
             "layer_fit": {"tflops": layer_fit[0], "half_tokens": layer_fit[1]}, "fit_used": fit, "memory_gbps": mem,
             "schedule_bytes_scale": scale, "collective": collective}

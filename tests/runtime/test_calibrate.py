@@ -63,11 +63,28 @@ def test_quick_calibration_writes_a_loadable_profile_from_the_runtime_path(tmp_p
     assert h.nvme_read_gbps == pytest.approx(nv["read_gbps"] * scale, rel=1e-12)
     assert h.nvme_write_gbps == pytest.approx(nv["write_gbps"] * scale, rel=1e-12)
     assert h.cpu_adam_params_per_s == m["cpu_adam"]["params_per_s"]
+    # the device-tier step is timed too (both tiers through the runtime's adamw_: two timed calls or more each)
+    assert g.adam_params_per_s == m["device_adam"]["params_per_s"] > 0 and len(steps) >= 4
+    assert "device tier" in m["device_adam"]["what"] and "host tier" in m["cpu_adam"]["what"]
     pageable = m["links_gbps"]["h2d"]["pageable"][big] / m["links_gbps"]["h2d"]["registered"][big]
     assert h.pageable_factor == pytest.approx(min(1.0, pageable), rel=1e-12)
     assert len(m["matmul_tflops"]) >= 4 and set(m["links_gbps"]) == {"h2d", "d2h"}
     assert set(m["links_gbps"]["h2d"]) == {"registered", "pinned", "pageable"}
     assert "profile written" in capsys.readouterr().out
+
+
+def test_a_cpu_collective_is_priced_per_schedule_byte():
+    """The CPU runtime reduces fp32 gradients, twice the bf16 bytes the schedule's reduce ops count: the link the
+    planner gets from a gloo measurement on one node is the bus bandwidth x 2/4 (the largest size's), as the
+    copy rates are; across nodes it is only recorded."""
+    from runtime.calibrate import calibrate
+    bus = {str(1 << 20): 0.9, str(16 << 20): 1.6}
+    one_node = {"backend": "gloo", "world": 2, "local_world": 2, "bus_gbps": bus}
+    hw, m = calibrate(quick=True, model="tiny", device="cpu", collective=one_node)
+    assert hw.host.collective_gbps == pytest.approx(1.6 * 2 / 4, rel=1e-12)
+    assert m["collective"] == one_node
+    hw2, _ = calibrate(quick=True, model="tiny", device="cpu", collective={**one_node, "local_world": 1})
+    assert hw2.host.collective_gbps == 0.0
 
 
 def test_nvme_reads_go_through_the_runtimes_parallel_requests(tmp_path, monkeypatch):
