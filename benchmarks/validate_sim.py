@@ -2,7 +2,7 @@
 placement, run each for real with the runtime (on the CPU when there is no GPU), simulate each with the
 calibrated profile, and print predicted against measured step time per plan and phase (target: within 10%).
 
-    .venv/bin/python benchmarks/validate_sim.py                    # ~4-6 minutes on 2 cores
+    .venv/bin/python benchmarks/validate_sim.py                    # ~6 minutes on 2 cores (--ranks 2: ~9)
     .venv/bin/python benchmarks/validate_sim.py --quick            # rougher calibration, fewer steps
     .venv/bin/python benchmarks/validate_sim.py --hardware hw.json --keep /tmp/val   # reuse a profile, keep files
     .venv/bin/python benchmarks/validate_sim.py --ranks 2          # the same plans data parallel on 2 CPU ranks
