@@ -86,7 +86,7 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "num_hidden
 SEQ, BATCH = 256, 4
 # --other-width: compute calibrated on another layer width (and sequence length) than the validated ones
 OTHER_WIDTH_CONFIG = {**CONFIG, "hidden_size": 640, "num_attention_heads": 10, "num_key_value_heads": 10,
-                "intermediate_size": 1728, "num_hidden_layers": 2}
+                      "intermediate_size": 1728, "num_hidden_layers": 2}
 CALIB_SEQ = 512
 
 
@@ -202,9 +202,7 @@ def calibrate_ranks(n: int, measure: dict, cfg_path: str):
     cores / N) while N - 1 processes do what the other ranks do for most of a step, a decoder layer's forward
     and backward, so compute, memory bandwidth, copies and the CPU AdamW are measured under the contention the
     ranks meet, at every repeat. (N calibrations at once were tried first: best-of-repeats then picks the moments
-    when the others happen to be idle.)"""
-    if n == 1:
-        return calibrate(**measure)
+    when the others happen to be idle.) With one rank nothing else runs."""
     with busy_ranks(n - 1, cfg_path):
         return calibrate(**measure)
 

@@ -198,10 +198,10 @@ def measure_adam(params: int, repeats: int, target: Target, tier: str = "cpu") -
         t = _time(step, target.cuda and tier != "cpu", repeats)
     finally:
         store.close()
-    where = "host tier) + copy into registered host memory" if tier == "cpu" else "device tier) + copy into " \
-        "the resident weights"
+    into = "registered host memory" if tier == "cpu" else "the resident weights"
     return {"params_per_s": layout.params / t, "params": layout.params,
-            "what": f"runtime.optim BlockOptimizer.step_layer ({where}"}
+            "what": f"runtime.optim BlockOptimizer.step_layer ({'host' if tier == 'cpu' else 'device'} tier) + copy "
+                    f"into {into}"}
 
 
 def _gemm_tokens(h: int, ffn: int, dev: str, quick: bool) -> list[int]:

@@ -225,18 +225,16 @@ def shared_core_durations(ops, sidx, dur: list[float], cores: int, rounds: int =
     if not len(comp) or not len(side):
         return dur
     base = np.asarray(dur, dtype=np.float64)
-    out = list(dur)
+    out = base.copy()
     for _ in range(rounds):
         start, finish = (np.asarray(x) for x in _one_pass(ops, sidx, out)[:2])
         overlap = np.minimum.outer(finish[comp], finish[side]) - np.maximum.outer(start[comp], start[side])
-        stolen = np.clip(overlap, 0.0, None).sum(axis=1) / cores
-        new = base[comp] + stolen
-        moved = np.max(np.abs(new - np.asarray(out)[comp]))
-        for k, i in enumerate(comp):
-            out[i] = float(new[k])
+        new = base[comp] + np.clip(overlap, 0.0, None).sum(axis=1) / cores
+        moved = np.max(np.abs(new - out[comp]))
+        out[comp] = new
         if moved < 1e-6:
             break
-    return out
+    return out.tolist()
 
 
 def switch_seconds(phase: PhaseSchedule, hw: Hardware) -> float:
