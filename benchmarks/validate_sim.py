@@ -20,14 +20,14 @@ sequences 16-512, against micro-batches of 2 x 256 here), so the prediction is a
 measurement itself. --other-width calibrates a layer of width 640 instead (the stricter check of earlier stops):
 the fit over token counts does not carry across widths on a CPU (a width-512 layer ran 25% below the rate a
 width-640 fit gave it). NVMe files are one validated layer's weights, the size the runtime reads and writes.
-Unless --hardware is given, the machine is calibrated again right before each plan runs, and that plan is
-simulated with its own calibration, so a machine whose speed drifts (shared cores) is measured as it was.
-The plans take turns over --rounds rounds, each with a fresh calibration and a fresh runtime process: on a
-shared VM a whole process can run 10-20% slower or faster than the next. Measured step times come from the
-runtime's traces: per phase, the steps after the first (which pays warm-up) of all rounds, pooled; the target
-compares their median with the median of the rounds' predictions, as the calibration takes the median of its
-repeats (the best step is printed too). The script waits for a quiet
-CPU (/proc/pressure/cpu) before each measurement and prints the pressure it saw. `blockfit compare` prints
+Unless --hardware is given, the machine is calibrated again right before each plan runs (every calibration
+stays, hw-PLAN-roundN.json). The plans take turns over --rounds rounds, each with a fresh calibration and a fresh
+runtime process: on a shared VM a whole process can run 10-20% slower or faster than the next, and so can one
+calibration. Measured step times come from the runtime's traces: per phase, the steps after the first (which
+pays warm-up) of all rounds, pooled, their median. The prediction is the median over every calibration of the
+session of the plan simulated with it (the machine's median profile, as the measured figure is the plan's
+median step); each round's prediction from its own calibration is printed beside it. The script waits for a
+quiet CPU (/proc/pressure/cpu) before each measurement and prints the pressure it saw. `blockfit compare` prints
 per-op tables from the files this leaves behind with --keep.
 
 On a CPU standing in for the device, "transfers" are memcpys on threads that share the cores with compute; the
@@ -42,7 +42,10 @@ ranks do (a decoder layer's forward and backward), and the gloo all-reduce is me
 processes compute (`gloo_link`: 2(N-1)/N x S / bandwidth + 2(N-1) x latency, the ring model planner.cluster
 prices with), so the plans' intra-node link is this machine's as the ranks meet it; its bandwidth is per
 schedule byte (the ranks reduce fp32 gradients, the schedule counts bf16: x 2/4, as `blockfit calibrate` does).
-The ranks' trace is rank 0's (the path given to --trace).
+The CPU time rank 0 spends in the larger all-reduce gives the wire bytes per CPU second
+(GPU.collective_cpu_gbps): the part of a reduce the simulator takes from compute; the rest is waiting (a 12.6 MB
+fp32 all-reduce on 2 idle ranks took 13.5 ms, 10.2 ms of it CPU time; in the runs, reduces beside a backward
+lasted 30-70 ms and stretched it by 3-8 ms). The ranks' trace is rank 0's (the path given to --trace).
 """
 from __future__ import annotations
 
@@ -116,31 +119,26 @@ def variants(base, prof):
 def _gloo_worker(rank: int, n: int, port: int, sizes: list[int], out) -> None:
     import torch
     import torch.distributed as dist
+
+    from runtime.calibrate import time_all_reduce
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
-    best = []
-    for size in sizes:
-        buf = torch.ones(size // 4, dtype=torch.float32)
-        dist.all_reduce(buf)  # warm-up
-        times = []
-        for _ in range(5):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(buf)
-            times.append(time.perf_counter() - t0)
-        best.append(statistics.median(times))
+    timed = [time_all_reduce(torch.ones(size // 4, dtype=torch.float32), 5, False) for size in sizes]
     if rank == 0:
-        out.put(best)
+        out.put(timed)
     dist.destroy_process_group()
 
 
-def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> Link:
+def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> tuple[Link, float]:
     """The ring model's link from gloo all-reduces of two sizes on n local processes (median of 5 each, as the
     calibration takes medians): solve t = 2(n-1)/n x S / bandwidth + 2(n-1) x latency for the bandwidth and the
-    latency. main() measures it while n busy ranks compute, since the ranks reduce gradients while they compute
-    the layers below."""
+    latency; and the wire bytes per CPU second rank 0 spent in the larger one (GPU.collective_cpu_gbps, as
+    `blockfit calibrate` measures it under torchrun: runtime.calibrate.time_all_reduce). main() measures it while
+    n busy ranks compute, since the ranks reduce gradients while they compute the layers below."""
     import socket
 
     import torch.multiprocessing as mp
+
+    from planner.cluster import wire_bytes
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
@@ -149,15 +147,16 @@ def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> Link:
     procs = [ctx.Process(target=_gloo_worker, args=(r, n, port, list(sizes), q)) for r in range(n)]
     for p in procs:
         p.start()
-    t_small, t_big = q.get(timeout=300)
+    (t_small, _), (t_big, cpu_big) = q.get(timeout=300)
     for p in procs:
         p.join(timeout=60)
     per_byte = (t_big - t_small) / (2 * (n - 1) / n * (sizes[1] - sizes[0]))
     latency = max(0.0, (t_small - 2 * (n - 1) / n * sizes[0] * per_byte) / (2 * (n - 1)))
     # the ranks reduce fp32 gradients, as measured here; the schedule counts them in bf16 (as blockfit calibrate
-    # scales its collective figure)
+    # scales its collective figures)
     scale = schedule_bytes_scale(Target.detect(force_cpu=True))
-    return Link(name="gloo", gbps=scale / per_byte / 1e9, latency_s=latency)
+    cpu_gbps = wire_bytes("all_reduce", sizes[1], n) / cpu_big / 1e9 * scale if cpu_big > 0 else 0.0
+    return Link(name="gloo", gbps=scale / per_byte / 1e9, latency_s=latency), cpu_gbps
 
 
 def _busy_rank(cfg_path: str, ready, stop) -> None:
@@ -307,12 +306,14 @@ def main() -> int:
     plans = variants(base, prof)
     if a.ranks > 1:
         with busy_ranks(a.ranks, cfg_path):
-            link = gloo_link(a.ranks)
+            link, coll_cpu = gloo_link(a.ranks)
         print(f"gloo all-reduce on {a.ranks} ranks: {link.gbps:.2f} GB/s per schedule byte, "
-              f"{link.latency_s * 1e6:.0f} us per ring step")
+              f"{link.latency_s * 1e6:.0f} us per ring step, {coll_cpu:.2f} GB of wire bytes per CPU second")
         plans = {name: on_ranks(p, prof, a.ranks, link) for name, p in plans.items()}
+    coll_cpu = coll_cpu if a.ranks > 1 else 0.0
     measured: dict[tuple[str, int], list[float]] = {}
-    predicted: dict[tuple[str, int], list[float]] = {}
+    predicted: dict[tuple[str, int], list[float]] = {}   # each round's own calibration
+    calibrations = [] if not a.hardware else [hw]
     for rnd in range(rounds):
         for name, plan in plans.items():
             pp = os.path.join(work, f"plan-{name}.json")
@@ -325,7 +326,10 @@ def main() -> int:
             fresh = hw
             if not a.hardware:   # every round's calibration stays, to see what moved between them
                 fresh, meas = calibrate_ranks(a.ranks, measure, cfg_path)
+                if coll_cpu:   # the ranks' gloo, measured once above (blockfit calibrate measures it under torchrun)
+                    fresh = dataclasses.replace(fresh, gpu=dataclasses.replace(fresh.gpu, collective_cpu_gbps=coll_cpu))
                 write_profile(os.path.join(work, f"hw-{name}-round{rnd + 1}.json"), fresh, meas)
+                calibrations.append(fresh)
             best_run = None
             for _attempt in range(1 if a.quick else 3):   # a run disturbed by other work is run again
                 before = wait_quiet(wait_s)
@@ -350,20 +354,28 @@ def main() -> int:
                                   f"(predicted {res.step_seconds:.3f})" for res in sim.phases)
             print(f"round {rnd + 1}/{rounds} {name}: ran {spb * len(plan.blocks)} steps in {took:.1f} s "
                   f"(CPU pressure {before} -> {after} %): {per_phase}")
+    # The target's prediction: every plan simulated with every calibration of the session, the median. One
+    # calibration of a shared 2-core VM moves by +-15% from the next (its layer times at 512 tokens ran 155-212 ms
+    # in one session), as much as a run does; the median over all of them is the machine's profile, as the median
+    # of all rounds' steps is the plan's step time. Each round's prediction from its own calibration is printed too.
+    pooled: dict[tuple[str, int], list[float]] = {}
+    for name, plan in plans.items():
+        for h in calibrations:
+            for res in simulate(plan, h, profile=prof, keep_timeline=False).phases:
+                pooled.setdefault((name, res.block), []).append(res.step_seconds)
     rows = []
     for (name, block), secs in measured.items():
-        med, best, pred = statistics.median(secs), min(secs), statistics.median(predicted[(name, block)])
-        rows.append((name, block, len(secs), med, best, pred, pred / med - 1, pred / best - 1))
-    worst = max(abs(r[6]) for r in rows)
-    worst_best = max(abs(r[7]) for r in rows)
-    print(f"\n{'plan':<10} {'phase':>5} {'steps':>5} {'median s':>9} {'best s':>8} {'predicted s':>12} "
-          f"{'vs median':>10} {'vs best':>8}")
-    for name, block, n, med, best, pred, e_med, e_best in rows:
-        print(f"{name:<10} {block:>5} {n:>5} {med:>9.4f} {best:>8.4f} {pred:>12.4f} {e_med:>+10.1%} {e_best:>+8.1%}")
-    print(f"\nworst |error| against the median step {worst:.1%} (target <= 10%); against the best step "
-          f"{worst_best:.1%}; files in {work}")
+        med, pred, own = statistics.median(secs), statistics.median(pooled[(name, block)]), \
+            statistics.median(predicted[(name, block)])
+        rows.append((name, block, len(secs), med, pred, pred / med - 1, own / med - 1))
+    worst = max(abs(r[5]) for r in rows)
+    print(f"\n{'plan':<10} {'phase':>5} {'steps':>5} {'median s':>9} {'predicted s':>12} {'error':>7} "
+          f"{'own-round calibrations':>23}")
+    for name, block, n, med, pred, err, own in rows:
+        print(f"{name:<10} {block:>5} {n:>5} {med:>9.4f} {pred:>12.4f} {err:>+7.1%} {own:>+23.1%}")
+    print(f"\nworst |error| {worst:.1%} (target <= 10%; predictions: the median over {len(calibrations)} "
+          f"calibrations; measured: the median step of {rounds} rounds); files in {work}")
     return 0 if worst <= 0.10 else 3
-
 
 if __name__ == "__main__":
     sys.exit(main())

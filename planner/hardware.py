@@ -51,6 +51,11 @@ class GPU:
     # k > 0: the "device" is k CPU cores that also run them (a CPU standing in for a GPU: `blockfit calibrate`
     # without CUDA), so their busy time is taken from compute's (simulator.engine.shared_core_durations).
     shared_cores: int = 0
+    # With shared_cores > 0: wire bytes (planner.cluster.wire_bytes, schedule bytes) a collective's threads move
+    # per second of CPU time they take (gloo's sends, receives and sums, as `blockfit calibrate` measured them
+    # under torchrun); the rest of a collective's duration is waiting for the other ranks and the socket, which
+    # takes nothing from compute. 0: not measured, a collective's whole duration is taken from compute.
+    collective_cpu_gbps: float = 0.0
     # The runtime's device-tier AdamW step, parameters per second, as `blockfit calibrate` measured it; 0: not
     # measured, priced as memory traffic (DEVICE_ADAM_TRAFFIC_BYTES per parameter at memory_gbps).
     adam_params_per_s: float = 0.0
@@ -171,8 +176,8 @@ _POSITIVE = {"gpu": ("vram_gib", "memory_gbps", "bf16_tflops", "h2d_gbps", "d2h_
              "host": ("ram_gib", "nvme_read_gbps", "nvme_write_gbps", "cpu_adam_params_per_s", "pageable_factor",
                       "nvme_tbw", "mem_gbps"),
              "eff": ("matmul_max", "memory", "link")}
-_NON_NEGATIVE = {"gpu": ("nvlink_gbps", "adam_params_per_s"), "host": ("nvme_gib", "collective_gbps"),
-                 "eff": ("matmul_half_tokens",)}
+_NON_NEGATIVE = {"gpu": ("nvlink_gbps", "adam_params_per_s", "collective_cpu_gbps"),
+                 "host": ("nvme_gib", "collective_gbps"), "eff": ("matmul_half_tokens",)}
 _UPPER = {"vram_gib": 1 << 16, "ram_gib": 1 << 22, "nvme_gib": 1 << 30, "matmul_max": 1.0, "memory": 1.0,
           "pageable_factor": 1.0}
 

@@ -25,7 +25,9 @@ CPU optimizer are timed through the runtime's primitives, not through stand-ins 
     threads share those cores, and the simulator takes their busy time from compute's;
   - under torchrun (2+ processes), the bus bandwidth of an all-reduce between them through torch.distributed (NCCL
     on CUDA, gloo on CPU): `measure_collective`, run by every rank before rank 0 measures the rest alone. On one
-    node it becomes host.collective_gbps, which the planner uses for the link between the node's GPUs.
+    node it becomes host.collective_gbps, which the planner uses for the link between the node's GPUs; on a CPU
+    also the wire bytes per CPU second a rank spends in it (gpu.collective_cpu_gbps: the share of a collective
+    the simulator takes from compute, the rest of it being waits).
 When the CPU stands in for the device the runtime keeps weights, activations and gradients in fp32 (Target),
 twice the bf16 bytes the schedule counts for them, so the link, NVMe, memory and collective rates are scaled by
 2 / itemsize to price schedule bytes (`schedule_bytes_scale`, recorded in the measurements; gradients reduced
@@ -308,19 +310,45 @@ def _ram_gib() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
+def time_all_reduce(x, reps: int, cuda: bool) -> tuple[float, float]:
+    """(median seconds, median CPU seconds of this process) of `reps` all-reduces of `x` after one warm-up, each
+    after a barrier. The CPU seconds (user + system, every thread of the process: gloo's included) are what a
+    collective takes from the cores compute runs on when the device is a CPU (GPU.collective_cpu_gbps)."""
+    import resource
+
+    import torch.distributed as dist
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    dist.all_reduce(x)
+    wall, used = [], []
+    for _ in range(reps):
+        dist.barrier()
+        t0, c0 = _now(cuda), cpu()
+        dist.all_reduce(x)
+        wall.append(_now(cuda) - t0)
+        used.append(cpu() - c0)
+    return statistics.median(wall), statistics.median(used)
+
+
 def measure_collective(world, device: str, sizes: list[int], reps: int) -> dict | None:
     """Bus bandwidth (nccl-tests' convention: algorithm bandwidth x 2(N-1)/N, comparable to a link's figure and to
     planner.cluster's ring model) of an all-reduce of each size in `sizes` bytes between the world's processes,
-    through torch.distributed: NCCL on CUDA, gloo on CPU. None with one process (nothing to measure).
+    through torch.distributed: NCCL on CUDA, gloo on CPU. None with one process (nothing to measure). On the CPU,
+    also the wire bytes (planner.cluster.wire_bytes) per second of the CPU time a rank spends in it (`cpu_gbps`).
 
     Every rank makes the same calls (a fixed number: a time budget could differ between ranks and leave one
     waiting in a collective forever); each size's time is the median of `reps` after a barrier, the slowest rank's
-    (a max-reduce), since a collective ends when its last rank does. The process group is the one torchrun's
-    environment describes (MASTER_ADDR, MASTER_PORT); one made here is destroyed before returning."""
+    (a max-reduce), since a collective ends when its last rank does; its CPU time is the busiest rank's. The
+    process group is the one torchrun's environment describes (MASTER_ADDR, MASTER_PORT); one made here is
+    destroyed before returning."""
     if world.size < 2:
         return None
     import torch
     import torch.distributed as dist
+
+    from planner.cluster import wire_bytes
     made = not dist.is_initialized()
     cuda = device == "cuda"
     if made:
@@ -329,22 +357,21 @@ def measure_collective(world, device: str, sizes: list[int], reps: int) -> dict 
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=world.rank, world_size=world.size)
     try:
         dev = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
-        n, out = world.size, {}
+        n, out, cpu_rate = world.size, {}, {}
         for size in sizes:
             x = torch.zeros(size // 4, dtype=torch.float32, device=dev)   # zeros: sums stay finite
-            times = []
-            for k in range(reps + 1):   # the first call warms up
-                dist.barrier()
-                t0 = _now(cuda)
-                dist.all_reduce(x)
-                if k:
-                    times.append(_now(cuda) - t0)
-            worst = torch.tensor([statistics.median(times)], dtype=torch.float64, device=dev)
+            wall, used = time_all_reduce(x, reps, cuda)
+            worst = torch.tensor([wall, used], dtype=torch.float64, device=dev)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            out[str(size)] = size / float(worst.item()) * 2 * (n - 1) / n / GB
+            wall, used = (float(v) for v in worst.tolist())
+            out[str(size)] = size / wall * 2 * (n - 1) / n / GB
+            if not cuda and used > 0:
+                cpu_rate[str(size)] = wire_bytes("all_reduce", size, n) / used / GB
         return {"backend": dist.get_backend(), "world": n, "local_world": world.local_size, "bus_gbps": out,
+                "cpu_gbps": cpu_rate,
                 "what": "torch.distributed.all_reduce of float32 buffers, median of "
-                        f"{reps} per size, slowest rank; bus bandwidth = bytes / s x 2(N-1)/N"}
+                        f"{reps} per size, slowest rank; bus bandwidth = bytes / s x 2(N-1)/N; cpu_gbps = wire "
+                        "bytes per CPU second of the busiest rank (user + system, all its threads)"}
     finally:
         if made:
             dist.destroy_process_group()
@@ -408,19 +435,22 @@ def calibrate(*, directory: str | None = None, quick: bool = False, model: str =
     if directory:
         st = os.statvfs(directory)
         nvme_gib = st.f_bavail * st.f_frsize / GIB
+    coll = coll_cpu = 0.0
+    if collective and collective["world"] == collective["local_world"]:
+        coll = collective["bus_gbps"][max(collective["bus_gbps"], key=int)] * scale   # fp32 gradients on a CPU
+        by_size = collective.get("cpu_gbps") or {}
+        if dev == "cpu" and by_size:
+            coll_cpu = by_size[max(by_size, key=int)] * scale
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     gpu = GPU(id=f"calibrated-{dev}", name=name, vram_gib=round(vram, 2), memory_gbps=mem, bf16_tflops=peak,
               h2d_gbps=h2d, d2h_gbps=d2h, pcie="", shared_cores=0 if dev == "cuda" else torch.get_num_threads(),
-              adam_params_per_s=dev_adam["params_per_s"],
+              adam_params_per_s=dev_adam["params_per_s"], collective_cpu_gbps=coll_cpu,
               sources={
                   "calibrated": f"blockfit calibrate on {socket.gethostname()} at {stamp}, device {dev}",
                   "bf16_tflops": f"fitted asymptote of {dtype} " + (f"{cfg.name} decoder layers" if fit == "layer"
                                                                     else f"matmul at {cfg.name}'s GEMM shape"),
                   "h2d_gbps": "the runtime's copies between host buffers (no CUDA)" if dev == "cpu" else
                               f"the runtime's copies of {big >> 20} MiB from registered host memory"})
-    coll = 0.0
-    if collective and collective["world"] == collective["local_world"]:
-        coll = collective["bus_gbps"][max(collective["bus_gbps"], key=int)] * scale   # fp32 gradients on a CPU
     host = Host(ram_gib=round(host_ram, 2), nvme_gib=round(nvme_gib, 2), nvme_read_gbps=nvme["read_gbps"] * scale,
                 nvme_write_gbps=nvme["write_gbps"] * scale, cpu_adam_params_per_s=adam["params_per_s"],
                 pageable_factor=min(1.0, pageable), collective_gbps=coll)

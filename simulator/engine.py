@@ -31,7 +31,7 @@ from planner.memory import plan_cap_bytes
 from planner.plan import Plan, cycle_rate
 from planner.profile import ModelProfile, profile_model
 from planner.schedule import PhaseSchedule, Schedule, build_schedule
-from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, phase_wire_bytes
+from simulator.network import NOMINAL, STREAMS, Skew, net_seconds, op_wire_bytes, phase_wire_bytes
 
 MEM_CLASSES = ("weights", "master", "moments", "grads", "prefetch", "activations", "workspace")
 _STREAM_INDEX = {s: k for k, s in enumerate(STREAMS)}
@@ -162,7 +162,8 @@ def simulate_phase(phase: PhaseSchedule, hw: Hardware, *, memo: dict | None = No
     dur = durations(ops, hw, memo, cluster=cluster, skew=skew)
     sidx = [_STREAM_INDEX[op.stream] for op in ops]
     if hw.gpu.shared_cores:
-        dur = shared_core_durations(ops, sidx, dur, hw.gpu.shared_cores)
+        dur = shared_core_durations(ops, sidx, dur, hw.gpu.shared_cores,
+                                    cpu_seconds=side_cpu_seconds(ops, dur, hw, cluster.world))
     start, finish, why, busy = _one_pass(ops, sidx, dur)
     step = max(finish) if n else 0.0
     path = _critical_path(finish, why)
@@ -214,22 +215,37 @@ def _one_pass(ops, sidx, dur):
 SHARED_STREAMS = ("h2d", "d2h", "cpu_opt", "net")
 
 
-def shared_core_durations(ops, sidx, dur: list[float], cores: int, rounds: int = 8) -> list[float]:
+def side_cpu_seconds(ops, dur: list[float], hw: Hardware, world: int) -> list[float]:
+    """CPU seconds each op's threads take from the shared cores (shared_core_durations): a copy or a CPU optimizer
+    step is CPU work for as long as it runs; a collective only for its wire bytes at GPU.collective_cpu_gbps (its
+    sends, receives and sums; the rest of its duration it waits for the other ranks), or, not measured, for its
+    whole duration."""
+    rate = hw.gpu.collective_cpu_gbps * 1e9
+    return [min(d, op_wire_bytes(op, world) / rate) if op.stream == "net" and rate > 0 else d
+            for op, d in zip(ops, dur)]
+
+
+def shared_core_durations(ops, sidx, dur: list[float], cores: int, rounds: int = 8, *,
+                          cpu_seconds: list[float] | None = None) -> list[float]:
     """Durations of `ops` when compute runs on `cores` CPU cores that the SHARED_STREAMS' threads also use: each
     compute op is longer by the work of the side ops it overlaps, over `cores` (a copy thread beside one compute
-    thread on one core takes the core for as long as it copies; beside two on two cores, half of it). The overlap
-    depends on the timeline it changes, so this iterates the event loop from the priced durations until no compute
-    op moves by more than a microsecond."""
+    thread on one core takes the core for as long as it copies; beside two on two cores, half of it). A side op
+    whose CPU work (`cpu_seconds`, default its duration) is less than its duration spreads it evenly over the
+    duration. The overlap depends on the timeline it changes, so this iterates the event loop from the priced
+    durations until no compute op moves by more than a microsecond."""
+    work = dur if cpu_seconds is None else cpu_seconds
     comp = np.array([i for i, op in enumerate(ops) if op.stream == "compute"], dtype=np.int64)
-    side = np.array([i for i, op in enumerate(ops) if op.stream in SHARED_STREAMS and dur[i] > 0], dtype=np.int64)
+    side = np.array([i for i, op in enumerate(ops) if op.stream in SHARED_STREAMS and dur[i] > 0 and work[i] > 0],
+                    dtype=np.int64)
     if not len(comp) or not len(side):
         return dur
     base = np.asarray(dur, dtype=np.float64)
+    share = np.asarray(work, dtype=np.float64)[side] / base[side]
     out = base.copy()
     for _ in range(rounds):
         start, finish = (np.asarray(x) for x in _one_pass(ops, sidx, out)[:2])
         overlap = np.minimum.outer(finish[comp], finish[side]) - np.maximum.outer(start[comp], start[side])
-        new = base[comp] + np.clip(overlap, 0.0, None).sum(axis=1) / cores
+        new = base[comp] + (np.clip(overlap, 0.0, None) * share).sum(axis=1) / cores
         moved = np.max(np.abs(new - out[comp]))
         out[comp] = new
         if moved < 1e-6:

@@ -71,6 +71,7 @@ def run(a) -> int:
               f"NVMe read {h.nvme_read_gbps:.3g} / write {h.nvme_write_gbps:.3g} GB/s "
               f"({meas['nvme']['method']}), CPU AdamW {h.cpu_adam_params_per_s / 1e9:.3g} G params/s"
               + (f", all-reduce bus {h.collective_gbps:.3g} GB/s" if h.collective_gbps else "")
+              + (f" ({g.collective_cpu_gbps:.3g} GB on the wire per CPU second)" if g.collective_cpu_gbps else "")
               + f"; {meas['seconds']:.1f} s")
         print(f"hardware profile written to {a.out}")
     return 0

@@ -76,15 +76,18 @@ def test_quick_calibration_writes_a_loadable_profile_from_the_runtime_path(tmp_p
 def test_a_cpu_collective_is_priced_per_schedule_byte():
     """The CPU runtime reduces fp32 gradients, twice the bf16 bytes the schedule's reduce ops count: the link the
     planner gets from a gloo measurement on one node is the bus bandwidth x 2/4 (the largest size's), as the
-    copy rates are; across nodes it is only recorded."""
+    copy rates are, and so is the wire bytes per CPU second the simulator takes from compute; across nodes both
+    are only recorded."""
     from runtime.calibrate import calibrate
     bus = {str(1 << 20): 0.9, str(16 << 20): 1.6}
-    one_node = {"backend": "gloo", "world": 2, "local_world": 2, "bus_gbps": bus}
+    one_node = {"backend": "gloo", "world": 2, "local_world": 2, "bus_gbps": bus,
+                "cpu_gbps": {str(1 << 20): 0.7, str(16 << 20): 1.2}}
     hw, m = calibrate(quick=True, model="tiny", device="cpu", collective=one_node)
     assert hw.host.collective_gbps == pytest.approx(1.6 * 2 / 4, rel=1e-12)
+    assert hw.gpu.collective_cpu_gbps == pytest.approx(1.2 * 2 / 4, rel=1e-12)
     assert m["collective"] == one_node
     hw2, _ = calibrate(quick=True, model="tiny", device="cpu", collective={**one_node, "local_world": 1})
-    assert hw2.host.collective_gbps == 0.0
+    assert hw2.host.collective_gbps == 0.0 and hw2.gpu.collective_cpu_gbps == 0.0
 
 
 def test_nvme_reads_go_through_the_runtimes_parallel_requests(tmp_path, monkeypatch):

@@ -47,3 +47,7 @@ def test_two_gloo_processes_agree_on_a_positive_bus_bandwidth():
     assert g["backend"] == "gloo" and g["world"] == 2 and g["local_world"] == 2
     assert set(g["bus_gbps"]) == {str(1 << 16), str(1 << 20)}
     assert all(0 < v < 1e4 for v in g["bus_gbps"].values())
+    # wire bytes per CPU second: positive and below a TB/s (no core copies that fast); a size whose calls took
+    # less CPU time than the clock resolves is left out, never reported as infinite
+    assert set(g["cpu_gbps"]) <= {str(1 << 16), str(1 << 20)}
+    assert all(0 < v < 1e3 for v in g["cpu_gbps"].values())

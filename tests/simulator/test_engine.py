@@ -129,3 +129,28 @@ def test_a_cpu_device_stretches_only_the_compute_ops_a_copy_overlaps():
     assert r.finish[0] == pytest.approx(f)
     assert r.step_seconds == pytest.approx(2 * f + load, rel=1e-6)
     assert r.busy_seconds["compute"] == pytest.approx(2 * f + load, rel=1e-6)
+
+
+@pytest.mark.parametrize("cpu_gbps", [0.0, 0.5, 2.0])
+def test_a_cpu_device_takes_only_a_collectives_cpu_work_from_compute(cpu_gbps):
+    """A gradient all-reduce of S bytes on 2 ranks of one node (a 0.1 GB/s link: D = S / 0.1 GB/s + 2 latencies)
+    beside a forward of F > D on one core. Its threads work for W = S / collective_cpu_gbps of CPU time (2 ranks'
+    ring sends S: 2(N-1)/N x S); the rest of D they wait. Spread evenly over D, the forward ends at F + W (all of
+    the collective overlaps it); unmeasured (0), the whole of D is taken: F + D. W is capped at D."""
+    from dataclasses import replace
+
+    from planner.cluster import Cluster
+    from planner.hardware import Link
+    link = Link(name="slow", gbps=0.1, latency_s=1e-4)
+    size = 50 * 10**6
+    cpu = replace(HW, gpu=replace(HW.gpu, shared_cores=1, collective_cpu_gbps=cpu_gbps))
+    red = Op(id=1, name="reduce 1", kind="reduce_grads", stream="net", layer=1, bytes=size, collective="all_reduce")
+    ops = (_fwd(0, 4 * 10**14), red)
+    f = op_seconds(ops[0], HW)
+    d = size / (link.gbps * 1e9) + 2 * link.latency_s
+    assert d < f
+    r = simulate_phase(PhaseSchedule(block=0, layers=(1,), ops=ops), cpu,
+                       cluster=Cluster(nodes=1, gpus_per_node=2, intra=link))
+    assert r.finish[1] == pytest.approx(d)          # the collective's own time is what the ring model prices
+    work = min(d, size / (cpu_gbps * 1e9)) if cpu_gbps else d
+    assert r.step_seconds == pytest.approx(f + work, rel=1e-6)

@@ -375,7 +375,7 @@ HW_FIELDS = {"gpu.h2d_gbps": (0, -1, float("nan"), "x"), "gpu.bf16_tflops": (0, 
              "host.nvme_gib": (-1, float("nan")), "host.ram_gib": (0,), "eff.matmul_max": (0, 5),
              "eff.memory": (-1,), "gpu.price_per_hour": (-1, "cheap"), "gpu": (KeyError, [], "rtx4090"),
              "host": ([],), "gpu.unknown_field": (1,), "gpu.shared_cores": (-1, 1.5, "x", True),
-             "gpu.adam_params_per_s": (-1, float("nan"), "fast")}
+             "gpu.adam_params_per_s": (-1, float("nan"), "fast"), "gpu.collective_cpu_gbps": (-0.5, float("inf"))}
 for field, values in HW_FIELDS.items():
     for v in values:
         for cmd in ("plan", "simulate"):
