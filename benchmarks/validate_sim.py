@@ -46,6 +46,11 @@ The CPU time rank 0 spends in the larger all-reduce gives the wire bytes per CPU
 (GPU.collective_cpu_gbps): the part of a reduce the simulator takes from compute; the rest is waiting (a 12.6 MB
 fp32 all-reduce on 2 idle ranks took 13.5 ms, 10.2 ms of it CPU time; in the runs, reduces beside a backward
 lasted 30-70 ms and stretched it by 3-8 ms). The ranks' trace is rank 0's (the path given to --trace).
+A data-parallel step ends with its gradient reduce, which waits for the slowest rank: on this VM the two ranks'
+compute in one step differed by up to 20% (rank 0 waited 234 ms in a reduce for rank 1), so a step lasts the
+slower rank's time. `lockstep_straggler` measures how much the slowest of N ranks lags when they run the same
+step-sized work between barriers (1.016-1.021 for 2 ranks here), and the plans are simulated under it with the
+simulator's straggler what-if (simulator/network.py).
 """
 from __future__ import annotations
 
@@ -82,6 +87,7 @@ from runtime.calibrate import calibrate, schedule_bytes_scale, write_profile  # 
 from runtime.store import Target  # noqa: E402
 from simulator.chrome_trace import write_trace  # noqa: E402
 from simulator.engine import simulate  # noqa: E402
+from simulator.network import Skew  # noqa: E402
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "num_hidden_layers": 4,
           "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1376, "vocab_size": 4096,
@@ -91,6 +97,9 @@ SEQ, BATCH = 256, 4
 OTHER_WIDTH_CONFIG = {**CONFIG, "hidden_size": 640, "num_attention_heads": 10, "num_key_value_heads": 10,
                       "intermediate_size": 1728, "num_hidden_layers": 2}
 CALIB_SEQ = 512
+# decoder layers (forward and backward, at the plans' micro-batch) a rank runs per lockstep iteration: about one
+# step's compute of the plans (4 layers x 2 micro-batches, 1.1-1.5 s a step on this VM)
+LOCKSTEP_LAYERS = 8
 
 
 def variants(base, prof):
@@ -157,6 +166,63 @@ def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> tuple[Link, float]:
     scale = schedule_bytes_scale(Target.detect(force_cpu=True))
     cpu_gbps = wire_bytes("all_reduce", sizes[1], n) / cpu_big / 1e9 * scale if cpu_big > 0 else 0.0
     return Link(name="gloo", gbps=scale / per_byte / 1e9, latency_s=latency), cpu_gbps
+
+
+def _lockstep_worker(rank: int, n: int, port: int, cfg_path: str, iters: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from planner.llama import DecoderLayer, init_weights
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    cfg = load_model_config(cfg_path)
+    layer = DecoderLayer(cfg)
+    init_weights(layer)
+    x = torch.randn(BATCH // 2, SEQ, cfg.hidden, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def step():
+        for _ in range(LOCKSTEP_LAYERS):
+            layer(x).backward(g)
+    step()   # warm-up
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    mine = torch.tensor(times, dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine)
+    if rank == 0:
+        out.put(torch.stack(every).tolist())
+    dist.destroy_process_group()
+
+
+def lockstep_straggler(n: int, cfg_path: str, iters: int = 12) -> tuple[float, list[list[float]]]:
+    """How much the slowest of n ranks in lockstep lags: n processes (one core each, as the ranks) run the same
+    step-sized work (LOCKSTEP_LAYERS decoder layers forward and backward, about a step's compute) after a barrier,
+    `iters` times. A data-parallel step ends with its gradient reduce, which waits for the slowest rank, so a step
+    lasts the slowest rank's time; the factor is the median over iterations of the slowest rank's seconds over the
+    median of every rank's seconds (>= 1 up to the medians' noise). The simulator prices it as its straggler
+    what-if (simulator/network.py): the common timeline is the slowest rank's. Returns (factor, seconds per rank
+    per iteration)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_lockstep_worker, args=(r, n, port, cfg_path, iters, q)) for r in range(n)]
+    for p in procs:
+        p.start()
+    per_rank = q.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    slowest = [max(col) for col in zip(*per_rank)]
+    factor = statistics.median(slowest) / statistics.median([t for row in per_rank for t in row])
+    return max(1.0, factor), per_rank
 
 
 def _busy_rank(cfg_path: str, ready, stop) -> None:
@@ -310,7 +376,12 @@ def main() -> int:
         print(f"gloo all-reduce on {a.ranks} ranks: {link.gbps:.2f} GB/s per schedule byte, "
               f"{link.latency_s * 1e6:.0f} us per ring step, {coll_cpu:.2f} GB of wire bytes per CPU second")
         plans = {name: on_ranks(p, prof, a.ranks, link) for name, p in plans.items()}
-    coll_cpu = coll_cpu if a.ranks > 1 else 0.0
+        straggler, per_rank = lockstep_straggler(a.ranks, cfg_path)
+        skew = Skew(straggler=straggler)
+        print(f"{a.ranks} ranks in lockstep ({LOCKSTEP_LAYERS} layers forward and backward between barriers, "
+              f"{len(per_rank[0])} times): the slowest rank took {straggler:.3f} x the median rank's time")
+    if a.ranks == 1:
+        coll_cpu, skew = 0.0, Skew()
     measured: dict[tuple[str, int], list[float]] = {}
     predicted: dict[tuple[str, int], list[float]] = {}   # each round's own calibration
     calibrations = [] if not a.hardware else [hw]
@@ -345,7 +416,7 @@ def main() -> int:
                 if after is None or after < 10.0:
                     break
             after, before, took, steps = best_run
-            sim = simulate(plan, fresh, profile=prof)
+            sim = simulate(plan, fresh, profile=prof, skew=skew)
             write_trace(os.path.join(work, f"simulated-{name}.json"), sim)
             for res in sim.phases:
                 measured.setdefault((name, res.block), []).extend(steps[res.block])
@@ -361,7 +432,7 @@ def main() -> int:
     pooled: dict[tuple[str, int], list[float]] = {}
     for name, plan in plans.items():
         for h in calibrations:
-            for res in simulate(plan, h, profile=prof, keep_timeline=False).phases:
+            for res in simulate(plan, h, profile=prof, keep_timeline=False, skew=skew).phases:
                 pooled.setdefault((name, res.block), []).append(res.step_seconds)
     rows = []
     for (name, block), secs in measured.items():
