@@ -2,7 +2,7 @@
 placement, run each for real with the runtime (on the CPU when there is no GPU), simulate each with the
 calibrated profile, and print predicted against measured step time per plan and phase (target: within 10%).
 
-    .venv/bin/python benchmarks/validate_sim.py                    # ~6 minutes on 2 cores (--ranks 2: ~9)
+    .venv/bin/python benchmarks/validate_sim.py                    # ~10 minutes on 2 cores (--ranks 2: ~14)
     .venv/bin/python benchmarks/validate_sim.py --quick            # rougher calibration, fewer steps
     .venv/bin/python benchmarks/validate_sim.py --hardware hw.json --keep /tmp/val   # reuse a profile, keep files
     .venv/bin/python benchmarks/validate_sim.py --ranks 2          # the same plans data parallel on 2 CPU ranks
@@ -319,7 +319,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="quick calibration and 3 steps per block")
     ap.add_argument("--steps-per-block", type=int, default=None, help="steps per block (default 5, quick 3)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="rounds of calibrate-and-run per plan, taken in turns (default 3, quick 1)")
+                    help="rounds of calibrate-and-run per plan, taken in turns (default 5, quick 1)")
     ap.add_argument("--keep", help="directory to keep the plans, traces and summaries in")
     ap.add_argument("--wait-s", type=float, default=None,
                     help="longest wait for a quiet CPU before each measurement (default 120 s, quick 10 s)")
@@ -331,7 +331,7 @@ def main() -> int:
     if a.ranks < 1:
         ap.error("--ranks must be 1 or more")
     spb = a.steps_per_block or (3 if a.quick else 5)
-    rounds = a.rounds or (1 if a.quick else 3)
+    rounds = a.rounds or (1 if a.quick else 5)
     wait_s = a.wait_s if a.wait_s is not None else (10.0 if a.quick else 120.0)
     work = a.keep or tempfile.mkdtemp(prefix="blockfit-validate-")
     os.makedirs(work, exist_ok=True)
