@@ -49,7 +49,7 @@ lasted 30-70 ms and stretched it by 3-8 ms). The ranks' trace is rank 0's (the p
 A data-parallel step ends with its gradient reduce, which waits for the slowest rank: on this VM the two ranks'
 compute in one step differed by up to 20% (rank 0 waited 234 ms in a reduce for rank 1), so a step lasts the
 slower rank's time. `lockstep_straggler` measures how much the slowest of N ranks lags when they run the same
-step-sized work between barriers (1.016-1.021 for 2 ranks here), and the plans are simulated under it with the
+step-sized work between barriers (1.016-1.054 for 2 ranks here), and the plans are simulated under it with the
 simulator's straggler what-if (simulator/network.py).
 """
 from __future__ import annotations
