@@ -168,21 +168,29 @@ def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> tuple[Link, float]:
     return Link(name="gloo", gbps=scale / per_byte / 1e9, latency_s=latency), cpu_gbps
 
 
-def _lockstep_worker(rank: int, n: int, port: int, cfg_path: str, iters: int, out) -> None:
+def layer_work(cfg_path: str):
+    """A function that runs one decoder layer of the validated model forward and backward at the plans'
+    micro-batch: what a rank does for most of a step."""
     import torch
-    import torch.distributed as dist
 
     from planner.llama import DecoderLayer, init_weights
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
     cfg = load_model_config(cfg_path)
     layer = DecoderLayer(cfg)
     init_weights(layer)
     x = torch.randn(BATCH // 2, SEQ, cfg.hidden, requires_grad=True)
     g = torch.randn_like(x)
+    return lambda: layer(x).backward(g)
+
+
+def _lockstep_worker(rank: int, n: int, port: int, cfg_path: str, iters: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    work = layer_work(cfg_path)
 
     def step():
         for _ in range(LOCKSTEP_LAYERS):
-            layer(x).backward(g)
+            work()
     step()   # warm-up
     times = []
     for _ in range(iters):
@@ -226,20 +234,12 @@ def lockstep_straggler(n: int, cfg_path: str, iters: int = 12) -> tuple[float, l
 
 
 def _busy_rank(cfg_path: str, ready, stop) -> None:
-    """What another rank does for most of a step: a decoder layer of the validated model, forward and backward
-    at the plans' micro-batch, over and over, until told to stop."""
-    import torch
-
-    from planner.llama import DecoderLayer, init_weights
-    cfg = load_model_config(cfg_path)
-    layer = DecoderLayer(cfg)
-    init_weights(layer)
-    x = torch.randn(BATCH // 2, SEQ, cfg.hidden, requires_grad=True)
-    g = torch.randn_like(x)
-    layer(x).backward(g)
+    """What another rank does for most of a step (layer_work), over and over, until told to stop."""
+    work = layer_work(cfg_path)
+    work()
     ready.set()
     while not stop.is_set():
-        layer(x).backward(g)
+        work()
 
 
 @contextlib.contextmanager
@@ -384,6 +384,8 @@ def main() -> int:
         coll_cpu, skew = 0.0, Skew()
     measured: dict[tuple[str, int], list[float]] = {}
     predicted: dict[tuple[str, int], list[float]] = {}   # each round's own calibration
+    if a.hardware and coll_cpu:   # a given profile gets the ranks' gloo CPU rate measured above, as every fresh one
+        hw = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, collective_cpu_gbps=coll_cpu))
     calibrations = [] if not a.hardware else [hw]
     for rnd in range(rounds):
         for name, plan in plans.items():
