@@ -125,16 +125,39 @@ def variants(base, prof):
     return out
 
 
-def _gloo_worker(rank: int, n: int, port: int, sizes: list[int], out) -> None:
-    import torch
+def _gloo_rank(rank: int, n: int, port: int, fn, args: tuple, out) -> None:
     import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    result = fn(rank, n, *args)
+    if rank == 0:
+        out.put(result)
+    dist.destroy_process_group()
+
+
+def on_gloo_ranks(n: int, fn, *args, timeout_s: float = 600.0):
+    """fn(rank, n, *args) on n spawned local processes joined by a gloo process group; rank 0's result."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, n, port, fn, args, q)) for r in range(n)]
+    for p in procs:
+        p.start()
+    result = q.get(timeout=timeout_s)
+    for p in procs:
+        p.join(timeout=60)
+    return result
+
+
+def _time_all_reduces(rank: int, n: int, sizes: list[int]) -> list[tuple[float, float]]:
+    import torch
 
     from runtime.calibrate import time_all_reduce
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
-    timed = [time_all_reduce(torch.ones(size // 4, dtype=torch.float32), 5, False) for size in sizes]
-    if rank == 0:
-        out.put(timed)
-    dist.destroy_process_group()
+    return [time_all_reduce(torch.ones(size // 4, dtype=torch.float32), 5, False) for size in sizes]
 
 
 def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> tuple[Link, float]:
@@ -143,22 +166,8 @@ def gloo_link(n: int, sizes=(1 << 20, 32 << 20)) -> tuple[Link, float]:
     latency; and the wire bytes per CPU second rank 0 spent in the larger one (GPU.collective_cpu_gbps, as
     `blockfit calibrate` measures it under torchrun: runtime.calibrate.time_all_reduce). main() measures it while
     n busy ranks compute, since the ranks reduce gradients while they compute the layers below."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from planner.cluster import wire_bytes
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, n, port, list(sizes), q)) for r in range(n)]
-    for p in procs:
-        p.start()
-    (t_small, _), (t_big, cpu_big) = q.get(timeout=300)
-    for p in procs:
-        p.join(timeout=60)
+    (t_small, _), (t_big, cpu_big) = on_gloo_ranks(n, _time_all_reduces, list(sizes), timeout_s=300)
     per_byte = (t_big - t_small) / (2 * (n - 1) / n * (sizes[1] - sizes[0]))
     latency = max(0.0, (t_small - 2 * (n - 1) / n * sizes[0] * per_byte) / (2 * (n - 1)))
     # the ranks reduce fp32 gradients, as measured here; the schedule counts them in bf16 (as blockfit calibrate
@@ -182,10 +191,9 @@ def layer_work(cfg_path: str):
     return lambda: layer(x).backward(g)
 
 
-def _lockstep_worker(rank: int, n: int, port: int, cfg_path: str, iters: int, out) -> None:
+def _lockstep(rank: int, n: int, cfg_path: str, iters: int) -> list[list[float]]:
     import torch
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
     work = layer_work(cfg_path)
 
     def step():
@@ -201,9 +209,7 @@ def _lockstep_worker(rank: int, n: int, port: int, cfg_path: str, iters: int, ou
     mine = torch.tensor(times, dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(n)]
     dist.all_gather(every, mine)
-    if rank == 0:
-        out.put(torch.stack(every).tolist())
-    dist.destroy_process_group()
+    return torch.stack(every).tolist()
 
 
 def lockstep_straggler(n: int, cfg_path: str, iters: int = 12) -> tuple[float, list[list[float]]]:
@@ -214,20 +220,7 @@ def lockstep_straggler(n: int, cfg_path: str, iters: int = 12) -> tuple[float, l
     median of every rank's seconds (>= 1 up to the medians' noise). The simulator prices it as its straggler
     what-if (simulator/network.py): the common timeline is the slowest rank's. Returns (factor, seconds per rank
     per iteration)."""
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_lockstep_worker, args=(r, n, port, cfg_path, iters, q)) for r in range(n)]
-    for p in procs:
-        p.start()
-    per_rank = q.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
+    per_rank = on_gloo_ranks(n, _lockstep, cfg_path, iters)
     slowest = [max(col) for col in zip(*per_rank)]
     factor = statistics.median(slowest) / statistics.median([t for row in per_rank for t in row])
     return max(1.0, factor), per_rank

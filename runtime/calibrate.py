@@ -364,9 +364,10 @@ def measure_collective(world, device: str, sizes: list[int], reps: int) -> dict 
             worst = torch.tensor([wall, used], dtype=torch.float64, device=dev)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             wall, used = (float(v) for v in worst.tolist())
-            out[str(size)] = size / wall * 2 * (n - 1) / n / GB
+            wire = wire_bytes("all_reduce", size, n)   # 2(N-1)/N x size: bus bandwidth = wire bytes / s
+            out[str(size)] = wire / wall / GB
             if not cuda and used > 0:
-                cpu_rate[str(size)] = wire_bytes("all_reduce", size, n) / used / GB
+                cpu_rate[str(size)] = wire / used / GB
         return {"backend": dist.get_backend(), "world": n, "local_world": world.local_size, "bus_gbps": out,
                 "cpu_gbps": cpu_rate,
                 "what": "torch.distributed.all_reduce of float32 buffers, median of "
